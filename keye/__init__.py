@@ -1,0 +1,15 @@
+"""keye: train Keye-VL-style multimodal LLMs end to end on Megatron-Core.
+
+Plugins import ``hookimpl`` from here::
+
+    from keye import hookimpl
+
+    @hookimpl
+    def keye_register_projectors(register):
+        register("my_projector", MyProjector)
+"""
+
+from keye.hookspecs import hookimpl
+
+__version__ = "0.1.0"
+__all__ = ["hookimpl", "__version__"]

@@ -1,0 +1,24 @@
+"""Errors that are the user's to fix.
+
+`keye-launch` prints a `KeyeUserError` as one line and exits with status 2, without a traceback.
+Everything else is a bug in keye or a plugin and keeps its traceback.
+"""
+
+
+class KeyeUserError(Exception):
+    """Bad input from the user: a blueprint, an override, a component name, a data file."""
+
+
+class UnknownComponentError(KeyeUserError, KeyError):
+    """A blueprint names a component that no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateComponentError(KeyeUserError):
+    """Two plugins registered the same name for the same kind."""
+
+
+class BlueprintError(KeyeUserError):
+    """A blueprint (or an override) does not match the schema or a component's Config."""

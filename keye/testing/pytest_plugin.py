@@ -1,0 +1,1 @@
+"""pytest plugin for keye and for plugin authors (fixtures are added below)."""
