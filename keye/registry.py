@@ -71,6 +71,10 @@ class Registry:
         self._components[kind][name] = component
         return component
 
+    def unregister(self, kind: str, name: str) -> None:
+        """Remove one entry (used to roll back a plugin whose registration hook failed half-way)."""
+        self._components[kind].pop(name, None)
+
     def get(self, kind: str, name: str) -> Component:
         if kind not in self._components:
             raise UnknownComponentError(f"unknown component kind '{kind}'; known: {', '.join(KINDS)}")

@@ -1,5 +1,8 @@
 """Blueprints: YAML recipes loaded with OmegaConf onto a structured schema, validated per component."""
 
 from keye.config.fields import component, doc
+from keye.config.loader import load_blueprint
+from keye.config.render import render_blueprint
+from keye.config.validate import build_component_config
 
-__all__ = ["component", "doc"]
+__all__ = ["build_component_config", "component", "doc", "load_blueprint", "render_blueprint"]

@@ -1,0 +1,11 @@
+"""Test helpers for keye and for plugin authors.
+
+Enable the fixtures in a plugin's test suite with ``-p keye.testing.pytest_plugin`` (or
+``pytest_plugins = ["keye.testing.pytest_plugin"]`` in a conftest.py). They give every test a fresh
+plugin host and registry, a way to write small blueprints, and `run_distributed` to run a function in
+N real gloo processes.
+"""
+
+from keye.testing.blueprints import tiny_blueprint, write_blueprint
+
+__all__ = ["tiny_blueprint", "write_blueprint"]

@@ -1,0 +1,131 @@
+"""``keye-launch``: run, check and inspect blueprints; list plugins.
+
+    keye-launch run BLUEPRINT [KEY=VALUE ...] [--stage NAME] [--nproc N] [--resume]
+    keye-launch validate BLUEPRINT [BLUEPRINT ...]
+    keye-launch print-config BLUEPRINT [KEY=VALUE ...]
+    keye-launch plugins [--json]
+
+A user error (bad blueprint, unknown component, bad override) prints one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from keye.errors import KeyeUserError
+
+EXIT_USER_ERROR = 2
+
+
+def _host():
+    from keye.plugins import get_host
+
+    return get_host()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from keye.config import load_blueprint
+    from keye.launch.spawn import spawn_local, under_launcher
+
+    host = _host()
+    cfg = load_blueprint(args.blueprint, args.overrides, host.registry)
+    if args.stage is not None and args.stage not in [stage.name for stage in cfg.stages]:
+        known = ", ".join(stage.name for stage in cfg.stages) or "(none)"
+        raise KeyeUserError(f"{args.blueprint}: no stage named '{args.stage}'; stages: {known}")
+    if args.nproc > 1 and not under_launcher():
+        argv = ["run", args.blueprint, *args.overrides]
+        if args.stage:
+            argv += ["--stage", args.stage]
+        if args.resume:
+            argv.append("--resume")
+        return spawn_local(args.nproc, argv)
+    from keye.train.runner import run_blueprint
+
+    run_blueprint(cfg, host, only_stage=args.stage, resume=args.resume)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from keye.config import load_blueprint
+
+    host = _host()
+    failures = 0
+    for path in args.blueprints:
+        try:
+            cfg = load_blueprint(path, (), host.registry)
+        except KeyeUserError as exc:
+            print(f"keye-launch: error: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        print(f"ok: {path} ({len(cfg.stages)} stages)")
+    return EXIT_USER_ERROR if failures else 0
+
+
+def cmd_print_config(args: argparse.Namespace) -> int:
+    from keye.config import load_blueprint, render_blueprint
+
+    host = _host()
+    cfg = load_blueprint(args.blueprint, args.overrides, host.registry)
+    sys.stdout.write(render_blueprint(cfg, host.registry))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = _host()
+    records = [record.to_dict() for record in host.records.values()]
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    for record in records:
+        print(f"{record['name']}  {record['distribution']} {record['version']}  [{record['status']}]")
+        if record["error"]:
+            print(f"    error: {record['error']}")
+        for kind, names in record["components"].items():
+            print(f"    {kind}: {', '.join(names)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keye-launch", description="Run and inspect keye blueprints.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a blueprint (all stages, or one with --stage)")
+    run.add_argument("blueprint")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. stages.0.steps=5")
+    run.add_argument("--stage", help="run only this stage (by name)")
+    run.add_argument("--nproc", type=int, default=1, help="local processes to start (torch.distributed)")
+    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    run.set_defaults(func=cmd_run)
+
+    validate = commands.add_parser("validate", help="check blueprints against the schema and the registry")
+    validate.add_argument("blueprints", nargs="+", metavar="BLUEPRINT")
+    validate.set_defaults(func=cmd_validate)
+
+    show = commands.add_parser("print-config", help="print the fully resolved blueprint with field docs")
+    show.add_argument("blueprint")
+    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    show.set_defaults(func=cmd_print_config)
+
+    plugins = commands.add_parser("plugins", help="list plugins: distribution, version, status, components")
+    plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.set_defaults(func=cmd_plugins)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "nproc", 1) < 1:
+        print("keye-launch: error: --nproc must be at least 1", file=sys.stderr)
+        return EXIT_USER_ERROR
+    try:
+        return args.func(args)
+    except KeyeUserError as exc:
+        print(f"keye-launch: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Stage runner, metrics, and (later) optimisers, schedules, freezing and checkpoints."""
