@@ -89,7 +89,7 @@ def validate_component(
         cls = registry.cls(kind, node["name"])
     except UnknownComponentError as exc:
         raise BlueprintError(f"{origin(name_path)}: {name_path}: {exc}") from None
-    body = {key: value for key, value in node.items() if key != "name"}
+    body = with_size_preset(kind, cls, {key: value for key, value in node.items() if key != "name"}, path, origin)
     schema = OmegaConf.structured(cls.Config)
     field_names = [field.name for field in dataclasses.fields(cls.Config)]
     for key in body:
@@ -115,6 +115,22 @@ def validate_component(
                 nested_kind, result[field.name], f"{path}.{field.name}", registry, origin
             )
     return result
+
+
+def with_size_preset(kind: str, cls: type, body: dict, path: str, origin: Origin) -> dict:
+    """Expand ``size: <name>`` from the component's ``SIZES`` presets; keys set in the node win.
+
+    Named sizes (``tiny``, ``small``, ``keye_vl_8b``) live beside the component that owns the numbers,
+    so a blueprint says ``{name: qwen3, size: tiny}`` and print-config shows every resolved value.
+    """
+    size = body.get("size")
+    presets = getattr(cls, "SIZES", None)
+    if size is None or presets is None:
+        return body
+    if size not in presets:
+        known = ", ".join(presets)
+        raise BlueprintError(f"{origin(path + '.size')}: {path}.size: unknown size '{size}' for {kind} '{cls.__name__}'; known: {known}")
+    return {**presets[size], **body}
 
 
 def build_component_config(kind: str, node: Any, registry: Registry) -> tuple[type, Any]:

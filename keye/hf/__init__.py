@@ -1,0 +1,1 @@
+"""Hugging Face interop: the released Keye-VL checkpoint format ↔ keye's Megatron-based modules."""

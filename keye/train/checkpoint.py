@@ -1,0 +1,53 @@
+"""Handing weights from one stage to the next.
+
+Each stage writes its model weights to ``<run.output_dir>/<stage>/weights/`` (one file per tensor and
+pipeline rank: the same layout reads them back) and the next stage starts from the previous stage's
+folder, or from ``stages[i].init_from``. Data-parallel replicas hold equal weights, so only
+data-parallel rank 0 writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from keye.errors import KeyeUserError
+
+
+def _weights_file(folder: Path, parallel: Any) -> Path:
+    return Path(folder) / "weights" / f"tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"
+
+
+def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
+    path = _weights_file(ctx.output_dir, ctx.parallel)
+    if ctx.parallel.dp_rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        torch.save({"layout": (ctx.parallel.tp_size, ctx.parallel.pp_size), "model": state}, path)
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
+    """Load ``init_from`` (or the previous stage's weights); a first stage without either starts fresh."""
+    source = ctx.stage.init_from or ctx.previous_output
+    if source is None:
+        return None
+    path = _weights_file(Path(source), ctx.parallel)
+    if not path.is_file():
+        if ctx.stage.init_from:
+            raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights for this layout at {path}")
+        return None  # the previous stage was skipped (e.g. --stage): start fresh, said in the summary
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    layout = (ctx.parallel.tp_size, ctx.parallel.pp_size)
+    if tuple(saved["layout"]) != layout:
+        raise KeyeUserError(f"{path}: saved with (tensor, pipeline) = {tuple(saved['layout'])}, this run uses {layout}")
+    missing, unexpected = model.load_state_dict(saved["model"], strict=False)
+    missing = [name for name in missing if not name.endswith("_extra_state")]
+    if unexpected or missing:
+        raise KeyeUserError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return path

@@ -1,0 +1,152 @@
+"""Qwen3 as keye's language model, built on Megatron-Core's GPTModel.
+
+Qwen3 in Megatron terms: pre-RMSNorm layers, GQA, RMSNorm on q and k per head before RoPE
+(``qk_layernorm``), SwiGLU MLP without biases, untied input/output embeddings, rotary base 1e6.
+Keye feeds it multimodal inputs through ``decoder_input`` (token embeddings with the vision embeddings
+scattered in) and 3D M-RoPE position ids ``[3, B, L]`` (Megatron's ``mrope`` path, split by
+``mrope_section`` over the 64 rotary frequencies, Qwen2-VL style). Text-only use takes ``[B, L]`` ids
+with ``rope: rope1d``-style positions.
+
+Named sizes (``size: tiny | small | keye_vl_8b``) are the presets in ``SIZES``; ``keye_vl_8b`` is the
+released Keye-VL-8B-Preview LLM (Qwen3-8B) exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+
+from keye import hookimpl
+from keye.config import doc
+from keye.model.protocols import BuildContext
+
+
+class Qwen3LanguageModel(torch.nn.Module):
+    SIZES = {
+        "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=16,
+                     ffn_hidden_size=192, vocab_size=1024, mrope_section=[2, 3, 3], max_position_embeddings=4096),
+        "small": dict(hidden_size=256, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=64,
+                      ffn_hidden_size=768, vocab_size=4096, mrope_section=[8, 12, 12], max_position_embeddings=8192),
+        "keye_vl_8b": dict(hidden_size=4096, num_layers=36, num_attention_heads=32, num_query_groups=8, head_dim=128,
+                           ffn_hidden_size=12288, vocab_size=151936, mrope_section=[16, 24, 24],
+                           max_position_embeddings=40960),
+    }
+
+    @dataclass
+    class Config:
+        size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
+        hidden_size: int = doc("Width of the residual stream.", 4096)
+        num_layers: int = doc("Decoder layers.", 36)
+        num_attention_heads: int = doc("Query heads.", 32)
+        num_query_groups: int = doc("Key/value heads (GQA groups).", 8)
+        head_dim: int = doc("Channels per head (independent of hidden_size in Qwen3).", 128)
+        ffn_hidden_size: int = doc("SwiGLU inner width.", 12288)
+        vocab_size: int = doc("Vocabulary size (rows of the embedding and the output head).", 151936)
+        max_position_embeddings: int = doc("Longest sequence the rotary tables are sized for.", 40960)
+        rms_norm_eps: float = doc("RMSNorm epsilon (layers, q/k norms, final norm).", 1e-6)
+        rope_theta: float = doc("Rotary base.", 1_000_000.0)
+        position_embedding: str = doc("mrope (3D ids [3, B, L], Keye) or rope (1D ids [B, L]).", "mrope")
+        mrope_section: List[int] = doc(
+            "Rotary frequencies given to the (time, height, width) axes; sums to head_dim / 2.",
+            default_factory=lambda: [16, 24, 24],
+        )
+        init_std: float = doc("Std of the normal weight initialisation.", 0.02)
+        recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
+
+    def __init__(self, config: Config, ctx: BuildContext | None = None) -> None:
+        super().__init__()
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        ctx = ctx or BuildContext()
+        if sum(config.mrope_section) * 2 != config.head_dim:
+            raise ValueError(
+                f"qwen3: mrope_section {list(config.mrope_section)} must sum to head_dim/2 = {config.head_dim // 2}"
+            )
+        self.config = config
+        self.vocab_size = config.vocab_size
+        self.transformer_config = self._transformer_config(config, ctx)
+        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        self.gpt = GPTModel(
+            config=self.transformer_config,
+            transformer_layer_spec=spec,
+            vocab_size=config.vocab_size,
+            max_sequence_length=config.max_position_embeddings,
+            pre_process=ctx.pre_process,
+            post_process=ctx.post_process,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type=config.position_embedding,
+            rotary_base=int(config.rope_theta),
+            parallel_output=True,
+            vp_stage=ctx.vp_stage,
+        )
+
+    @staticmethod
+    def _transformer_config(config: Config, ctx: BuildContext) -> Any:
+        import torch.nn.functional as F
+        from megatron.core.transformer import TransformerConfig
+
+        layout = ctx.parallel.model_parallel_kwargs(ctx.dtype) if ctx.parallel is not None else {}
+        return TransformerConfig(
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_query_groups=config.num_query_groups,
+            kv_channels=config.head_dim,
+            ffn_hidden_size=config.ffn_hidden_size,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            normalization="RMSNorm",
+            layernorm_epsilon=config.rms_norm_eps,
+            qk_layernorm=True,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            hidden_dropout=0.0,
+            attention_dropout=0.0,
+            bias_activation_fusion=False,
+            bias_dropout_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            init_method_std=config.init_std,
+            mrope_section=list(config.mrope_section) if config.position_embedding == "mrope" else None,
+            bf16=ctx.dtype == torch.bfloat16,
+            params_dtype=ctx.dtype,
+            recompute_granularity="full" if config.recompute else None,
+            recompute_method="uniform" if config.recompute else None,
+            recompute_num_layers=1 if config.recompute else None,
+            **layout,
+        )
+
+    def set_input_tensor(self, tensor: torch.Tensor) -> None:
+        """Pipeline stages after the first receive their input here (Megatron's schedule calls it)."""
+        self.gpt.set_input_tensor(tensor)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings ``[L, B, H]`` (Megatron's sequence-first layout); first stage only."""
+        return self.gpt.embedding(input_ids=input_ids, position_ids=None)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: Any,
+        decoder_input: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, L, V/TP]``, or the per-token loss ``[B, L]`` when ``labels`` are given."""
+        return self.gpt(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=attention_mask,
+            decoder_input=decoder_input,
+            labels=labels,
+        )
+
+
+@hookimpl
+def keye_register_language_models(register):
+    register("qwen3", Qwen3LanguageModel)

@@ -1,0 +1,120 @@
+"""2x2 patch-merge MLP projector, Keye's ``mlp_AR`` (spec §1.2): ViT patch features → LLM embeddings.
+
+Per image or video, in raster order ``(t, h, w)`` of ViT patches, each ``merge x merge`` square becomes one
+token: ``rearrange(x, "(t h p1 w p2) d -> (t h w) (p1 p2 d)", p1=merge, p2=merge)``; token (t, i, j) is the
+concatenation of patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1). Then ``linear_1 → act → linear_2``.
+
+Variants, all with the released parameter names (``pre_norm``, ``linear_1``, ``linear_2``) so HF weights
+load 1:1 under ``mlp_AR.``:
+
+- ``norm: pre_merge`` (Keye-VL-8B-Preview): ``LayerNorm(in_dim, eps=1e-5)`` on each patch before the merge;
+- ``norm: post_merge`` (Keye-VL-1.5): ``LayerNorm(in_dim * merge**2, eps=1e-5)`` after the merge
+  (still named ``pre_norm``: it precedes the MLP);
+- ``act: gelu`` (released code: exact erf GELU) or ``act: swiglu`` (what the paper text says). SwiGLU has
+  no released weights; its ``linear_1`` holds ``[gate; up]`` stacked (``2 * hidden`` outputs), Megatron's
+  fused gated-linear layout, so it splits cleanly under tensor parallelism.
+
+The linears are built by :meth:`PatchMergeMLP.build_linear`, a single place to swap in tensor-parallel
+layers later.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keye import hookimpl
+from keye.config import doc
+
+ACTS = ("gelu", "swiglu")
+NORMS = ("pre_merge", "post_merge")
+
+
+def merge_index(grid_thw: Tensor, merge: int) -> Tensor:
+    """Gather index ``[N]`` that puts the patches of each merge square next to each other.
+
+    ``x[merge_index(grid, m)].reshape(-1, m * m * d)`` is the per-grid
+    ``"(t h p1 w p2) d -> (t h w) (p1 p2 d)"`` rearrange, for all grids of a packed sequence at once.
+    """
+    grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3)
+    index, offset = [], 0
+    for t, h, w in grid_thw.tolist():
+        if h % merge or w % merge:
+            raise ValueError(f"grid (t={t}, h={h}, w={w}) is not divisible by merge {merge}")
+        patches = torch.arange(t * h * w).view(t, h // merge, merge, w // merge, merge)  # (t, h', p1, w', p2)
+        index.append(patches.permute(0, 1, 3, 2, 4).reshape(-1) + offset)  # (t, h', w', p1, p2) flattened
+        offset += t * h * w
+    if not index:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.cat(index)
+
+
+class PatchMergeMLP(nn.Module):
+    """``forward(features [N, in_dim], grid_thw [K, 3]) -> [N / merge**2, out_dim]``."""
+
+    @dataclass
+    class Config:
+        in_dim: int = doc("Width of the ViT features (SigLIP-so400m: 1152).", 1152)
+        out_dim: int = doc("Width of the LLM embeddings (Qwen3-8B: 4096).", 4096)
+        merge: int = doc("Side of the square of ViT patches merged into one token (2: 2x2).", 2)
+        hidden: int | None = doc("Hidden width of the MLP; null: in_dim * merge**2 (4608, as released).", None)
+        act: str = doc("gelu (exact erf, as released) | swiglu (as the paper text says; no released weights).", "gelu")
+        norm: str = doc(
+            "pre_merge: LayerNorm(in_dim) per patch (Preview) | post_merge: LayerNorm(in_dim * merge**2) (1.5).",
+            "pre_merge",
+        )
+        norm_eps: float = doc("LayerNorm epsilon (released: 1e-5).", 1e-5)
+
+    def __init__(self, config: PatchMergeMLP.Config | None = None, ctx: Any = None) -> None:
+        super().__init__()
+        self.config = config = config or self.Config()
+        if config.act not in ACTS:
+            raise ValueError(f"patch_merge_mlp: act must be one of {', '.join(ACTS)}, got {config.act!r}")
+        if config.norm not in NORMS:
+            raise ValueError(f"patch_merge_mlp: norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
+        merged = config.in_dim * config.merge**2
+        hidden = config.hidden or merged
+        self.out_dim = config.out_dim
+        self.pre_norm = nn.LayerNorm(config.in_dim if config.norm == "pre_merge" else merged, eps=config.norm_eps)
+        gated = config.act == "swiglu"
+        self.linear_1 = self.build_linear(merged, 2 * hidden if gated else hidden)
+        self.linear_2 = self.build_linear(hidden, config.out_dim)
+
+    def build_linear(self, in_features: int, out_features: int) -> nn.Module:
+        """One linear layer with bias (as released). Override to use tensor-parallel linears."""
+        return nn.Linear(in_features, out_features, bias=True)
+
+    def merge_patches(self, features: Tensor, grid_thw: Tensor) -> Tensor:
+        """The 2x2 merge alone: ``[N, d] -> [N / merge**2, merge**2 * d]``."""
+        m = self.config.merge
+        grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3)
+        expected = int(grid_thw.prod(-1).sum())
+        if features.shape[0] != expected:
+            raise ValueError(
+                f"patch_merge_mlp: {features.shape[0]} patch features but grid_thw {grid_thw.tolist()} "
+                f"describes {expected}"
+            )
+        index = merge_index(grid_thw, m).to(features.device)
+        return features[index].reshape(-1, m * m * features.shape[-1])
+
+    def forward(self, features: Tensor, grid_thw: Tensor) -> Tensor:
+        if self.config.norm == "pre_merge":
+            x = self.merge_patches(self.pre_norm(features), grid_thw)  # (N/4, 4*in_dim)
+        else:
+            x = self.pre_norm(self.merge_patches(features, grid_thw))
+        x = self.linear_1(x)
+        if self.config.act == "gelu":
+            x = F.gelu(x)  # exact erf, like HF's GELUActivation
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        return self.linear_2(x)  # (N/4, out_dim)
+
+
+@hookimpl
+def keye_register_projectors(register) -> None:
+    register("patch_merge_mlp", PatchMergeMLP)

@@ -1,0 +1,139 @@
+"""``lm``: next-token training of the composed model on packed multimodal sequences.
+
+Stages 1-3 of pre-training (projector alignment, multi-task pre-training, annealing) and SFT are all
+this loop with different trainable modules, data and schedules. Each rank builds the same micro-batches
+as the other ranks of its tensor/pipeline group (the data depends only on the data-parallel rank), the
+engine runs Megatron's pipeline schedule, and the loss reports sums so results do not depend on the
+layout. Evaluation on held-out data reports the next-token loss and teacher-forced answer accuracy
+(a sample counts as correct when every answer token is the model's argmax).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+from tqdm import tqdm
+
+from keye import hookimpl
+from keye.config import doc
+from keye.data.batch import MicroBatch
+from keye.model.composition import KeyeVLModel, build_component
+from keye.model.protocols import BuildContext
+from keye.train.engine import TrainEngine
+from keye.train.freezing import apply_freezing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _loss_func(loss: Any, batch: MicroBatch, output: torch.Tensor):
+    return loss(output, batch.loss_mask)
+
+
+def _train_forward(loss: Any, data: Iterator[MicroBatch], model: torch.nn.Module):
+    batch = next(data)
+    output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
+                   images=batch.images, videos=batch.videos)  # last stage: per-token loss (1, T)
+    return output, partial(_loss_func, loss, batch)
+
+
+def _eval_loss_func(batch: MicroBatch, logits: torch.Tensor):
+    """Loss and answer accuracy from full logits (gathered over TP ranks)."""
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    logits = gather_from_tensor_model_parallel_region(logits).float()  # (1, T, V)
+    per_token = torch.nn.functional.cross_entropy(logits[0], batch.labels[0], reduction="none")  # (T,)
+    mask = batch.loss_mask[0]
+    predictions = logits[0].argmax(-1)  # (T,)
+    correct = sum(bool((predictions[seg] == batch.labels[0][seg]).all()) for seg in batch.answer_segments)
+    report = {
+        "loss_sum": (per_token * mask).sum(),
+        "tokens": mask.sum(),
+        "correct": torch.tensor(float(correct)),
+        "answers": torch.tensor(float(len(batch.answer_segments))),
+    }
+    return report["loss_sum"], report
+
+
+def _eval_forward(data: Iterator[MicroBatch], model: torch.nn.Module):
+    batch = next(data)
+    logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, images=batch.images, videos=batch.videos)
+    return logits, partial(_eval_loss_func, batch)
+
+
+class LMStage:
+    @dataclass
+    class Config:
+        num_microbatches: int = doc("Micro-batches per optimiser step on each data-parallel rank.", 1)
+        eval_batches: int = doc("Held-out micro-batches per evaluation (per data-parallel rank).", 8)
+        max_bad_steps: int = doc("Stop after this many consecutive steps with a non-finite loss/grad.", 5)
+
+    def __init__(self, config: Config, ctx: Any) -> None:
+        self.config = config
+        self.ctx = ctx
+
+    def build_model(self) -> KeyeVLModel:
+        bp, parallel = self.ctx.blueprint, self.ctx.parallel
+        build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage)
+        return KeyeVLModel(bp.model, self.ctx.registry, build)
+
+    def run(self) -> dict[str, Any]:
+        from keye.data.pipeline import micro_batches
+        from keye.train.checkpoint import load_stage_weights, save_stage_weights
+
+        ctx, stage, config = self.ctx, self.ctx.stage, self.config
+        parallel, dtype = ctx.parallel, DTYPES[ctx.blueprint.precision.dtype]
+        model = self.build_model()
+        load_stage_weights(model, ctx)
+        trainable = apply_freezing(model, stage.train)
+        loss = build_component("loss", stage.loss or {"name": "next_token"}, ctx.registry, BuildContext(parallel, dtype))
+        engine = TrainEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps)
+        seq_len = stage.data.max_tokens
+        train = micro_batches(ctx, split="train")
+        step_fn = partial(_train_forward, loss)
+
+        before = self._evaluate(engine, ctx, seq_len)
+        progress = tqdm(total=stage.steps, desc=stage.name, disable=parallel.rank != 0, unit="step")
+        last = None
+        for step in range(1, stage.steps + 1):
+            start = time.perf_counter()
+            last = engine.train_step(step_fn, train, config.num_microbatches, seq_len, 1)
+            seconds = time.perf_counter() - start
+            stats = train.stats()
+            ctx.metrics.log(
+                stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
+                tokens_per_s=last.extras["tokens"] / seconds, padding_efficiency=stats["packing_efficiency"],
+                skipped_samples=stats["skipped"], skipped_step=last.skipped,
+            )
+            progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
+            progress.update(1)
+        progress.close()
+        after = self._evaluate(engine, ctx, seq_len)
+        save_stage_weights(model, ctx)
+        return {
+            "steps": stage.steps,
+            "final_loss": last.loss if last else None,
+            "skipped_steps": engine.skipped_steps,
+            "trainable_parameters": trainable,
+            "eval_before": before,
+            "eval_after": after,
+            "data": train.stats(),
+        }
+
+    def _evaluate(self, engine: TrainEngine, ctx: Any, seq_len: int) -> dict[str, float]:
+        from keye.data.pipeline import micro_batches
+
+        batches = micro_batches(ctx, split="heldout", limit=self.config.eval_batches)
+        count = batches.remaining()
+        if count == 0:
+            return {}
+        result = engine.eval_step(_eval_forward, batches, count, seq_len, 1)
+        return {"heldout_loss": result["loss"], **({"answer_accuracy": result["answer_accuracy"]} if "answer_accuracy" in result else {})}
+
+
+@hookimpl
+def keye_register_stages(register):
+    register("lm", LMStage)
