@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from typing import Sequence
+
+from keye.parallel.state import free_port
 
 DIST_ENV = ("RANK", "WORLD_SIZE")
 
@@ -22,12 +23,6 @@ DIST_ENV = ("RANK", "WORLD_SIZE")
 def under_launcher() -> bool:
     """True when torchrun, a cluster launcher or our own spawner already set up this process."""
     return all(name in os.environ for name in DIST_ENV)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def spawn_local(nproc: int, argv: Sequence[str]) -> int:

@@ -190,7 +190,8 @@ TINY_VIT = TransformerDims(hidden_size=2, num_layers=1, ffn_hidden_size=2, num_h
 
 
 def test_flops_by_hand():
-    # LLM per token: 2·(q,o 2·2·1·2 + k,v 2·2·1·2 + ffn 2·2·3) = 2·28 = 56; causal n=3: 6 pairs · 4·1·2 = 48
+    # LLM per token: 2·(q,o 2·2·1·2 + k,v 2·2·1·2 + ffn 2·2·3) = 2·28 = 56
+    # causal attention, n=3: 6 score entries · 4·1·2 = 48
     assert estimate_flops(3, 0, TINY_LLM) == 3 * 56 + 48
     # ViT per patch: 2·(8 + 8 + 2·2·2) = 48; 8 patches in one block: 64 pairs · 8 = 512.
     # LLM then sees 3 text + 8 // 4 = 2 vision tokens: 5·56 + 15·8 = 400.

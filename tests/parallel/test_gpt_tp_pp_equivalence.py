@@ -34,7 +34,9 @@ TOLERANCE = 1e-5
 # --- what every rank runs --------------------------------------------------------------------------
 
 
-def _build_gpt(ctx: ParallelContext) -> torch.nn.Module:
+def _build_gpt(ctx: ParallelContext, vp_stage: int | None = None) -> torch.nn.Module:
+    """This rank's part of the model: a pipeline stage, or one virtual-stage chunk of it."""
+    from megatron.core import parallel_state as mpu
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -60,10 +62,11 @@ def _build_gpt(ctx: ParallelContext) -> torch.nn.Module:
         transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm"),
         vocab_size=VOCAB,
         max_sequence_length=SEQ,
-        pre_process=ctx.is_first_stage,
-        post_process=ctx.is_last_stage,
+        pre_process=mpu.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=mpu.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
+        vp_stage=vp_stage,
     )
 
 
@@ -107,7 +110,7 @@ def _micro_batches() -> list[dict[str, torch.Tensor]]:
 
 def _mean_loss(per_token: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss = per_token.mean()  # per_token: (B, S)
-    return loss, {"loss": loss.detach()}
+    return loss, {"loss": loss.detach().clone()}  # clone: the schedule divides `loss` in place
 
 
 def _forward_step(data: Iterator[dict[str, torch.Tensor]], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
@@ -118,37 +121,44 @@ def _forward_step(data: Iterator[dict[str, torch.Tensor]], model: torch.nn.Modul
     return output, _mean_loss
 
 
-def _train_step(tensor: int, pipeline: int, weights: str, save_weights: bool) -> dict[str, Any]:
+def _named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """(global name, parameter) over this rank's model chunks."""
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            yield _global_name(chunk, name), param
+
+
+def _train_step(
+    tensor: int, pipeline: int, virtual: int | None, weights: str, save_weights: bool
+) -> dict[str, Any]:
     """One forward/backward of 2 micro-batches in this layout; loss and full gradients by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=SEED)
-    model = _build_gpt(ctx)
+    ctx = init_parallel(tensor=tensor, pipeline=pipeline, virtual_pipeline=virtual, seed=SEED)
+    chunks = [_build_gpt(ctx, vp_stage) for vp_stage in (range(virtual) if virtual else [None])]
     if save_weights:
-        torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, weights)
+        torch.save({name: p.detach().clone() for name, p in _named_parameters(chunks)}, weights)
     full_weights = torch.load(weights)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(_tp_shard(full_weights[_global_name(model, name)], param, ctx))
+        for name, param in _named_parameters(chunks):
+            param.copy_(_tp_shard(full_weights[name], param, ctx))
 
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
-    model.config.finalize_model_grads_func = finalize_model_grads  # sums q/k-norm grads over TP ranks
-    model.config.no_sync_func = ddp.no_sync
+    config = chunks[0].config
+    ddps = [DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c) for c in chunks]
+    config.finalize_model_grads_func = finalize_model_grads  # sums q/k-norm grads over TP ranks
+    config.no_sync_func = [ddp.no_sync for ddp in ddps] if virtual else ddps[0].no_sync
     forward_backward = get_forward_backward_func()
     losses = forward_backward(
         forward_step_func=_forward_step,
-        data_iterator=iter(_micro_batches()),
-        model=[ddp],
+        data_iterator=[iter(_micro_batches()) for _ in chunks] if virtual else iter(_micro_batches()),
+        model=ddps,
         num_microbatches=MICRO_BATCHES,
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH,
     )
-    grads = {
-        _global_name(model, name): _tp_gather(param.main_grad, param, ctx)
-        for name, param in model.named_parameters()
-    }
+    grads = {name: _tp_gather(param.main_grad, param, ctx) for name, param in _named_parameters(chunks)}
     return {
         "schedule": forward_backward.__name__,
         "loss": torch.stack([m["loss"] for m in losses]).mean().item() if ctx.is_last_stage else None,
@@ -163,21 +173,27 @@ def _train_step(tensor: int, pipeline: int, weights: str, save_weights: bool) ->
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     """One process: the weights every layout loads, and the loss and gradients they must reproduce."""
     weights = str(tmp_path_factory.mktemp("gpt") / "weights.pt")
-    [result] = run_distributed(_train_step, 1, 1, 1, weights, True)
+    [result] = run_distributed(_train_step, 1, 1, 1, None, weights, True)
     assert result["schedule"] == "forward_backward_no_pipelining"
     assert all(grad.abs().sum() > 0 for grad in result["grads"].values()), "every parameter must get a gradient"
     return weights, result
 
 
-@pytest.mark.parametrize(("tensor", "pipeline"), [(2, 1), (1, 2), (2, 2)], ids=["tp2", "pp2", "tp2xpp2"])
-def test_layout_gives_one_process_loss_and_grads(
-    reference: tuple[str, dict[str, Any]], tensor: int, pipeline: int
-) -> None:
-    weights, expected = reference
-    ranks = run_distributed(_train_step, tensor * pipeline, tensor, pipeline, weights, False)
+LAYOUTS = {  # name: (tensor, pipeline, virtual pipeline, the schedule Megatron must pick)
+    "tp2": (2, 1, None, "forward_backward_no_pipelining"),
+    "pp2": (1, 2, None, "forward_backward_pipelining_without_interleaving"),
+    "tp2xpp2": (2, 2, None, "forward_backward_pipelining_without_interleaving"),
+    "pp2xvpp2": (1, 2, 2, "forward_backward_pipelining_with_interleaving"),  # wrong with batch_p2p_comm
+}
 
-    if pipeline > 1:
-        assert all(r["schedule"] == "forward_backward_pipelining_without_interleaving" for r in ranks)
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_layout_gives_one_process_loss_and_grads(reference: tuple[str, dict[str, Any]], layout: str) -> None:
+    weights, expected = reference
+    tensor, pipeline, virtual, schedule = LAYOUTS[layout]
+    ranks = run_distributed(_train_step, tensor * pipeline, tensor, pipeline, virtual, weights, False)
+
+    assert all(r["schedule"] == schedule for r in ranks)
     [loss] = {r["loss"] for r in ranks if r["loss"] is not None}  # every last-stage rank agrees
     assert loss == pytest.approx(expected["loss"], abs=TOLERANCE)
 
