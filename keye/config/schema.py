@@ -98,7 +98,7 @@ class StageConfig:
         f"Modules that train in this stage ({', '.join(MODULES)}); the rest are frozen.", default_factory=list
     )
     steps: int = doc("Optimiser steps in this stage.", 0)
-    init_from: Optional[str] = doc("Checkpoint to start from: null = the previous stage's result.", None)
+    init_from: Optional[str] = doc("Start from this earlier stage (by name) or weights folder; null = the previous stage.", None)
     loss: Optional[Dict[str, Any]] = component("loss", "Training objective of the stage.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Input data of the stage."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"doc": "Optimiser settings."})

@@ -2,9 +2,10 @@
 
 Frame sampling follows the released ``keye-vl-utils`` (spec §1.5): at ``fps`` = 2.0 the frame count is
 ``floor_even(clamp(duration·fps, ceil_even(4), floor_even(min(768, total_frames))))``, the frames are
-``linspace(0, total-1, n).round()`` (n is even, so no index lands on a .5 tie), and the sampling rate is recomputed as ``sample_fps = n / total_frames · video_fps``. Keye uses
-temporal_patch_size 1, so every sampled frame is one temporal grid step and the LLM's time-aligned M-RoPE
-gets ``second_per_grid_ts = 1 / sample_fps``.
+``linspace(0, total-1, n).round()`` (n is even, so no index lands on a .5 tie), and the sampling rate
+is recomputed as ``sample_fps = n / total_frames · video_fps``. Keye uses temporal_patch_size 1, so every
+sampled frame is one temporal grid step and the LLM's time-aligned M-RoPE gets
+``second_per_grid_ts = 1 / sample_fps``.
 
 Per-frame budget: 128..768 tokens (``VIDEO_MIN_PIXELS`` / ``VIDEO_MAX_PIXELS``), one token = 784 pixels.
 Whole-video budget: the paper's 24576 tokens, **enforced** (the release only approximates it through

@@ -2,7 +2,7 @@
 
 Each stage writes its model weights to ``<run.output_dir>/<stage>/weights/`` (one file per tensor and
 pipeline rank: the same layout reads them back) and the next stage starts from the previous stage's
-folder, or from ``stages[i].init_from``. Data-parallel replicas hold equal weights, so only
+folder, or from ``stages[i].init_from`` (an earlier stage's name, or a folder path). Data-parallel replicas hold equal weights, so only
 data-parallel rank 0 writes.
 """
 
@@ -17,12 +17,12 @@ import torch.distributed as dist
 from keye.errors import KeyeUserError
 
 
-def _weights_file(folder: Path, parallel: Any) -> Path:
+def weights_file(folder: Path, parallel: Any) -> Path:
     return Path(folder) / "weights" / f"tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"
 
 
 def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
-    path = _weights_file(ctx.output_dir, ctx.parallel)
+    path = weights_file(ctx.output_dir, ctx.parallel)
     if ctx.parallel.dp_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
@@ -37,7 +37,9 @@ def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
     source = ctx.stage.init_from or ctx.previous_output
     if source is None:
         return None
-    path = _weights_file(Path(source), ctx.parallel)
+    named_stage = Path(ctx.blueprint.run.output_dir) / str(source)
+    folder = named_stage if ctx.stage.init_from and "/" not in str(source) else Path(source)
+    path = weights_file(folder, ctx.parallel)
     if not path.is_file():
         if ctx.stage.init_from:
             raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights for this layout at {path}")

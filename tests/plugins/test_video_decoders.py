@@ -102,7 +102,9 @@ def test_unreadable_files_raise_a_clear_error(tmp_path, videos, decoder_cls):
     data = videos["mpeg4"].read_bytes()
     no_index = tmp_path / "no_index.mp4"  # moov atom is at the end: cut off
     no_index.write_bytes(data[: len(data) // 2])
-    faststart = write_video(tmp_path / "fs.mp4", "mpeg4", 30, 10, width=160, height=120, container_options={"movflags": "faststart"})
+    faststart = write_video(
+        tmp_path / "fs.mp4", "mpeg4", 30, 10, width=160, height=120, container_options={"movflags": "faststart"}
+    )
     data = faststart.read_bytes()
     truncated = tmp_path / "truncated.mp4"  # index intact, frames cut off
     truncated.write_bytes(data[: len(data) // 2])
