@@ -263,11 +263,13 @@ def parse_answer(text: str) -> str:
     Drop everything up to the last ``</analysis>``, then up to the last ``</think>``; keep the last
     ``<answer>…</answer>`` if there is one (an unclosed one runs to the end); then the content of the
     last ``\\boxed{…}`` if there is one (nested braces allowed). Surrounding whitespace is stripped.
+    A ``<think>`` that never closes (generation cut off mid-thought) gives ``""``: no answer was
+    reached, and the thought must not be scored as one (our choice; the harness does not say).
     """
-    for tag in ("</analysis>", "</think>"):
-        cut = text.rfind(tag)
-        if cut != -1:
-            text = text[cut + len(tag) :]
+    text = _after_last(text, "</analysis>")
+    if text.rfind("<think>") > text.rfind("</think>"):
+        return ""
+    text = _after_last(text, "</think>")
     start = text.rfind("<answer>")
     if start != -1:
         text = text[start + len("<answer>") :]
@@ -276,6 +278,11 @@ def parse_answer(text: str) -> str:
             text = text[:end]
     boxed = _last_boxed(text)
     return (boxed if boxed is not None else text).strip()
+
+
+def _after_last(text: str, tag: str) -> str:
+    cut = text.rfind(tag)
+    return text if cut == -1 else text[cut + len(tag) :]
 
 
 def _last_boxed(text: str) -> str | None:

@@ -21,6 +21,7 @@ import io
 import random
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, TypeVar
 
 from PIL import Image, ImageDraw, ImageFont
@@ -161,7 +162,7 @@ def random_scene(
     ``region`` (fractions of the canvas: x1, y1, x2, y2) confines the *first* shape, e.g. to the left half.
     ``unique_shapes`` / ``unique_colors`` make every shape kind / colour appear at most once.
     """
-    size = size or rng.choice([s for s in IMAGE_SIZES if s >= 28 * min(4, count) or s == IMAGE_SIZES[-1]])
+    size = size or rng.choice(IMAGE_SIZES if count <= 2 else IMAGE_SIZES[1:])  # room for 3+ shapes
     while True:  # restart with a fresh layout when shapes do not fit (rare)
         kinds = _distinct_kinds(rng, count, unique_shapes, unique_colors)
         boxes: list[tuple[int, int, int, int]] = []
@@ -332,6 +333,11 @@ def grounding_qa(rng: random.Random, split: str) -> QA:
     )  # fmt: skip
 
 
+@lru_cache(maxsize=None)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
 @dataclass(frozen=True)
 class _Text:
     word: str
@@ -345,7 +351,7 @@ def _random_text(rng: random.Random) -> _Text:
     size = rng.choice(IMAGE_SIZES)
     font_size = rng.randint(max(14, size // 5), max(14, size // 3))
     word = rng.choice(WORDS)
-    left, top, right, bottom = ImageFont.load_default(size=font_size).getbbox(word)
+    left, top, right, bottom = _font(font_size).getbbox(word)
     x = rng.randint(1 - left, max(1 - left, size - right - 1))
     y = rng.randint(1 - top, max(1 - top, size - bottom - 1))
     return _Text(word, size, font_size, x, y)
@@ -355,7 +361,7 @@ def ocr_qa(rng: random.Random, split: str) -> QA:
     """"What word is written in the image?" A three-letter word in PIL's default font (FreeType, 14+ px)."""
     text = draw_in_split(rng, split, lambda: _random_text(rng), lambda t: t)
     image = Image.new("RGB", (text.size, text.size), BACKGROUND)
-    ImageDraw.Draw(image).text((text.x, text.y), text.word, font=ImageFont.load_default(size=text.font_size), fill=TEXT_COLOR)
+    ImageDraw.Draw(image).text((text.x, text.y), text.word, font=_font(text.font_size), fill=TEXT_COLOR)
     wrong = list(text.word)
     position = rng.randrange(len(wrong))
     wrong[position] = rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c != wrong[position]])

@@ -113,6 +113,8 @@ def _process_env() -> tuple[int, int, int, str]:
     """(rank, world_size, local_rank, init_method) from the environment, or a lone local process."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, 0, f"tcp://127.0.0.1:{free_port()}"
+    if "RANK" not in os.environ:
+        raise ValueError("WORLD_SIZE is set but RANK is not: set both (torchrun does), or neither")
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", rank))
     return rank, int(os.environ["WORLD_SIZE"]), local_rank, "env://"
@@ -194,7 +196,8 @@ def current_context(
 
     backend = backend or dist.get_backend()
     if device is None:
-        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        on_gpu = backend == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     return ParallelContext(
         rank=dist.get_rank(),
         world_size=dist.get_world_size(),

@@ -91,7 +91,9 @@ def _tracebacks(outs: list[Path]) -> str:
     return "".join(f"\n{text}" for _, text in sorted(reports))
 
 
-def run_distributed(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300, **kwargs: Any) -> list:
+def run_distributed(
+    fn: Callable[..., Any], nprocs: int, *args: Any, timeout: float = 300, **kwargs: Any
+) -> list:
     """``fn(*args, **kwargs)`` on ``nprocs`` gloo-ready ranks; the list of their return values."""
     context = mp.get_context("spawn")
     port = free_port()
@@ -112,7 +114,8 @@ def run_distributed(fn: Callable[..., Any], nprocs: int, *args: Any, timeout: fl
         finally:
             _stop(procs)
         if problem:
-            raise DistributedError(f"{getattr(fn, '__qualname__', fn)} on {nprocs} ranks: {problem}{_tracebacks(outs)}")
+            name = getattr(fn, "__qualname__", fn)
+            raise DistributedError(f"{name} on {nprocs} ranks: {problem}{_tracebacks(outs)}")
         return [pickle.loads(out.read_bytes())[1] for out in outs]
 
 

@@ -104,7 +104,8 @@ def test_special_tokens_by_name(tok):
     assert special.pad == tok.convert_tokens_to_ids("<|endoftext|>") == tok.pad_token_id
     assert special.image_pad == token_id(tok, "<|image_pad|>")
     assert special.video_pad == token_id(tok, "<|video_pad|>")
-    assert (special.vision_start, special.vision_end) == (token_id(tok, "<|vision_start|>"), token_id(tok, "<|vision_end|>"))
+    assert special.vision_start == token_id(tok, "<|vision_start|>")
+    assert special.vision_end == token_id(tok, "<|vision_end|>")
     assert (special.think, special.think_end) == (token_id(tok, "<think>"), token_id(tok, "</think>"))
 
 

@@ -19,7 +19,8 @@ no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU (
 
 
 def test_layout_error_names_the_numbers() -> None:
-    with pytest.raises(ValueError, match=r"world size 6 is not divisible by tensor \(4\) x pipeline \(1\) = 4"):
+    message = r"world size 6 is not divisible by tensor \(4\) x pipeline \(1\) = 4"
+    with pytest.raises(ValueError, match=message):
         check_layout(6, tensor=4, pipeline=1)
     assert check_layout(8, tensor=2, pipeline=2) == 2  # data parallel is what remains
 

@@ -1,0 +1,224 @@
+"""Keye's vision encoder: a SigLIP-so400m ViT at native resolution (NaViT packing) on Megatron-Core (spec §1.1).
+
+``forward(patches [N, 3, 14, 14], grid_thw [K, 3]) -> [N, hidden]``, one feature per patch, in the order
+the patches came (raster order ``(t, h, w)`` per image/video, images/videos one after another).
+
+1. **Patch embedding**: ``Conv2d(3, D, 14, stride 14)`` on each ``[3, 14, 14]`` patch. A convolution
+   whose kernel is its whole input is a matmul, so it runs as ``F.linear`` over the flattened patch; the
+   parameter keeps the Conv2d shape ``[D, 3, 14, 14]`` so SigLIP/Keye weights load unchanged.
+2. **Absolute position embedding**: the learned ``S x S`` table (S = image_size // patch_size: 27 for
+   384/14) is bilinearly interpolated (``align_corners=False``) to each grid's ``(h, w)`` and repeated
+   ``t`` times (every frame of a video gets the same table). A grid of exactly ``S x S`` gets the table
+   unchanged. The released code keeps an LFU cache of 20 grids; here the interpolation is recomputed per
+   forward (it is cheap, and a cache across steps would hold tensors from an old autograd graph while
+   the table trains).
+3. **Encoder**: Megatron-Core ``TransformerBlock`` of pre-LN, non-causal layers (``keye.model.megatron_blocks``):
+   qkv with bias, GELU-tanh MLP with bias, and the block's final LayerNorm is SigLIP's ``post_layernorm``.
+   Tensor parallelism comes from Megatron's column/row-parallel linears. The tower is never split across
+   pipeline stages (it lives on the first stage).
+4. **2D RoPE** in every layer (``use_rope``), from ``rope2d_vision``: per patch the ``head_dim/2`` angles
+   ``[row * inv_freq, col * inv_freq]``, duplicated to ``head_dim`` and given to Megatron's attention as
+   ``rotary_pos_emb`` ``[N, 1, 1, head_dim]``. Megatron's unfused RoPE is ``t * cos + rotate_half(t) * sin``
+   over the last ``freqs.shape[-1]`` dims with ``rotate_half([x1, x2]) = [-x2, x1]``: with freqs of the
+   full head width that is exactly flash-attn's non-interleaved ``apply_rotary_emb`` of the released code
+   (dims i and i + head_dim/2 turn together by angle i: row angles first, then column angles). One
+   difference: Megatron casts cos/sin to the activation dtype before rotating, flash-attn rotates in
+   float32; in bf16 that can move a value by about one bf16 ulp (identical in fp32).
+5. **Packing**: the whole batch is one sequence ``[sum N, 1, D]`` with block-diagonal attention, one block
+   per image or per *whole video* (all frames of a video see each other). With Megatron's local attention
+   (CPU, or GPU without TE) the block structure is a boolean mask ``[1, 1, N, N]`` (True = masked); with
+   Transformer Engine it is ``PackedSeqParams`` (``thd``, cu_seqlens) for varlen flash attention, which
+   also feeds RoPE per token (Megatron maps freqs of length ``cu_seqlens[-1]`` token by token). The TE path
+   cannot run on a CPU machine and is untested here.
+
+Not built: the SigLIP attention-pooling ``head`` and the ``packing_position_embedding`` table, which the
+released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keye import hookimpl
+from keye.config import doc
+from keye.model import megatron_blocks as mb
+from keye.model.protocols import BuildContext
+from keye_plugins.position_encoding.rope2d_vision import Rope2DVision
+
+# Released weights (spec §1.7): keys the module has no use for.
+_UNUSED_HF_PREFIXES = ("head.", "embeddings.packing_position_embedding.")
+
+
+class SiglipNaViT(nn.Module):
+    """``forward(patches [N, 3, P, P], grid_thw [K, 3]) -> [N, out_dim]`` (see the module docstring)."""
+
+    SIZES = {
+        "tiny": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, image_size=56),
+        "small": dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, image_size=224),
+        "keye_vl_8b": dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16, image_size=384),
+    }
+
+    @dataclass
+    class Config:
+        size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
+        hidden_size: int = doc("Width of the residual stream (SigLIP-so400m: 1152).", 1152)
+        intermediate_size: int = doc("MLP inner width (fc1 → GELU-tanh → fc2).", 4304)
+        num_layers: int = doc("Transformer layers.", 27)
+        num_heads: int = doc("Attention heads; head_dim = hidden_size / num_heads must divide by 4 (2D RoPE).", 16)
+        patch_size: int = doc("Side of a square patch in pixels.", 14)
+        image_size: int = doc("Pre-training resolution: the position table is (image_size // patch_size)².", 384)
+        layer_norm_eps: float = doc("LayerNorm epsilon (layers and post_layernorm).", 1e-6)
+        use_rope: bool = doc("Apply the 2D RoPE (rows, cols) to q and k in every layer (Keye: true).", True)
+        rope_theta: float = doc("Base of the 2D RoPE inverse frequencies.", 10000.0)
+        init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
+        recompute: bool = doc("Recompute each layer's activations in backward (saves memory on long packs).", False)
+        transformer_impl: str = doc(
+            "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
+        )
+
+    def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
+        super().__init__()
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        self.config = config = config or self.Config()
+        ctx = ctx or BuildContext()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"siglip_navit: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
+        self.head_dim = config.hidden_size // config.num_heads
+        self.out_dim = config.hidden_size
+        self.table_side = config.image_size // config.patch_size
+        self.impl = mb.resolve_transformer_impl(config.transformer_impl)
+
+        self.transformer_config = mb.encoder_transformer_config(
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            layer_norm_eps=config.layer_norm_eps,
+            init_std=config.init_std,
+            recompute=config.recompute,
+            ctx=ctx,
+        )
+        device = mb.param_device(self.transformer_config)
+        side, width = config.patch_size, config.hidden_size
+        self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
+        self.position_embedding = nn.Embedding(self.table_side**2, width, device=device, dtype=ctx.dtype)
+        nn.init.normal_(self.position_embedding.weight, std=config.init_std)
+        self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
+        self.decoder = TransformerBlock(
+            config=self.transformer_config,
+            spec=mb.encoder_block_spec(config.num_layers, self.impl),
+            post_layer_norm=True,  # SigLIP's post_layernorm
+            pre_process=True,
+            post_process=True,
+        )
+
+    # --- pieces of the forward pass ------------------------------------------------------------
+
+    def embed_patches(self, patches: Tensor) -> Tensor:
+        """``[N, 3, P, P]`` → ``[N, D]``: the Conv2d as a matmul over each flattened patch."""
+        weight = self.patch_embedding.weight  # (D, 3, P, P)
+        return F.linear(patches.to(weight.dtype).flatten(1), weight.flatten(1), self.patch_embedding.bias)
+
+    def position_embeddings(self, grid_thw: Tensor) -> Tensor:
+        """``[N, D]``: the table interpolated to each grid (bilinear, align_corners=False), repeated t times."""
+        side, width = self.table_side, self.config.hidden_size
+        table = self.position_embedding.weight.view(1, side, side, width).permute(0, 3, 1, 2)  # (1, D, S, S)
+        resized: dict[tuple[int, int], Tensor] = {}
+        out = []
+        for t, h, w in grid_thw.tolist():
+            if (h, w) not in resized:
+                grid = F.interpolate(table, size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
+                resized[(h, w)] = grid[0].permute(1, 2, 0).reshape(h * w, width)  # (h*w, D), raster order
+            out.append(resized[(h, w)].repeat(t, 1))  # (t*h*w, D)
+        return torch.cat(out, dim=0)
+
+    def rotary_pos_emb(self, grid_thw: Tensor) -> Tensor:
+        """``[N, 1, 1, head_dim]`` angles for Megatron's rotate-half RoPE: ``[rows, cols, rows, cols]`` per patch."""
+        angles = self.rope.angles(grid_thw)  # (N, head_dim / 2): [row * inv_freq, col * inv_freq]
+        return torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (N, 1, 1, head_dim)
+
+    def attention_layout(self, seqlens: list[int], device: torch.device) -> tuple[Tensor | None, object | None]:
+        """(mask, packed_seq_params) that make attention block-diagonal over ``seqlens``."""
+        if self.impl == "transformer_engine":
+            return None, mb.packed_seq_params(seqlens, device)
+        if len(seqlens) == 1:
+            return None, None  # one block: full attention, no mask needed
+        return mb.block_diagonal_mask(seqlens, device), None
+
+    # --- forward -------------------------------------------------------------------------------
+
+    def forward(self, patches: Tensor, grid_thw: Tensor) -> Tensor:
+        grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3).cpu()
+        seqlens = grid_thw.prod(dim=-1).tolist()  # patches per image / video
+        if sum(seqlens) != patches.shape[0]:
+            raise ValueError(f"siglip_navit: grid_thw {grid_thw.tolist()} covers {sum(seqlens)} patches, got {patches.shape[0]}")
+        x = self.embed_patches(patches)  # (N, D)
+        x = x + self.position_embeddings(grid_thw).to(x.device)
+        mask, packed = self.attention_layout(seqlens, x.device)
+        rotary = self.rotary_pos_emb(grid_thw).to(x.device) if self.config.use_rope else None
+        hidden = self.decoder(
+            hidden_states=x[:, None, :],  # (N, 1, D): Megatron is sequence-first, the pack is one sequence
+            attention_mask=mask,
+            rotary_pos_emb=rotary,
+            packed_seq_params=packed,
+        )
+        return hidden[:, 0, :]  # (N, D)
+
+    # --- Hugging Face weights ------------------------------------------------------------------
+
+    def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "visual.vision_model.") -> None:
+        """Load SigLIP/Keye ViT weights (full tensors, HF names); each TP rank takes its slice."""
+        mb.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
+
+    def hf_state_dict(self, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
+        """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
+        return keye_to_hf_state_dict(mb.full_state_dict(self), self.config.num_heads, prefix)
+
+
+def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
+    """Released names (spec §1.7) → this module's, full tensors.
+
+    ``prefix`` is ``visual.vision_model.`` in a Keye-VL checkpoint, ``vision_model.`` in a SiglipModel one,
+    ``""`` for a bare ``SiglipVisionModel``. Keys outside the prefix are ignored; the unused pooling head
+    and packing table are skipped; anything else unknown is an error.
+    """
+    body = {name[len(prefix):]: t for name, t in hf.items() if name.startswith(prefix)}
+    out = mb.hf_encoder_to_megatron(body, num_heads)
+    direct = {
+        "embeddings.patch_embedding.weight": "patch_embedding.weight",
+        "embeddings.patch_embedding.bias": "patch_embedding.bias",
+        "embeddings.position_embedding.weight": "position_embedding.weight",
+        "post_layernorm.weight": "decoder.final_layernorm.weight",
+        "post_layernorm.bias": "decoder.final_layernorm.bias",
+    }
+    for name, tensor in body.items():
+        if name in direct:
+            out[direct[name]] = tensor
+        elif not name.startswith("encoder.layers.") and not name.startswith(_UNUSED_HF_PREFIXES):
+            raise KeyError(f"siglip_navit: unknown weight {prefix}{name}")
+    return out
+
+
+def keye_to_hf_state_dict(state: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
+    """This module's full tensors → released names (the inverse of ``hf_to_keye_state_dict``)."""
+    direct = {
+        "patch_embedding.weight": "embeddings.patch_embedding.weight",
+        "patch_embedding.bias": "embeddings.patch_embedding.bias",
+        "position_embedding.weight": "embeddings.position_embedding.weight",
+        "decoder.final_layernorm.weight": "post_layernorm.weight",
+        "decoder.final_layernorm.bias": "post_layernorm.bias",
+    }
+    out = mb.megatron_encoder_to_hf(state, num_heads)
+    out.update({direct[name]: tensor for name, tensor in state.items() if name in direct})
+    return {prefix + name: tensor for name, tensor in out.items()}
+
+
+@hookimpl
+def keye_register_vision_encoders(register) -> None:
+    register("siglip_navit", SiglipNaViT)
