@@ -271,11 +271,12 @@ class DataSource(torch.utils.data.IterableDataset):
         rank, world, worker, workers = slot
         return index % world == rank and (index // world) % workers == worker
 
-    def _records(self, slot: tuple[int, int, int, int]) -> Iterator[LoadedSample | Skipped]:
+    def _records(self, slot: tuple[int, int, int, int], rng: random.Random | None) -> Iterator[LoadedSample | Skipped]:
+        """Items of ``slot`` for one pass; ``rng`` is the pass's shuffle generator (None: keep the order)."""
         raise NotImplementedError
 
-    def _checked(self, slot: tuple[int, int, int, int]) -> Iterator[LoadedSample]:
-        for record in self._records(slot):
+    def _checked(self, slot: tuple[int, int, int, int], rng: random.Random | None) -> Iterator[LoadedSample]:
+        for record in self._records(slot, rng):
             if isinstance(record, Skipped):
                 self.bad_inputs.skip(record.kind, record.key, record.reason)
                 continue
@@ -290,9 +291,9 @@ class DataSource(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[LoadedSample]:
         slot = self.reader_slot()
-        records = self._checked(slot)
-        if self.config.shuffle_buffer > 0:
-            rng = random.Random(f"{self.config.seed}:{self._passes}:{slot}")
+        rng = random.Random(f"{self.config.seed}:{self._passes}:{slot}") if self.config.shuffle_buffer > 0 else None
+        records = self._checked(slot, rng)
+        if rng is not None:
             records = shuffled(records, self.config.shuffle_buffer, rng)
         self._passes += 1
         return records

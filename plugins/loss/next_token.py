@@ -30,7 +30,7 @@ class NextTokenLoss:
         """``per_token_loss`` and ``loss_mask`` are ``(B, T)``; returns (sum, token count, report)."""
         loss_sum = (per_token_loss.float() * loss_mask).sum()
         tokens = loss_mask.sum().to(torch.int)
-        return loss_sum, tokens, {"loss_sum": loss_sum.detach(), "tokens": tokens.detach().float()}
+        return loss_sum, tokens, {"loss_sum": loss_sum.detach().clone(), "tokens": tokens.detach().float()}
 
 
 @hookimpl

@@ -2,11 +2,12 @@
 against one process.
 
 A tiny Qwen3-like Megatron-Core ``GPTModel`` (RMSNorm, q/k-norm, SwiGLU, GQA with 4 heads in 2 groups,
-RoPE, untied embeddings, fp32) takes one training step of 2 micro-batches through Megatron's own
+RoPE, untied embeddings, fp32) takes one training step of 4 micro-batches through Megatron's own
 ``get_forward_backward_func()`` (so PP runs the real 1F1B or interleaved schedule), Megatron's DDP and
 ``finalize_model_grads``, in real gloo processes. Every layout must give the one-process loss and the
 one-process gradient of every parameter, by global name, within 1e-5. The interleaved layout is the
-one that goes silently wrong with Megatron's default ``batch_p2p_comm=True`` on gloo.
+one that goes silently wrong with Megatron's default ``batch_p2p_comm=True`` on gloo (it needs more
+micro-batches than stages to show: hence 4).
 
 Same weights everywhere: PP stages build only their own layers and so consume the RNG differently,
 hence one process builds the reference weights with a fixed seed and saves a full state dict; every
@@ -28,7 +29,7 @@ from keye.parallel import ParallelContext, init_parallel
 from keye.testing.distributed import run_distributed
 
 SEED = 1234
-VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 16, 2, 2
+VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 16, 2, 4
 TOLERANCE = 1e-5
 Batch = dict[str, torch.Tensor]  # {"tokens": (B, S), "labels": (B, S)}
 
@@ -134,7 +135,7 @@ def _named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torc
 def _train_step(
     tensor: int, pipeline: int, virtual: int | None, weights: str, save_weights: bool
 ) -> dict[str, Any]:
-    """One forward/backward of 2 micro-batches in this layout; loss and full gradients by global name."""
+    """One forward/backward of 4 micro-batches in this layout; loss and full gradients by global name."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func

@@ -1,0 +1,176 @@
+"""A small, learnable multimodal world, so every training stage can run and be evaluated on a CPU.
+
+Why: end-to-end tests of contrastive pre-training, SFT, MPO, cold start and RL need data a ~1M-parameter
+model can actually learn in minutes, with answers that can be checked exactly. Real data is neither small nor
+checkable; this world is both. It is made of coloured shapes, three-letter words and short clips
+(`keye.data.synthetic_images`, `keye.data.synthetic_video`), described in a vocabulary of a few dozen words
+with one template per question type.
+
+Tasks (``TASKS``), each producing one sample kind of `keye.data.sample`:
+
+| task | kind | what |
+|---|---|---|
+| ``pair`` | pair | a scene and its caption (stage 0, contrastive) |
+| ``caption``, ``count``, ``color``, ``shape``, ``position``, ``grounding``, ``ocr`` | conversation | a question on an image and its short answer (pre-training, SFT) |
+| ``video_direction``, ``video_order``, ``video_when`` | conversation | a question on a clip; "when" answers in seconds |
+| ``reasoning`` | conversation, thinking mode ``think`` | ``<think>`` step by step ``</think><answer>…</answer>`` (CoT cold start) |
+| ``preference`` | preference | the right answer vs a subtly wrong one: off by one, the other side, a shifted box (MPO) |
+| ``rl`` | rl_prompt | a question with its verifiable reference answer and the rewards that score it (RL) |
+
+Grounding answers use the spec §1.6 format: ``<|box_start|>[[x1,y1,x2,y2]]<|box_end|>``, integers in [0, 1000).
+Every sample's ``meta`` has ``task``, ``family``, ``split`` and ``answer`` (the short correct answer), for
+per-family evaluation of generated replies.
+
+Determinism and splits: sample ``i`` depends only on ``(seed, split, i)`` and the task list (task ``i`` is
+``tasks[i % len(tasks)]``, so every task gets its share at any prefix), and any range of indices can be made
+alone, which is how data-loader workers share the work. The ``heldout`` split uses its own seeds *and*
+content the train split never draws (`keye.data.synthetic_images.in_split`), for evaluation.
+
+Media travel as bytes named ``<key>.png`` / ``<key>.mp4``: the sample's `ImageRef`/`VideoRef` ``key`` names
+that member, as in a webdataset shard (``tools/make_synthetic_data.py`` writes them so).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, Iterator, Sequence
+
+from keye.data.sample import (
+    ConversationSample,
+    ImagePart,
+    ImageRef,
+    Message,
+    PairSample,
+    PreferenceSample,
+    RLPromptSample,
+    Sample,
+    TextPart,
+    VideoPart,
+    VideoRef,
+)
+from keye.data.sources import LoadedSample
+from keye.data.synthetic_images import IMAGE_FAMILIES, QA, SPLITS
+from keye.data.synthetic_video import VIDEO_FAMILIES
+
+SOURCE = "synthetic"
+FAMILIES: dict[str, Callable[[random.Random, str], QA]] = {**IMAGE_FAMILIES, **VIDEO_FAMILIES}
+#: families whose QA carries a step-by-step explanation
+REASONING_FAMILIES = ("count", "video_direction", "video_order", "video_when")
+#: families asked in preference pairs (all of them: each has a subtly wrong answer)
+PREFERENCE_FAMILIES = tuple(FAMILIES)
+#: families with an answer that a string match can verify (a box needs IoU, a caption is free text)
+RL_FAMILIES = tuple(f for f in FAMILIES if f not in ("caption", "grounding"))
+#: reward_model names that score the RL prompts: the reference answer, and the reply's format for its mode
+RL_REWARDS = ("answer_match", "format")
+
+
+def _prompt(qa: QA, key: str) -> Message:
+    member = f"{key}.{qa.extension}"
+    media = ImagePart(ImageRef(key=member)) if qa.media_type == "image" else VideoPart(VideoRef(key=member))
+    return Message("user", [media, TextPart(qa.question)])
+
+
+def _reply(text: str) -> Message:
+    return Message("assistant", [TextPart(text)])
+
+
+def _meta(task: str, split: str, qa: QA) -> dict:
+    return {"task": task, "family": qa.family, "split": split, "answer": qa.answer, **qa.meta}
+
+
+def _family_task(family: str) -> Callable[[random.Random, str, str], tuple[Sample, QA]]:
+    def make(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
+        qa = FAMILIES[family](rng, split)
+        sample = ConversationSample(key, [_prompt(qa, key), _reply(qa.answer)], source=SOURCE, meta=_meta(family, split, qa))
+        return sample, qa
+
+    make.__doc__ = FAMILIES[family].__doc__
+    return make
+
+
+def pair_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
+    """A scene and its caption, for the contrastive stage."""
+    qa = FAMILIES["caption"](rng, split)
+    return PairSample(key, ImageRef(key=f"{key}.png"), qa.answer, source=SOURCE, meta=_meta("pair", split, qa)), qa
+
+
+def reasoning_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
+    """A question answered with a thinking trace: ``<think>steps</think><answer>answer</answer>``."""
+    qa = FAMILIES[rng.choice(REASONING_FAMILIES)](rng, split)
+    reply = _reply(f"<think>{qa.reasoning}</think><answer>{qa.answer}</answer>")
+    sample = ConversationSample(
+        key, [_prompt(qa, key), reply], thinking_mode="think", source=SOURCE, meta=_meta("reasoning", split, qa)
+    )
+    return sample, qa
+
+
+def preference_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
+    """The same question answered right (chosen) and subtly wrong (rejected)."""
+    qa = FAMILIES[rng.choice(PREFERENCE_FAMILIES)](rng, split)
+    meta = {**_meta("preference", split, qa), "rejected_answer": qa.wrong}
+    sample = PreferenceSample(key, [_prompt(qa, key)], _reply(qa.answer), _reply(qa.wrong), source=SOURCE, meta=meta)
+    return sample, qa
+
+
+def rl_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
+    """A prompt with its reference answer; the mode is left to the RL stage (auto-think by default)."""
+    qa = FAMILIES[rng.choice(RL_FAMILIES)](rng, split)
+    sample = RLPromptSample(
+        key, [_prompt(qa, key)], list(RL_REWARDS), reference_answer=qa.answer, source=SOURCE,
+        meta=_meta("rl", split, qa),
+    )  # fmt: skip
+    return sample, qa
+
+
+TASKS: dict[str, Callable[[random.Random, str, str], tuple[Sample, QA]]] = {
+    "pair": pair_task,
+    **{family: _family_task(family) for family in FAMILIES},
+    "reasoning": reasoning_task,
+    "preference": preference_task,
+    "rl": rl_task,
+}
+#: names that stand for several tasks in a task list
+TASK_GROUPS: dict[str, tuple[str, ...]] = {
+    "image_qa": tuple(IMAGE_FAMILIES),
+    "video_qa": tuple(VIDEO_FAMILIES),
+    "all": tuple(TASKS),
+}
+
+
+def expand_tasks(names: Sequence[str] | None) -> list[str]:
+    """Task names with groups expanded, in order, without repeats; ``None`` or empty means all tasks."""
+    out: list[str] = []
+    for name in names or ["all"]:
+        if name not in TASKS and name not in TASK_GROUPS:
+            known = ", ".join([*TASKS, *TASK_GROUPS])
+            raise ValueError(f"unknown synthetic task {name!r}; known: {known}")
+        for task in TASK_GROUPS.get(name, (name,)):
+            if task not in out:
+                out.append(task)
+    return out
+
+
+def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "train", seed: int = 0) -> LoadedSample:
+    """Sample ``index`` of the world: task ``tasks[index % len(tasks)]``, content from ``(seed, split, index)``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    names = expand_tasks(tasks)
+    task = names[index % len(names)]
+    key = f"{split}-{index:06d}-{task}"
+    rng = random.Random(f"keye-synthetic:{seed}:{split}:{index}:{task}")
+    sample, qa = TASKS[task](rng, split, key)
+    return LoadedSample(sample, {f"{key}.{qa.extension}": qa.media}, origin=f"synthetic:{split}:{seed}")
+
+
+def generate_many(
+    num_samples: int,
+    *,
+    tasks: Sequence[str] | None = None,
+    split: str = "train",
+    seed: int = 0,
+    indices: Iterator[int] | None = None,
+) -> Iterator[LoadedSample]:
+    """Samples ``0 .. num_samples-1`` (or just ``indices``) in order."""
+    names = expand_tasks(tasks)
+    for index in indices if indices is not None else range(num_samples):
+        yield generate(index, tasks=names, split=split, seed=seed)

@@ -1,0 +1,166 @@
+"""The SigLIP text tower on Megatron-Core, for the contrastive stage 0 (image-text sigmoid loss).
+
+``forward(input_ids [B, L]) -> [B, out_dim]``, what transformers' ``SiglipTextModel`` returns as
+``pooler_output``:
+
+1. token embedding (Megatron's vocab-parallel embedding) + learned absolute position embedding
+   (``LanguageModelEmbedding`` with ``learned_absolute``), positions 0..L-1;
+2. pre-LN **bidirectional** transformer layers (the same layer spec as the ViT, ``keye.model.megatron_blocks``:
+   LayerNorm, qkv with bias, GELU-tanh MLP with bias), then the final LayerNorm;
+3. the hidden state of the **last** token goes through ``head`` (Linear hidden → projection_size).
+
+There is no attention mask, as in SigLIP training: texts are padded to a fixed length
+(``max_position_embeddings``, 64 for so400m) with the pad token, and the last position (a pad or the
+end-of-text token) is the pooled one. Pass every text in a batch at the same length.
+
+Tensor parallelism comes from Megatron (vocab-parallel embedding, column/row-parallel linears); the
+small position table, norms and ``head`` are replicated. The tower lives whole on one pipeline stage.
+Weights load from a transformers ``SiglipModel`` checkpoint (``text_model.*``) with
+``hf_to_keye_state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from keye import hookimpl
+from keye.config import doc
+from keye.model import megatron_blocks as mb
+from keye.model.protocols import BuildContext
+
+# transformers SiglipTextModel names → this module's (the encoder layers map in megatron_blocks).
+_HF_TO_KEYE = {
+    "embeddings.token_embedding.weight": "embedding.word_embeddings.weight",
+    "embeddings.position_embedding.weight": "embedding.position_embeddings.weight",
+    "final_layer_norm.weight": "decoder.final_layernorm.weight",
+    "final_layer_norm.bias": "decoder.final_layernorm.bias",
+    "head.weight": "head.weight",
+    "head.bias": "head.bias",
+}
+_KEYE_TO_HF = {v: k for k, v in _HF_TO_KEYE.items()}
+
+
+class SiglipText(nn.Module):
+    """``forward(input_ids [B, L]) -> [B, out_dim]`` (see the module docstring)."""
+
+    SIZES = {
+        "tiny": dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, vocab_size=128,
+                     max_position_embeddings=16),
+        "small": dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4, vocab_size=4096,
+                      max_position_embeddings=64),
+        # google/siglip-so400m-patch14-384's text tower: the tower paired with Keye's ViT initialisation.
+        "keye_vl_8b": dict(hidden_size=1152, intermediate_size=4304, num_layers=27, num_heads=16,
+                           vocab_size=32000, max_position_embeddings=64),
+    }
+
+    @dataclass
+    class Config:
+        size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
+        hidden_size: int = doc("Width of the residual stream (so400m: 1152).", 1152)
+        intermediate_size: int = doc("MLP inner width (fc1 → GELU-tanh → fc2).", 4304)
+        num_layers: int = doc("Transformer layers.", 27)
+        num_heads: int = doc("Attention heads.", 16)
+        vocab_size: int = doc("Token vocabulary (so400m: 32000); divisible by the tensor-parallel size.", 32000)
+        max_position_embeddings: int = doc("Rows of the learned position table: the longest (padded) text.", 64)
+        projection_size: Optional[int] = doc("Output width of ``head``; null: hidden_size (as SigLIP).", None)
+        layer_norm_eps: float = doc("LayerNorm epsilon (layers and the final norm).", 1e-6)
+        init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
+        recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
+        transformer_impl: str = doc(
+            "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
+        )
+
+    def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
+        super().__init__()
+        from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+        from megatron.core.transformer.transformer_block import TransformerBlock
+
+        self.config = config = config or self.Config()
+        ctx = ctx or BuildContext()
+        if config.hidden_size % config.num_heads:
+            raise ValueError(f"siglip_text: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
+        self.out_dim = config.projection_size or config.hidden_size
+        self.impl = mb.resolve_transformer_impl(config.transformer_impl)
+        self.transformer_config = mb.encoder_transformer_config(
+            hidden_size=config.hidden_size,
+            ffn_hidden_size=config.intermediate_size,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+            layer_norm_eps=config.layer_norm_eps,
+            init_std=config.init_std,
+            recompute=config.recompute,
+            ctx=ctx,
+        )
+        self.embedding = LanguageModelEmbedding(
+            config=self.transformer_config,
+            vocab_size=config.vocab_size,
+            max_sequence_length=config.max_position_embeddings,
+            position_embedding_type="learned_absolute",
+        )
+        self.decoder = TransformerBlock(
+            config=self.transformer_config,
+            spec=mb.encoder_block_spec(config.num_layers, self.impl),
+            post_layer_norm=True,  # SigLIP's final_layer_norm
+            pre_process=True,
+            post_process=True,
+        )
+        device = mb.param_device(self.transformer_config)
+        self.head = nn.Linear(config.hidden_size, self.out_dim, device=device, dtype=ctx.dtype)
+        nn.init.normal_(self.head.weight, std=config.init_std)
+        nn.init.zeros_(self.head.bias)
+
+    def hidden_states(self, input_ids: Tensor) -> Tensor:
+        """``[B, L]`` token ids → final-normed hidden states ``[L, B, D]`` (Megatron's sequence-first layout)."""
+        batch, length = input_ids.shape
+        if length > self.config.max_position_embeddings:
+            raise ValueError(
+                f"siglip_text: {length} tokens, but the position table has {self.config.max_position_embeddings} rows"
+            )
+        position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)  # (B, L)
+        x = self.embedding(input_ids=input_ids, position_ids=position_ids)  # (L, B, D)
+        return self.decoder(hidden_states=x, attention_mask=None)  # (L, B, D); no mask: bidirectional
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.head(self.hidden_states(input_ids)[-1])  # last token (B, D) → (B, out_dim)
+
+    # --- Hugging Face weights ------------------------------------------------------------------
+
+    def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "text_model.") -> None:
+        """Load SigLIP text weights (full tensors, HF names); each TP rank takes its slice."""
+        mb.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
+
+    def hf_state_dict(self, prefix: str = "text_model.") -> dict[str, Tensor]:
+        """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
+        return keye_to_hf_state_dict(mb.full_state_dict(self), self.config.num_heads, prefix)
+
+
+def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "text_model.") -> dict[str, Tensor]:
+    """transformers names → this module's, full tensors.
+
+    ``prefix``: ``text_model.`` in a ``SiglipModel`` checkpoint, ``""`` for a bare ``SiglipTextModel``.
+    Keys outside the prefix are ignored (the vision tower, ``logit_scale``...); unknown keys inside it are errors.
+    """
+    body = {name[len(prefix):]: t for name, t in hf.items() if name.startswith(prefix)}
+    out = mb.hf_encoder_to_megatron(body, num_heads)
+    for name, tensor in body.items():
+        if name in _HF_TO_KEYE:
+            out[_HF_TO_KEYE[name]] = tensor
+        elif not name.startswith("encoder.layers."):
+            raise KeyError(f"siglip_text: unknown weight {prefix}{name}")
+    return out
+
+
+def keye_to_hf_state_dict(state: dict[str, Tensor], num_heads: int, prefix: str = "text_model.") -> dict[str, Tensor]:
+    """This module's full tensors → transformers names (the inverse of ``hf_to_keye_state_dict``)."""
+    out = mb.megatron_encoder_to_hf(state, num_heads)
+    out.update({_KEYE_TO_HF[name]: tensor for name, tensor in state.items() if name in _KEYE_TO_HF})
+    return {prefix + name: tensor for name, tensor in out.items()}
+
+
+@hookimpl
+def keye_register_text_encoders(register) -> None:
+    register("siglip_text", SiglipText)
