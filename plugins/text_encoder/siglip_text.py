@@ -109,6 +109,9 @@ class SiglipText(nn.Module):
             post_process=True,
         )
         device = mb.param_device(self.transformer_config)
+        # Megatron builds the learned position table as a plain fp32 CPU nn.Embedding (its training loop
+        # casts the whole model later); put it where and in the dtype the rest of the tower is.
+        self.embedding.position_embeddings.to(device=device, dtype=ctx.dtype)
         self.head = nn.Linear(config.hidden_size, self.out_dim, device=device, dtype=ctx.dtype)
         nn.init.normal_(self.head.weight, std=config.init_std)
         nn.init.zeros_(self.head.bias)

@@ -30,7 +30,8 @@ def _hf_model() -> Any:
         hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
         num_hidden_layers=TINY["num_layers"], num_attention_heads=TINY["num_heads"],
         vocab_size=TINY["vocab_size"], max_position_embeddings=TINY["max_position_embeddings"],
-        projection_size=24, layer_norm_eps=1e-6, attn_implementation="eager",
+        projection_size=24, layer_norm_eps=1e-6, bos_token_id=2, eos_token_id=3,  # ids inside the tiny vocab
+        attn_implementation="eager",
     )
     torch.manual_seed(SEED)
     model = SiglipTextModel(config).eval()

@@ -1,0 +1,208 @@
+"""The processor: one `Sample` (plus its media bytes) → model-ready tensors.
+
+For a conversation: every image and video part is decoded and patchified within the token budgets
+(`keye.data.vision`, `keye.data.video`, videos at the recomputed sampling fps), the chat template
+expands each into its merged token count and produces labels on assistant tokens only, and the
+time-aligned M-RoPE ids are computed for the sample on its own (so they stay valid when packed).
+For an image-text pair (stage 0): the image patches and the caption's token ids.
+
+Errors raise `SampleError` with the sample key and a ``kind`` (corrupt_image, unreadable_video,
+over_budget, ...), so the loader can skip the sample, count it by kind and go on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from keye.data.batch import IGNORE, TokenSample
+from keye.data.chat import encode_conversation
+from keye.data.sample import ConversationSample, ImagePart, PairSample, Sample, VideoPart
+from keye.data.tokenizer import SpecialTokens
+from keye.data.video import preprocess_video
+from keye.data.vision import preprocess_image
+from keye.model.composition import VisionInputs
+
+TOKEN = 28 * 28  # pixels per merged LLM token (14-px patches, 2×2 merge)
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used; ``kind`` names the failure for the bad-input counters."""
+
+    def __init__(self, key: str, kind: str, reason: str) -> None:
+        super().__init__(f"sample '{key}': {kind}: {reason}")
+        self.key, self.kind, self.reason = key, kind, reason
+
+
+@dataclass
+class PairItem:
+    """An image-text pair for the contrastive stage."""
+
+    key: str
+    images: VisionInputs  # one image
+    caption_ids: torch.Tensor  # (L,) long, padded/truncated to the text encoder's length
+
+
+@dataclass
+class ProcessorSettings:
+    image_min_tokens: int = 4
+    image_max_tokens: int = 16384
+    video_fps: float = 2.0
+    video_min_frame_tokens: int = 128
+    video_max_frame_tokens: int = 768
+    video_max_tokens: int = 24576
+    max_tokens: int | None = None  # a sample longer than this is over budget
+    caption_length: int = 16
+
+
+class Processor:
+    def __init__(self, tokenizer: Any, settings: ProcessorSettings, video_decoder: Any = None, mrope: Any = None,
+                 root: str | Path | None = None) -> None:
+        from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned
+
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.video_decoder = video_decoder
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        base = mrope or MRopeTimeAligned.Config()
+        self.mrope = MRopeTimeAligned.Config(
+            mrope_section=list(base.mrope_section), tokens_per_second=base.tokens_per_second,
+            spatial_merge_size=base.spatial_merge_size, theta=base.theta, head_dim=base.head_dim,
+            image_token_id=self.special.image_pad, video_token_id=self.special.video_pad,
+            vision_start_token_id=self.special.vision_start,
+        )
+        self.merge = self.mrope.spatial_merge_size ** 2
+        self.root = Path(root) if root is not None else None
+
+    # --- media ---------------------------------------------------------------------------------
+
+    def _bytes(self, ref: Any, media: Mapping[str, bytes], key: str) -> bytes:
+        if ref.key is not None:
+            if ref.key not in media:
+                raise SampleError(key, "missing_media", f"no member '{ref.key}' beside the sample")
+            return media[ref.key]
+        path = Path(ref.path)
+        if not path.is_absolute() and self.root is not None:
+            path = self.root / path
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise SampleError(key, "missing_media", f"{path}: {exc.strerror}") from None
+
+    def image(self, ref: Any, media: Mapping[str, bytes], key: str) -> VisionInputs:
+        s = self.settings
+        try:
+            image = Image.open(io.BytesIO(self._bytes(ref, media, key)))
+            image.load()
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise SampleError(key, "corrupt_image", str(exc).splitlines()[0]) from None
+        try:
+            patches, grid = preprocess_image(image, s.image_min_tokens * TOKEN, s.image_max_tokens * TOKEN, name=key)
+        except ValueError as exc:
+            raise SampleError(key, "over_budget", str(exc)) from None
+        return VisionInputs(patches, torch.tensor([grid], dtype=torch.long))
+
+    def video(self, ref: Any, media: Mapping[str, bytes], key: str) -> tuple[VisionInputs, float]:
+        if self.video_decoder is None:
+            raise SampleError(key, "unreadable_video", "no video decoder configured")
+        s = self.settings
+        data = self._bytes(ref, media, key)
+        handle, path = tempfile.mkstemp(suffix=".mp4")  # decoders read files
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            decoded = self.video_decoder.read(path, fps=s.video_fps, max_video_tokens=s.video_max_tokens,
+                                              min_tokens_per_frame=s.video_min_frame_tokens)
+        except ValueError as exc:
+            raise SampleError(key, "unreadable_video", str(exc).replace(path, ref.key or str(ref.path))) from None
+        finally:
+            os.unlink(path)
+        try:
+            inputs = preprocess_video(
+                decoded.frames, decoded.timestamps, decoded.video_fps, decoded.total_frames,
+                min_pixels=s.video_min_frame_tokens * TOKEN, max_pixels=s.video_max_frame_tokens * TOKEN,
+                max_video_tokens=s.video_max_tokens, name=key,
+            )
+        except ValueError as exc:
+            raise SampleError(key, "over_budget", str(exc)) from None
+        return VisionInputs(inputs.patches, torch.tensor([inputs.grid_thw], dtype=torch.long)), inputs.second_per_grid_ts
+
+    # --- samples -------------------------------------------------------------------------------
+
+    def conversation(self, sample: ConversationSample, media: Mapping[str, bytes]) -> TokenSample:
+        from keye_plugins.position_encoding.mrope_time_aligned import packed_position_ids
+
+        images, videos, seconds, counts = [], [], [], []
+        for message in sample.messages:
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    inputs = self.image(part.image, media, sample.key)
+                    images.append(inputs)
+                elif isinstance(part, VideoPart):
+                    inputs, step = self.video(part.video, media, sample.key)
+                    videos.append(inputs)
+                    seconds.append(step)
+                else:
+                    continue
+                counts.append(int(inputs.grid_thw.prod()) // self.merge)
+        encoded = encode_conversation(sample.messages, self.tokenizer, counts, sample.thinking_mode)
+        input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)  # (L,)
+        if self.settings.max_tokens is not None and len(input_ids) > self.settings.max_tokens:
+            raise SampleError(sample.key, "over_budget", f"{len(input_ids)} tokens > max_tokens {self.settings.max_tokens}")
+        targets = torch.tensor(encoded.labels, dtype=torch.long)
+        labels = torch.cat([targets[1:], torch.tensor([IGNORE])])  # predict token t+1 at position t
+        image_grids = torch.cat([i.grid_thw for i in images]) if images else None
+        video_grids = torch.cat([v.grid_thw for v in videos]) if videos else None
+        positions = packed_position_ids(input_ids, [0, len(input_ids)], image_grids, video_grids,
+                                        seconds or None, config=self.mrope)  # (3, L)
+        return TokenSample(
+            key=sample.key,
+            input_ids=input_ids,
+            labels=labels,
+            position_ids=positions,
+            images=_join(images),
+            videos=_join(videos),
+            answer_mask=_last_reply(labels),
+        )
+
+    def pair(self, sample: PairSample, media: Mapping[str, bytes]) -> PairItem:
+        image = self.image(sample.image, media, sample.key)
+        ids = self.tokenizer.encode(sample.caption, add_special_tokens=False)[: self.settings.caption_length - 1]
+        ids = ids + [self.special.eos] + [self.special.pad] * (self.settings.caption_length - 1 - len(ids))
+        return PairItem(sample.key, image, torch.tensor(ids, dtype=torch.long))
+
+    def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None) -> TokenSample | PairItem:
+        media = media or {}
+        if isinstance(sample, ConversationSample):
+            return self.conversation(sample, media)
+        if isinstance(sample, PairSample):
+            return self.pair(sample, media)
+        raise SampleError(sample.key, "unsupported", f"the processor has no path for '{sample.kind}' samples yet")
+
+
+def _join(items: list[VisionInputs]) -> VisionInputs | None:
+    if not items:
+        return None
+    return VisionInputs(torch.cat([i.patches for i in items]), torch.cat([i.grid_thw for i in items]))
+
+
+def _last_reply(labels: torch.Tensor) -> torch.Tensor:
+    """Label positions of the last assistant reply: the last run of trained labels."""
+    trained = labels != IGNORE
+    mask = torch.zeros_like(trained)
+    positions = torch.nonzero(trained).flatten()
+    if len(positions) == 0:
+        return mask
+    end = int(positions[-1])
+    start = end
+    while start > 0 and bool(trained[start - 1]):
+        start -= 1
+    mask[start : end + 1] = True
+    return mask
