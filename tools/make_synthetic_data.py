@@ -63,7 +63,10 @@ def write_jsonl(items: Iterable[LoadedSample], path: Path, media_dir: str) -> in
     return count
 
 
-def write_split(out: Path, split: str, num_samples: int, tasks: list[str], seed: int, shard_size: int, jsonl: bool) -> dict:
+def write_split(
+    out: Path, split: str, num_samples: int, tasks: list[str], seed: int, shard_size: int, jsonl: bool
+) -> dict:
+    """Generate one split and write its shards (and JSONL copy); returns shard count and samples per task."""
     items = list(generate_many(num_samples, tasks=tasks, split=split, seed=seed))
     shards = write_shards(items, str(out / f"{split}-%06d.tar"), shard_size)
     if jsonl:  # after the shards: write_jsonl rewrites the media references to file paths
@@ -77,9 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=2000, help="train samples (default 2000)")
     parser.add_argument("--heldout", type=int, default=200, help="held-out samples (default 200; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
-    parser.add_argument(
-        "--tasks", nargs="+", default=["all"], help=f"tasks or groups (default all): {', '.join([*TASKS, *TASK_GROUPS])}"
-    )
+    names = ", ".join([*TASKS, *TASK_GROUPS])
+    parser.add_argument("--tasks", nargs="+", default=["all"], help=f"tasks or groups (default all): {names}")
     parser.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
     parser.add_argument("--no-jsonl", action="store_true", help="write the shards only")
     args = parser.parse_args(argv)

@@ -68,7 +68,7 @@ def _emit_struct(lines: list[str], indent: int, data: dict, schema: type, regist
         elif schema is StageConfig and field.name == "options" and value and ("stage", data["kind"]) in registry:
             lines.append(" " * indent + f"{prefix}{field.name}:")
             _emit_struct(lines, indent + len(prefix) + 2, value, registry.cls("stage", data["kind"]).Config, registry)
-        elif field.name == "sources" and isinstance(value, dict) and value:
+        elif field.name in ("sources", "heldout") and isinstance(value, dict) and value:
             lines.append(" " * indent + f"{prefix}{field.name}:")
             for label, node in value.items():
                 _emit_component(lines, indent + len(prefix) + 2, label, node, "data_source", registry)

@@ -54,6 +54,10 @@ class ModelConfig:
     projector: Optional[Dict[str, Any]] = component("projector", "Projector: patch features → LLM embeddings.")
     language_model: Optional[Dict[str, Any]] = component("language_model", "Decoder LLM.")
     text_encoder: Optional[Dict[str, Any]] = component("text_encoder", "Text tower, for the contrastive stage 0 only.")
+    tokenizer: str = doc(
+        "Hugging Face tokenizer directory, or 'synthetic' for the synthetic world's tiny BPE (built on the fly).",
+        "synthetic",
+    )
 
 
 @dataclass
@@ -61,12 +65,21 @@ class DataConfig:
     sources: Dict[str, Any] = doc(
         "Data sources by label; each a data_source node {name: ..., ...}.", default_factory=dict
     )
+    heldout: Dict[str, Any] = doc(
+        "Held-out sources by label for evaluation (data_source nodes), read in order.", default_factory=dict
+    )
     mixer: Dict[str, Any] = component("data_mixer", "How the sources interleave.", {"name": "weighted"})
     video_decoder: Dict[str, Any] = component("video_decoder", "How videos are decoded.", {"name": "decord"})
     max_tokens: int = doc("Capacity of one packed sequence, in LLM tokens.", 4096)
     micro_batch_size: int = doc("Packed sequences per micro-batch on each data-parallel rank.", 1)
     global_batch_size: Optional[int] = doc("Sequences per optimiser step over all ranks; null = micro x dp.", None)
     max_bad_fraction: float = doc("Stop the run when more than this share of samples is unreadable.", 0.01)
+    pack_buffer: int = doc("Processed samples gathered before packing them into sequences.", 64)
+    image_min_tokens: int = doc("Fewest LLM tokens per image (smaller images are upscaled).", 4)
+    image_max_tokens: int = doc("Most LLM tokens per image: 16384 in the paper (1280 in the released processor).", 16384)
+    video_fps: float = doc("Frame sampling rate of videos; the real rate is recomputed from the frame count.", 2.0)
+    video_frame_tokens: List[int] = doc("[min, max] LLM tokens per video frame.", default_factory=lambda: [128, 768])
+    video_max_tokens: int = doc("Most LLM tokens per video (the paper's 24576, enforced by sampling fewer frames).", 24576)
 
 
 @dataclass

@@ -65,10 +65,11 @@ def validate_blueprint(cfg: DictConfig, registry: Registry, origin: Origin) -> N
         if stage.loss is not None:
             stage.loss = validate_component("loss", stage.loss, f"{path}.loss", registry, origin)
         data = stage.data
-        for label in list(data.sources):
-            data.sources[label] = validate_component(
-                "data_source", data.sources[label], f"{path}.data.sources.{label}", registry, origin
-            )
+        for group in ("sources", "heldout"):
+            for label in list(data[group]):
+                data[group][label] = validate_component(
+                    "data_source", data[group][label], f"{path}.data.{group}.{label}", registry, origin
+                )
         data.mixer = validate_component("data_mixer", data.mixer, f"{path}.data.mixer", registry, origin)
         data.video_decoder = validate_component(
             "video_decoder", data.video_decoder, f"{path}.data.video_decoder", registry, origin

@@ -84,10 +84,12 @@ class Processor:
     # --- media ---------------------------------------------------------------------------------
 
     def _bytes(self, ref: Any, media: Mapping[str, bytes], key: str) -> bytes:
+        """Media bytes from the source (by ``ref.key`` or ``ref.path``), else the file at ``ref.path``."""
+        name = ref.key if ref.key is not None else ref.path
+        if name in media:
+            return media[name]
         if ref.key is not None:
-            if ref.key not in media:
-                raise SampleError(key, "missing_media", f"no member '{ref.key}' beside the sample")
-            return media[ref.key]
+            raise SampleError(key, "missing_media", f"no member '{ref.key}' beside the sample")
         path = Path(ref.path)
         if not path.is_absolute() and self.root is not None:
             path = self.root / path

@@ -35,7 +35,15 @@ import torch
 from PIL import Image
 
 from keye.config import doc
-from keye.data.sample import ConversationSample, ImageRef, PairSample, PreferenceSample, RLPromptSample, Sample, VideoRef
+from keye.data.sample import (
+    ConversationSample,
+    ImageRef,
+    PairSample,
+    PreferenceSample,
+    RLPromptSample,
+    Sample,
+    VideoRef,
+)
 from keye.data.vision import MAX_RATIO
 from keye.errors import KeyeUserError
 
@@ -212,7 +220,9 @@ class SourceConfig:
         "are skipped and counted here rather than failing later in the processor.",
         True,
     )
-    max_media_bytes: int = doc("Largest image/video file accepted, in bytes (larger ones count as over_budget).", 1 << 28)
+    max_media_bytes: int = doc(
+        "Largest image/video file accepted, in bytes (larger ones are skipped as over_budget).", 1 << 28
+    )
     shuffle_buffer: int = doc("Samples held for shuffling (0: read order). Bigger mixes better, costs memory.", 0)
     seed: int = doc("Seed of the shuffle (combined with the pass number and the reader slot).", 0)
 
@@ -247,17 +257,25 @@ class DataSource(torch.utils.data.IterableDataset):
     """Base of the built-in sources: slots, media checks, bad-input counting, shuffling.
 
     Subclasses set ``name`` and implement `_records`, which yields `LoadedSample` or `Skipped` items for
-    one reader slot. Iterating a source again starts a new pass (with a new shuffle order).
+    one reader slot. Iterating a source again starts a new pass (with a new shuffle order). Data-loader
+    workers iterate *copies*, so their pass count does not come back to the main process: call `set_epoch`
+    before each epoch there, as with torch's ``DistributedSampler``, or every epoch shuffles alike.
     """
 
     name: ClassVar[str] = "data_source"
 
-    def __init__(self, config: SourceConfig, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self, config: SourceConfig, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.rank, self.world_size = data_parallel_position(ctx, rank, world_size)
         self.bad_inputs = BadInputCounter(self.name, config.max_bad_fraction)
         self._passes = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass number ``epoch`` (it seeds that pass's shuffle order)."""
+        self._passes = epoch
 
     def reader_slot(self) -> tuple[int, int, int, int]:
         """``(rank, world_size, worker, num_workers)`` of the calling process and data-loader worker."""

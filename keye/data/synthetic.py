@@ -8,14 +8,16 @@ with one template per question type.
 
 Tasks (``TASKS``), each producing one sample kind of `keye.data.sample`:
 
-| task | kind | what |
-|---|---|---|
-| ``pair`` | pair | a scene and its caption (stage 0, contrastive) |
-| ``caption``, ``count``, ``color``, ``shape``, ``position``, ``grounding``, ``ocr`` | conversation | a question on an image and its short answer (pre-training, SFT) |
-| ``video_direction``, ``video_order``, ``video_when`` | conversation | a question on a clip; "when" answers in seconds |
-| ``reasoning`` | conversation, thinking mode ``think`` | ``<think>`` step by step ``</think><answer>…</answer>`` (CoT cold start) |
-| ``preference`` | preference | the right answer vs a subtly wrong one: off by one, the other side, a shifted box (MPO) |
-| ``rl`` | rl_prompt | a question with its verifiable reference answer and the rewards that score it (RL) |
+- ``pair`` (pair sample): a scene and its caption, for the contrastive stage 0;
+- ``caption``, ``count``, ``color``, ``shape``, ``position``, ``grounding``, ``ocr`` (conversation): a question
+  on an image and its short answer, for pre-training and SFT;
+- ``video_direction``, ``video_order``, ``video_when`` (conversation): a question on a clip; "when" answers in
+  seconds;
+- ``reasoning`` (conversation, thinking mode ``think``): ``<think>`` steps ``</think><answer>…</answer>``,
+  for the CoT cold start;
+- ``preference`` (preference): the right answer against a subtly wrong one (off by one, the other side, a
+  shifted box), for MPO;
+- ``rl`` (rl_prompt): a question with its verifiable reference answer and the rewards that score it.
 
 Grounding answers use the spec §1.6 format: ``<|box_start|>[[x1,y1,x2,y2]]<|box_end|>``, integers in [0, 1000).
 Every sample's ``meta`` has ``task``, ``family``, ``split`` and ``answer`` (the short correct answer), for
@@ -81,7 +83,8 @@ def _meta(task: str, split: str, qa: QA) -> dict:
 def _family_task(family: str) -> Callable[[random.Random, str, str], tuple[Sample, QA]]:
     def make(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
         qa = FAMILIES[family](rng, split)
-        sample = ConversationSample(key, [_prompt(qa, key), _reply(qa.answer)], source=SOURCE, meta=_meta(family, split, qa))
+        messages = [_prompt(qa, key), _reply(qa.answer)]
+        sample = ConversationSample(key, messages, source=SOURCE, meta=_meta(family, split, qa))
         return sample, qa
 
     make.__doc__ = FAMILIES[family].__doc__

@@ -129,7 +129,10 @@ def _kinds(rng: random.Random, n: int) -> list[tuple[str, str]]:
     return kinds
 
 
-def _static(rng: random.Random, kind: tuple[str, str], x_range: tuple[int, int], y_range: tuple[int, int], appear: int = 0) -> Track:
+def _static(
+    rng: random.Random, kind: tuple[str, str], x_range: tuple[int, int], y_range: tuple[int, int], appear: int = 0
+) -> Track:
+    """A shape that stays where it is, inside the given pixel ranges, from frame ``appear`` on."""
     side = rng.randint(12, 18)
     x = rng.randint(x_range[0], x_range[1] - side)
     y = rng.randint(y_range[0], y_range[1] - side)
@@ -196,7 +199,7 @@ def order_qa(rng: random.Random, split: str) -> QA:
     rng.shuffle(names)
     reasoning = (
         f"The {first.name} appears {seconds_phrase(first.appear / VIDEO_FPS)}. "
-        f"The {second.name} appears {seconds_phrase(second.appear / VIDEO_FPS)}. The {first.name} is first."
+        f"The {second.name} appears {seconds_phrase(second.appear / VIDEO_FPS)}. So the first is the {first.name}."
     )
     return QA(
         "video_order", data, "video", f"Which appears first, the {names[0]} or the {names[1]}?",

@@ -67,6 +67,7 @@ class KeyeVLModel(torch.nn.Module):
             self.projector = build_component("projector", model_cfg.projector, registry, ctx)
         self.language_model = build_component("language_model", model_cfg.language_model, registry, ctx)
         self.config = getattr(self.language_model, "transformer_config", None)  # Megatron schedules read it
+        self.model_type = getattr(self.language_model.gpt, "model_type", None) if hasattr(self.language_model, "gpt") else None
 
     def set_input_tensor(self, tensor: torch.Tensor) -> None:
         self.language_model.set_input_tensor(tensor)

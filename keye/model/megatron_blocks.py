@@ -10,7 +10,8 @@ What is here, and why:
   are the same for both backends.
 * ``encoder_transformer_config``: the ``TransformerConfig`` of such a tower. It says
   ``pipeline_model_parallel_size=1`` on purpose: an encoder tower lives whole on the first pipeline
-  stage (Megatron's LLaVA does the same), so under PP=2 the LLM is split but the tower is not.
+  stage (Megatron's LLaVA does the same), so under PP=2 the LLM is split but the tower is not (the block
+  spec lists every layer, and with PP=1 in its config Megatron numbers them 1..n on any stage).
 * packing: NaViT puts every image/video of a batch in one sequence ``[sum N, 1, D]`` with block-diagonal
   attention. ``block_diagonal_mask`` is the boolean mask Megatron's local attention takes (True =
   masked); ``packed_seq_params`` is the ``thd`` form TE's fused attention takes (cu_seqlens). The TE

@@ -25,7 +25,7 @@ def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
     path = weights_file(ctx.output_dir, ctx.parallel)
     if ctx.parallel.dp_rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+        state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items() if tensor is not None}
         torch.save({"layout": (ctx.parallel.tp_size, ctx.parallel.pp_size), "model": state}, path)
     if dist.is_initialized():
         dist.barrier()

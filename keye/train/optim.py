@@ -54,7 +54,7 @@ def build_scheduler(optimizer: Any, optim_cfg: Any, schedule_cfg: Any, steps: in
         group["min_lr"] = peak * schedule_cfg.min_lr_ratio
     steps = max(steps, 1)
     warmup = min(schedule_cfg.warmup_steps, steps - 1)
-    return OptimizerParamScheduler(
+    scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=optim_cfg.lr,
@@ -71,3 +71,7 @@ def build_scheduler(optimizer: Any, optim_cfg: Any, schedule_cfg: Any, steps: in
         wsd_decay_steps=max(1, int(round(steps * schedule_cfg.decay_fraction))),
         lr_wsd_decay_style="cosine",
     )
+    # Megatron's scheduler gives step k the rate at k-1 (so step 1 of a warmup would use lr 0): advance
+    # it once, so step k trains at the rate of k and the last step at the final, annealed rate.
+    scheduler.step(1)
+    return scheduler

@@ -37,7 +37,9 @@ class JsonlSource(DataSource):
     class Config(SourceConfig):
         path: str = doc("JSONL file: one sample per line; media paths are relative to this file.", MISSING)
 
-    def __init__(self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         super().__init__(config, ctx, rank=rank, world_size=world_size)
         if config.path == MISSING or not config.path:
             raise KeyeUserError("data source 'jsonl': 'path' is required")
@@ -68,9 +70,11 @@ class JsonlSource(DataSource):
         for ref in media_refs(sample):
             name = media_name(ref)
             if ref.path is None:
-                return Skipped("missing_media", sample.key, f"{where}: {name!r} names a shard member; a JSONL sample needs a path")
+                reason = f"{where}: {name!r} names a shard member; a JSONL sample needs a path"
+                return Skipped("missing_media", sample.key, reason)
             if "://" in ref.path:
-                return Skipped("missing_media", sample.key, f"{where}: {ref.path!r} is a URL; the jsonl source reads local files only")
+                reason = f"{where}: {ref.path!r} is a URL; the jsonl source reads local files only"
+                return Skipped("missing_media", sample.key, reason)
             file = self.path.parent / ref.path
             try:
                 size = os.path.getsize(file)

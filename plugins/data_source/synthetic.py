@@ -38,14 +38,18 @@ class SyntheticSource(DataSource):
         num_samples: int = doc("Samples per pass.", 1000)
         check_media: bool = doc("Decode the generated media before yielding (off: the generator made them).", False)
 
-    def __init__(self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         super().__init__(config, ctx, rank=rank, world_size=world_size)
         try:
             self.tasks = expand_tasks(list(config.tasks))
         except ValueError as e:
             raise KeyeUserError(f"data source 'synthetic': {e}") from None
         if config.split not in SPLITS:
-            raise KeyeUserError(f"data source 'synthetic': split must be one of {', '.join(SPLITS)}, got {config.split!r}")
+            raise KeyeUserError(
+                f"data source 'synthetic': split must be one of {', '.join(SPLITS)}, got {config.split!r}"
+            )
         if config.num_samples < 0:
             raise KeyeUserError(f"data source 'synthetic': num_samples must be >= 0, got {config.num_samples}")
 

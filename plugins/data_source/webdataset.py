@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -54,7 +55,9 @@ class WebDatasetSource(DataSource):
             "Shards: paths or URLs, each may be a brace pattern such as 'data/train-{000000..000009}.tar'.", MISSING
         )
 
-    def __init__(self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
+    ) -> None:
         super().__init__(config, ctx, rank=rank, world_size=world_size)
         self.shards = expand_shards(config.urls)
         if len(self.shards) < self.world_size:
@@ -86,12 +89,18 @@ def expand_shards(urls: list[str]) -> list[str]:
     if isinstance(urls, str):
         urls = [urls]
     shards = [shard for url in urls for shard in expand_urls(url)]
-    missing = [s for s in shards if ":" not in s.split("/")[0] and not Path(s).is_file()]
-    missing += [s for s in shards if s.startswith("file:") and not Path(s[5:]).is_file()]
+    missing = [s for s in shards if _local_path(s) is not None and not Path(_local_path(s)).is_file()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise KeyeUserError(f"data source 'webdataset': shard not found: {', '.join(missing[:3])}{more}")
     return shards
+
+
+def _local_path(url: str) -> str | None:
+    """The file a shard URL names, or None for a remote one (``pipe:``, ``http://``, ``s3://`` ...)."""
+    if url.startswith("file:"):
+        return url[len("file:") :]
+    return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else url
 
 
 def read_shard(url: str) -> Iterator[LoadedSample | Skipped]:
@@ -119,7 +128,8 @@ def read_shard(url: str) -> Iterator[LoadedSample | Skipped]:
                 try:
                     members[suffix.lower()] = tar.extractfile(info).read()
                 except _TAR_ERRORS as e:
-                    yield Skipped("truncated_member", prefix, f"{url}: member {info.name} is cut short ({e}); rest of shard lost")
+                    reason = f"{url}: member {info.name} is cut short ({e}); rest of shard lost"
+                    yield Skipped("truncated_member", prefix, reason)
                     return
         except _TAR_ERRORS as e:  # a header cut short or garbage: the group being read may be incomplete
             where = f"after {key!r}" if key else "at its start"

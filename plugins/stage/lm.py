@@ -49,13 +49,14 @@ def _eval_loss_func(batch: MicroBatch, logits: torch.Tensor):
     mask = batch.loss_mask[0]
     predictions = logits[0].argmax(-1)  # (T,)
     correct = sum(bool((predictions[seg] == batch.labels[0][seg]).all()) for seg in batch.answer_segments)
+    loss_sum = (per_token * mask).sum()
     report = {
-        "loss_sum": (per_token * mask).sum(),
+        "loss_sum": loss_sum.detach().clone(),  # a copy: Megatron rescales the returned loss in place
         "tokens": mask.sum(),
         "correct": torch.tensor(float(correct)),
         "answers": torch.tensor(float(len(batch.answer_segments))),
     }
-    return report["loss_sum"], report
+    return loss_sum, mask.sum().to(torch.int), report
 
 
 def _eval_forward(data: Iterator[MicroBatch], model: torch.nn.Module):
@@ -76,9 +77,14 @@ class LMStage:
         self.ctx = ctx
 
     def build_model(self) -> KeyeVLModel:
+        from keye.data.pipeline import load_tokenizer, vocab_size
+        from keye.data.tokenizer import SpecialTokens
+
         bp, parallel = self.ctx.blueprint, self.ctx.parallel
+        special = SpecialTokens.from_tokenizer(load_tokenizer(bp.model.tokenizer, vocab_size(bp.model)))
         build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage)
-        return KeyeVLModel(bp.model, self.ctx.registry, build)
+        return KeyeVLModel(bp.model, self.ctx.registry, build,
+                           image_token_id=special.image_pad, video_token_id=special.video_pad)
 
     def run(self) -> dict[str, Any]:
         from keye.data.pipeline import micro_batches
@@ -126,11 +132,12 @@ class LMStage:
     def _evaluate(self, engine: TrainEngine, ctx: Any, seq_len: int) -> dict[str, float]:
         from keye.data.pipeline import micro_batches
 
-        batches = micro_batches(ctx, split="heldout", limit=self.config.eval_batches)
-        count = batches.remaining()
-        if count == 0:
+        if not ctx.stage.data.heldout:
             return {}
-        result = engine.eval_step(_eval_forward, batches, count, seq_len, 1)
+        batches = micro_batches(ctx, split="heldout").take(self.config.eval_batches)
+        if not batches:
+            return {}
+        result = engine.eval_step(_eval_forward, iter(batches), len(batches), seq_len, 1)
         return {"heldout_loss": result["loss"], **({"answer_accuracy": result["answer_accuracy"]} if "answer_accuracy" in result else {})}
 
 

@@ -82,7 +82,9 @@ class SiglipText(nn.Module):
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
         if config.hidden_size % config.num_heads:
-            raise ValueError(f"siglip_text: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
+            raise ValueError(
+                f"siglip_text: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}"
+            )
         self.out_dim = config.projection_size or config.hidden_size
         self.impl = mb.resolve_transformer_impl(config.transformer_impl)
         self.transformer_config = mb.encoder_transformer_config(

@@ -88,7 +88,9 @@ class SiglipNaViT(nn.Module):
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
         if config.hidden_size % config.num_heads:
-            raise ValueError(f"siglip_navit: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
+            raise ValueError(
+                f"siglip_navit: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}"
+            )
         self.head_dim = config.hidden_size // config.num_heads
         self.out_dim = config.hidden_size
         self.table_side = config.image_size // config.patch_size
@@ -109,7 +111,9 @@ class SiglipNaViT(nn.Module):
         self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
         self.position_embedding = nn.Embedding(self.table_side**2, width, device=device, dtype=ctx.dtype)
         nn.init.normal_(self.position_embedding.weight, std=config.init_std)
-        self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
+        self.rope = None  # holds no parameters, only the inverse frequencies
+        if config.use_rope:
+            self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
         self.decoder = TransformerBlock(
             config=self.transformer_config,
             spec=mb.encoder_block_spec(config.num_layers, self.impl),
@@ -157,11 +161,13 @@ class SiglipNaViT(nn.Module):
         grid_thw = torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3).cpu()
         seqlens = grid_thw.prod(dim=-1).tolist()  # patches per image / video
         if sum(seqlens) != patches.shape[0]:
-            raise ValueError(f"siglip_navit: grid_thw {grid_thw.tolist()} covers {sum(seqlens)} patches, got {patches.shape[0]}")
+            raise ValueError(
+                f"siglip_navit: grid_thw {grid_thw.tolist()} covers {sum(seqlens)} patches, got {patches.shape[0]}"
+            )
         x = self.embed_patches(patches)  # (N, D)
         x = x + self.position_embeddings(grid_thw).to(x.device)
         mask, packed = self.attention_layout(seqlens, x.device)
-        rotary = self.rotary_pos_emb(grid_thw).to(x.device) if self.config.use_rope else None
+        rotary = self.rotary_pos_emb(grid_thw).to(x.device) if self.rope is not None else None
         hidden = self.decoder(
             hidden_states=x[:, None, :],  # (N, 1, D): Megatron is sequence-first, the pack is one sequence
             attention_mask=mask,
@@ -181,7 +187,9 @@ class SiglipNaViT(nn.Module):
         return keye_to_hf_state_dict(mb.full_state_dict(self), self.config.num_heads, prefix)
 
 
-def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
+def hf_to_keye_state_dict(
+    hf: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model."
+) -> dict[str, Tensor]:
     """Released names (spec §1.7) → this module's, full tensors.
 
     ``prefix`` is ``visual.vision_model.`` in a Keye-VL checkpoint, ``vision_model.`` in a SiglipModel one,
@@ -205,7 +213,9 @@ def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "
     return out
 
 
-def keye_to_hf_state_dict(state: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
+def keye_to_hf_state_dict(
+    state: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model."
+) -> dict[str, Tensor]:
     """This module's full tensors → released names (the inverse of ``hf_to_keye_state_dict``)."""
     direct = {
         "patch_embedding.weight": "embeddings.patch_embedding.weight",

@@ -2,7 +2,7 @@
 
 Megatron-Core modules need Megatron's parallel state and, on CPU, keye's CUDA bridge, which patches the
 process it runs in; so everything that builds the model runs in spawned ranks (``run_distributed``):
-one rank computes every single-process check once (a module fixture), two ranks run TP=2.
+one rank computes every single-process check once (a module fixture), two ranks run TP=2 and PP=2.
 The reference formulations (bilinear resize, 2D RoPE, block-diagonal attention, the whole tower) are
 written here in float64 from the spec's words, not from the module's code.
 """
@@ -219,20 +219,29 @@ def _recompute_difference(ctx: Any, hf_weights: dict[str, torch.Tensor], patches
 
 
 @torch.no_grad()
-def _tp_rank(workdir: str, tensor: int) -> dict[str, Any]:
-    """The packed RoPE forward with the TP=1 weights loaded by global name, each rank taking its slice."""
+def _two_ranks(workdir: str) -> dict[str, Any]:
+    """The packed RoPE forward with the TP=1 weights loaded by global name: as TP=2 (each rank takes its
+    slice), then, in the same processes, as PP=2 (the tower must stay whole on a pipeline stage)."""
+    from megatron.core import parallel_state as mpu
+
     from keye.parallel import init_parallel
 
-    ctx = init_parallel(tensor=tensor, pipeline=1, seed=SEED + 1)  # another seed: weights must come from the file
     saved = torch.load(Path(workdir) / "tp1.pt")
+    ctx = init_parallel(tensor=2, pipeline=1, seed=SEED + 1)  # another seed: weights must come from the file
     model = _build_loaded(ctx, saved["hf_weights"], use_rope=True)
-    heads_here = model.decoder.layers[0].self_attention.num_attention_heads_per_partition
     gathered = model.hf_state_dict(prefix="")  # all ranks take part in the gather
-    return {
-        "heads_here": heads_here,
-        "output": model(saved["patches"], torch.tensor(PACK)),
-        "gathered_equal": all(torch.equal(t, saved["hf_weights"][name]) for name, t in gathered.items()),
+    result = {
+        "tp2_heads_here": model.decoder.layers[0].self_attention.num_attention_heads_per_partition,
+        "tp2_output": model(saved["patches"], torch.tensor(PACK)),
+        "tp2_gathered_equal": all(torch.equal(t, saved["hf_weights"][name]) for name, t in gathered.items()),
     }
+    mpu.destroy_model_parallel()
+
+    ctx = init_parallel(tensor=1, pipeline=2, seed=SEED + 2)
+    model = _build_loaded(ctx, saved["hf_weights"], use_rope=True)
+    result["pp2_layer_numbers"] = [layer.layer_number for layer in model.decoder.layers]
+    result["pp2_output"] = model(saved["patches"], torch.tensor(PACK))
+    return result
 
 
 # --- the tests -------------------------------------------------------------------------------------
@@ -316,11 +325,15 @@ def test_recompute_gives_same_gradients(single: tuple[str, dict[str, Any]]) -> N
     assert result["recompute_grad"] < TOLERANCE
 
 
-def test_tp2_equals_tp1(single: tuple[str, dict[str, Any]]) -> None:
+def test_tp2_and_pp2_equal_one_process(single: tuple[str, dict[str, Any]]) -> None:
     workdir, _ = single
     expected = torch.load(Path(workdir) / "tp1.pt")["packed"]
-    ranks = run_distributed(_tp_rank, 2, workdir, 2)
-    assert [r["heads_here"] for r in ranks] == [1, 1]  # each rank really holds half the heads
+    ranks = run_distributed(_two_ranks, 2, workdir)
+    assert [r["tp2_heads_here"] for r in ranks] == [1, 1]  # each rank really holds half the heads
+    # Never split across stages: every stage that builds the tower holds layers 1..n (not n/2 of them,
+    # nor layers numbered from a later stage's offset).
+    assert [r["pp2_layer_numbers"] for r in ranks] == [list(range(1, TINY["num_layers"] + 1))] * 2
     for r in ranks:
-        assert r["gathered_equal"]
-        assert _max_diff(r["output"], expected) < TOLERANCE
+        assert r["tp2_gathered_equal"]
+        assert _max_diff(r["tp2_output"], expected) < TOLERANCE
+        assert _max_diff(r["pp2_output"], expected) < TOLERANCE

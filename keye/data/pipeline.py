@@ -1,0 +1,194 @@
+"""From a stage's data section to packed micro-batches: source → mixer → processor → packer.
+
+``micro_batches(ctx, split="train")`` is what a stage iterates. Training mixes the stage's sources with
+its mixer (endlessly: sources restart); evaluation reads the held-out sources in order, once. Each
+data-parallel rank reads its own share of every source; tensor- and pipeline-parallel peers read the
+same share, so they build identical micro-batches (every pipeline stage needs the positions and masks).
+Processed samples are gathered ``pack_buffer`` at a time and packed first-fit-decreasing into
+sequences of ``max_tokens``; a sample the processor rejects is skipped and counted by kind, and the run
+stops only when the bad share passes ``max_bad_fraction``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import deque
+from typing import Any, Iterator
+
+from omegaconf import OmegaConf
+
+from keye.config import build_component_config
+from keye.data.batch import MicroBatch, collate_pack
+from keye.data.packing import PackItem, pack_samples
+from keye.data.processor import PairItem, Processor, ProcessorSettings, SampleError
+from keye.data.sources import BAD_KINDS, BadInputCounter
+from keye.errors import KeyeUserError
+
+SYNTHETIC_TOKENIZER = "synthetic"
+
+
+@functools.lru_cache(maxsize=4)
+def load_tokenizer(spec: str, vocab_size: int = 1024):
+    """A Hugging Face tokenizer directory, or the synthetic world's tiny BPE (deterministic, built in ~1 s)."""
+    if spec == SYNTHETIC_TOKENIZER:
+        from keye.data.tokenizer import build_tiny_tokenizer
+
+        return build_tiny_tokenizer(synthetic_corpus(), vocab_size=vocab_size)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise KeyeUserError(f"model.tokenizer: cannot load a tokenizer from '{spec}': {str(exc).splitlines()[0]}") from None
+
+
+def synthetic_corpus(num_samples: int = 400) -> list[str]:
+    """Every text of the first samples of the synthetic world (train split, seed 0): the BPE's corpus."""
+    from keye.data.sample import TextPart
+    from keye.data.synthetic import generate_many
+
+    texts = []
+    for loaded in generate_many(num_samples):
+        sample = loaded.sample
+        texts.extend(getattr(sample, "caption", "") and [sample.caption])
+        for attr in ("messages", "prompt"):
+            for message in getattr(sample, attr, None) or []:
+                texts.extend(part.text for part in message.content if isinstance(part, TextPart))
+        for attr in ("chosen", "rejected"):
+            message = getattr(sample, attr, None)
+            if message is not None:
+                texts.extend(part.text for part in message.content if isinstance(part, TextPart))
+        if getattr(sample, "reference_answer", None):
+            texts.append(sample.reference_answer)
+    return texts
+
+
+def vocab_size(model_cfg: Any) -> int:
+    node = model_cfg.language_model
+    return int(node.vocab_size) if node is not None and "vocab_size" in node else 1024
+
+
+def build_processor(ctx: Any) -> Processor:
+    bp, data = ctx.blueprint, ctx.stage.data
+    tokenizer = load_tokenizer(bp.model.tokenizer, vocab_size(bp.model))
+    cls, config = build_component_config("video_decoder", data.video_decoder, ctx.registry)
+    settings = ProcessorSettings(
+        image_min_tokens=data.image_min_tokens,
+        image_max_tokens=data.image_max_tokens,
+        video_fps=data.video_fps,
+        video_min_frame_tokens=data.video_frame_tokens[0],
+        video_max_frame_tokens=data.video_frame_tokens[1],
+        video_max_tokens=data.video_max_tokens,
+        max_tokens=data.max_tokens,
+    )
+    return Processor(tokenizer, settings, cls(config))
+
+
+def build_sources(ctx: Any, group: str) -> dict[str, Any]:
+    sources = {}
+    for label, node in ctx.stage.data[group].items():
+        cls, config = build_component_config("data_source", node, ctx.registry)
+        sources[label] = cls(config, ctx.parallel)
+    return sources
+
+
+class MicroBatchStream:
+    """An iterator of `MicroBatch` (or lists of `PairItem` for contrastive stages) with running stats."""
+
+    def __init__(self, ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False) -> None:
+        data = ctx.stage.data
+        group = "sources" if split == "train" else "heldout"
+        self.sources = build_sources(ctx, group)
+        self.processor = build_processor(ctx)
+        self.max_tokens = data.max_tokens
+        self.pack_buffer = data.pack_buffer
+        self.pairs = pairs
+        self.limit = limit
+        self.produced = 0
+        self.bad = BadInputCounter(f"stage {ctx.stage.name} processor", data.max_bad_fraction)
+        self.real_tokens = 0
+        self.capacity = 0
+        self._ready: deque = deque()
+        self._samples = self._mixed(ctx) if split == "train" else self._in_order()
+        self._exhausted = False
+
+    def _mixed(self, ctx: Any) -> Iterator[Any]:
+        if not self.sources:
+            raise KeyeUserError(f"stages.{ctx.index}.data.sources: the stage '{ctx.stage.name}' has no data sources")
+        node = OmegaConf.to_container(ctx.stage.data.mixer)
+        cls, config = build_component_config("data_mixer", node, ctx.registry)
+        if not config.weights:
+            config.weights = {label: 1.0 for label in self.sources}
+        mixer = cls(config, self.sources)
+        self.mixer = mixer
+        return iter(mixer)
+
+    def _in_order(self) -> Iterator[Any]:
+        for source in self.sources.values():
+            yield from source
+
+    def _next_processed(self) -> Any | None:
+        for loaded in self._samples:
+            try:
+                item = self.processor(loaded.sample, loaded.media)
+            except SampleError as exc:
+                self.bad.skip(exc.kind if exc.kind in BAD_KINDS else "invalid_sample", exc.key, exc.reason)
+                continue
+            self.bad.ok()
+            return item
+        return None
+
+    def _fill(self) -> None:
+        """Process up to ``pack_buffer`` samples and turn them into ready micro-batches."""
+        items = []
+        target = self.pack_buffer
+        while len(items) < target:
+            item = self._next_processed()
+            if item is None:
+                self._exhausted = True
+                break
+            items.append(item)
+        if not items:
+            return
+        if self.pairs:
+            self._ready.append(items)
+            return
+        result = pack_samples([PackItem(item.key, len(item)) for item in items], self.max_tokens)
+        for pack in result.packs:
+            samples = [items[i] for i in pack.indices]
+            self.real_tokens += sum(len(s) for s in samples)
+            self.capacity += self.max_tokens
+            self._ready.append(collate_pack(samples, self.max_tokens, pad_id=self.processor.special.pad))
+
+    def __iter__(self) -> "MicroBatchStream":
+        return self
+
+    def __next__(self) -> MicroBatch | list[PairItem]:
+        if self.limit is not None and self.produced >= self.limit:
+            raise StopIteration
+        while not self._ready:
+            if self._exhausted:
+                raise StopIteration
+            self._fill()
+        self.produced += 1
+        return self._ready.popleft()
+
+    def take(self, count: int) -> list[Any]:
+        """Up to ``count`` items (fewer at the end of a finite split)."""
+        out = []
+        for item in self:
+            out.append(item)
+            if len(out) == count:
+                break
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "packing_efficiency": self.real_tokens / self.capacity if self.capacity else 0.0,
+            "skipped": self.bad.bad + sum(s.bad_inputs.bad for s in self.sources.values()),
+            "skipped_by_kind": {**self.bad.counts},
+        }
+
+
+def micro_batches(ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False) -> MicroBatchStream:
+    return MicroBatchStream(ctx, split, limit, pairs)
