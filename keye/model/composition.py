@@ -67,7 +67,11 @@ class KeyeVLModel(torch.nn.Module):
             self.projector = build_component("projector", model_cfg.projector, registry, ctx)
         self.language_model = build_component("language_model", model_cfg.language_model, registry, ctx)
         self.config = getattr(self.language_model, "transformer_config", None)  # Megatron schedules read it
-        self.model_type = getattr(self.language_model.gpt, "model_type", None) if hasattr(self.language_model, "gpt") else None
+        # Attributes Megatron's schedules and finalize_model_grads read from the model they are given.
+        gpt = getattr(self.language_model, "gpt", None)
+        self.model_type = getattr(gpt, "model_type", None)
+        self.share_embeddings_and_output_weights = getattr(gpt, "share_embeddings_and_output_weights", False)
+        self.post_process = ctx.post_process
 
     def set_input_tensor(self, tensor: torch.Tensor) -> None:
         self.language_model.set_input_tensor(tensor)

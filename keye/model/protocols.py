@@ -18,7 +18,8 @@ class BuildContext:
 
     ``parallel`` is a `keye.parallel.ParallelContext` (None: a plain single process without Megatron
     parallel state). ``pre_process``/``post_process`` say whether this pipeline stage holds the
-    model's input embedding / output head (Megatron's names).
+    model's input embedding / output head (Megatron's names). ``seed`` is the run seed, for
+    initialisations that must not depend on the parallel layout (`keye.parallel.init`).
     """
 
     parallel: Any = None
@@ -26,6 +27,7 @@ class BuildContext:
     pre_process: bool = True
     post_process: bool = True
     vp_stage: int | None = None
+    seed: int = 1234
     fp8: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 

@@ -82,6 +82,23 @@ class Qwen3LanguageModel(torch.nn.Module):
             parallel_output=True,
             vp_stage=ctx.vp_stage,
         )
+        if ctx.parallel is not None:
+            self._layout_invariant_init(config, ctx)
+
+    def _layout_invariant_init(self, config: Config, ctx: BuildContext) -> None:
+        """Megatron's init distributions, drawn per global parameter name (same weights for any TP/PP)."""
+        from keye.parallel.init import layout_invariant_init
+
+        scaled = config.init_std / (2.0 * config.num_layers) ** 0.5  # Megatron's output_layer_init_method
+
+        def std_of(name: str) -> float | None:
+            if name.endswith("bias") or "norm" in name:
+                return None  # zeros and ones, the same everywhere already
+            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                return scaled
+            return config.init_std
+
+        layout_invariant_init(self.gpt, ctx.seed, std_of, ctx.parallel.tp_rank, ctx.parallel.tp_size)
 
     @staticmethod
     def _transformer_config(config: Config, ctx: BuildContext) -> Any:

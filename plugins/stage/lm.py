@@ -82,7 +82,8 @@ class LMStage:
 
         bp, parallel = self.ctx.blueprint, self.ctx.parallel
         special = SpecialTokens.from_tokenizer(load_tokenizer(bp.model.tokenizer, vocab_size(bp.model)))
-        build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage)
+        build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage,
+                             seed=bp.run.seed)
         return KeyeVLModel(bp.model, self.ctx.registry, build,
                            image_token_id=special.image_pad, video_token_id=special.video_pad)
 
