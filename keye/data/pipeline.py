@@ -95,13 +95,15 @@ def build_sources(ctx: Any, group: str) -> dict[str, Any]:
 class MicroBatchStream:
     """An iterator of `MicroBatch` (or lists of `PairItem` for contrastive stages) with running stats."""
 
-    def __init__(self, ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False) -> None:
+    def __init__(self, ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False,
+                 pair_batch: int = 32, caption_length: int = 16) -> None:
         data = ctx.stage.data
         group = "sources" if split == "train" else "heldout"
         self.sources = build_sources(ctx, group)
         self.processor = build_processor(ctx)
+        self.processor.settings.caption_length = caption_length
         self.max_tokens = data.max_tokens
-        self.pack_buffer = data.pack_buffer
+        self.pack_buffer = pair_batch if pairs else data.pack_buffer
         self.pairs = pairs
         self.limit = limit
         self.produced = 0
@@ -130,7 +132,7 @@ class MicroBatchStream:
     def _next_processed(self) -> Any | None:
         for loaded in self._samples:
             try:
-                item = self.processor(loaded.sample, loaded.media)
+                item = self.processor(loaded.sample, loaded.media, pairs=self.pairs)
             except SampleError as exc:
                 self.bad.skip(exc.kind if exc.kind in BAD_KINDS else "invalid_sample", exc.key, exc.reason)
                 continue
@@ -190,5 +192,7 @@ class MicroBatchStream:
         }
 
 
-def micro_batches(ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False) -> MicroBatchStream:
-    return MicroBatchStream(ctx, split, limit, pairs)
+def micro_batches(ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False,
+                  pair_batch: int = 32, caption_length: int = 16) -> MicroBatchStream:
+    """Packed micro-batches of ``split``; with ``pairs``, lists of ``pair_batch`` image-text pairs instead."""
+    return MicroBatchStream(ctx, split, limit, pairs, pair_batch, caption_length)

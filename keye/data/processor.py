@@ -180,13 +180,30 @@ class Processor:
         ids = ids + [self.special.eos] + [self.special.pad] * (self.settings.caption_length - 1 - len(ids))
         return PairItem(sample.key, image, torch.tensor(ids, dtype=torch.long))
 
-    def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None) -> TokenSample | PairItem:
+    def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None, *, pairs: bool = False) -> TokenSample | PairItem:
+        """``pairs``: image-text pairs for a contrastive stage; otherwise pairs become captioning conversations."""
         media = media or {}
+        if isinstance(sample, PairSample):
+            return self.pair(sample, media) if pairs else self.conversation(caption_conversation(sample), media)
         if isinstance(sample, ConversationSample):
             return self.conversation(sample, media)
-        if isinstance(sample, PairSample):
-            return self.pair(sample, media)
         raise SampleError(sample.key, "unsupported", f"the processor has no path for '{sample.kind}' samples yet")
+
+
+CAPTION_PROMPT = "Describe the image."
+
+
+def caption_conversation(sample: PairSample) -> ConversationSample:
+    """An image-text pair as a captioning turn, so next-token stages (stage 1 alignment) train on pairs."""
+    return ConversationSample.from_dict({
+        "kind": "conversation",
+        "key": sample.key,
+        "messages": [
+            {"role": "user", "content": [{"type": "image", "image": sample.image.to_dict()},
+                                         {"type": "text", "text": CAPTION_PROMPT}]},
+            {"role": "assistant", "content": sample.caption},
+        ],
+    })
 
 
 def _join(items: list[VisionInputs]) -> VisionInputs | None:

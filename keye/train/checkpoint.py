@@ -33,7 +33,13 @@ def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
 
 
 def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
-    """Load ``init_from`` (or the previous stage's weights); a first stage without either starts fresh."""
+    """Load ``init_from`` (or the previous stage's weights) into the modules the two models share.
+
+    Stages hold different module sets (stage 0: vision + text towers; later: vision + projector + LLM),
+    so loading goes module by module: a top-level module present in both must match exactly; modules only
+    the checkpoint has are left out and modules only this model has keep their initialisation, and the
+    returned summary says which. A stage with no earlier weights starts fresh.
+    """
     source = ctx.stage.init_from or ctx.previous_output
     if source is None:
         return None
@@ -43,13 +49,17 @@ def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
     if not path.is_file():
         if ctx.stage.init_from:
             raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights for this layout at {path}")
-        return None  # the previous stage was skipped (e.g. --stage): start fresh, said in the summary
+        return None  # the previous stage did not run here (e.g. --stage): start fresh, said in the summary
     saved = torch.load(path, map_location="cpu", weights_only=True)
     layout = (ctx.parallel.tp_size, ctx.parallel.pp_size)
     if tuple(saved["layout"]) != layout:
         raise KeyeUserError(f"{path}: saved with (tensor, pipeline) = {tuple(saved['layout'])}, this run uses {layout}")
-    missing, unexpected = model.load_state_dict(saved["model"], strict=False)
-    missing = [name for name in missing if not name.endswith("_extra_state")]
-    if unexpected or missing:
+    ours = {name for name, tensor in model.state_dict().items() if tensor is not None}
+    shared = {name.split(".", 1)[0] for name in saved["model"]} & {name.split(".", 1)[0] for name in ours}
+    state = {name: tensor for name, tensor in saved["model"].items() if name.split(".", 1)[0] in shared}
+    missing = sorted(name for name in ours - set(state) if name.split(".", 1)[0] in shared)
+    unexpected = sorted(set(state) - ours)
+    if missing or unexpected:
         raise KeyeUserError(f"{path}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.load_state_dict(state, strict=False)
     return path

@@ -1,0 +1,188 @@
+"""``contrastive``: stage 0, SigLIP-loss training of the vision encoder against a text tower.
+
+Images of a micro-batch go through the vision encoder packed NaViT-style (one sequence, one attention
+block per image); each image's patch features are mean-pooled and projected to the text tower's width by
+a small head that belongs to this stage (the released SigLIP attention-pooling head is unused by
+Keye-VL, so a mean-pool head keeps the encoder itself exactly what later stages use). The SigLIP sigmoid
+loss runs across data-parallel ranks (`siglip_sigmoid`). Evaluation: zero-shot image→text and
+text→image retrieval top-1 on held-out pairs (chance = 1 / number of pairs).
+
+The vision and text towers are whole on every pipeline rank, so this stage needs pipeline size 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from keye import hookimpl
+from keye.config import doc
+from keye.data.processor import PairItem
+from keye.errors import KeyeUserError
+from keye.model.composition import VisionInputs, build_component
+from keye.model.protocols import BuildContext
+from keye.train.engine import TrainEngine
+from keye.train.freezing import apply_freezing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """(N, D) patch features → (K, D): the mean over each image's patches."""
+    counts = grid_thw.prod(dim=1)  # (K,)
+    return torch.stack([chunk.mean(0) for chunk in features.split(counts.tolist())])
+
+
+class ContrastiveModel(torch.nn.Module):
+    """Vision encoder + pooling head + text encoder + the loss's learnable temperature and bias."""
+
+    def __init__(self, vision_encoder: torch.nn.Module, text_encoder: torch.nn.Module, loss: torch.nn.Module) -> None:
+        super().__init__()
+        self.vision_encoder = vision_encoder
+        self.text_encoder = text_encoder
+        self.vision_head = torch.nn.Linear(vision_encoder.out_dim, text_encoder.out_dim)
+        self.loss = loss
+        self.config = vision_encoder.transformer_config if hasattr(vision_encoder, "transformer_config") else text_encoder.transformer_config
+        self.model_type = None
+        self.share_embeddings_and_output_weights = False
+
+    def set_input_tensor(self, tensor: Any) -> None:  # pipeline size 1: nothing comes in
+        pass
+
+    def embed_images(self, images: VisionInputs) -> torch.Tensor:
+        return self.vision_head(_mean_pool(self.vision_encoder(images.patches, images.grid_thw), images.grid_thw))
+
+    def forward(self, images: VisionInputs, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loss(self.embed_images(images), self.text_encoder(caption_ids), group=_data_group())
+
+
+def _data_group():
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_data_parallel_group()
+
+
+def _batch(items: list[PairItem]) -> tuple[VisionInputs, torch.Tensor]:
+    images = VisionInputs(torch.cat([i.images.patches for i in items]), torch.cat([i.images.grid_thw for i in items]))
+    return images, torch.stack([i.caption_ids for i in items])
+
+
+def _loss_func(output: tuple[torch.Tensor, torch.Tensor]):
+    loss_sum, count = output
+    return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "tokens": count.float()}
+
+
+def _forward(data: Iterator[list[PairItem]], model: torch.nn.Module):
+    images, captions = _batch(next(data))
+    return model(images, captions), _loss_func
+
+
+class ContrastiveStage:
+    @dataclass
+    class Config:
+        batch_size: int = doc("Image-text pairs per micro-batch on each data-parallel rank.", 32)
+        num_microbatches: int = doc("Micro-batches per optimiser step.", 1)
+        eval_pairs: int = doc("Held-out pairs per retrieval evaluation (per data-parallel rank).", 64)
+        caption_length: int = doc("Caption tokens (padded/truncated; the text tower pools the last one).", 16)
+
+    def __init__(self, config: Config, ctx: Any) -> None:
+        self.config = config
+        self.ctx = ctx
+        if ctx.parallel.pp_size != 1:
+            raise KeyeUserError(f"stages.{ctx.index}: the contrastive stage needs parallel.pipeline=1, got {ctx.parallel.pp_size}")
+        bp = ctx.blueprint
+        if bp.model.vision_encoder is None or bp.model.text_encoder is None:
+            raise KeyeUserError(f"stages.{ctx.index}: the contrastive stage needs model.vision_encoder and model.text_encoder")
+
+    def run(self) -> dict[str, Any]:
+        from keye.data.pipeline import micro_batches
+        from keye.train.checkpoint import load_stage_weights, save_stage_weights
+
+        ctx, stage, config = self.ctx, self.ctx.stage, self.config
+        dtype = DTYPES[ctx.blueprint.precision.dtype]
+        build = BuildContext(ctx.parallel, dtype, seed=ctx.blueprint.run.seed)
+        model = ContrastiveModel(
+            build_component("vision_encoder", ctx.blueprint.model.vision_encoder, ctx.registry, build),
+            build_component("text_encoder", ctx.blueprint.model.text_encoder, ctx.registry, build),
+            build_component("loss", stage.loss or {"name": "siglip_sigmoid"}, ctx.registry, build),
+        )
+        initialised_from = load_stage_weights(model, ctx)
+        trainable = apply_freezing(model, stage.train)
+        engine = TrainEngine([model], stage, dtype)
+        train = micro_batches(ctx, split="train", pairs=True, pair_batch=config.batch_size, caption_length=config.caption_length)
+        before = self._evaluate(model)
+        progress = tqdm(total=stage.steps, desc=stage.name, disable=ctx.parallel.rank != 0, unit="step")
+        last = None
+        for step in range(1, stage.steps + 1):
+            start = time.perf_counter()
+            last = engine.train_step(_forward, train, config.num_microbatches, 1, config.batch_size)
+            seconds = time.perf_counter() - start
+            ctx.metrics.log(
+                stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
+                pairs_per_s=last.extras["tokens"] / seconds, skipped_samples=train.stats()["skipped"],
+                skipped_step=last.skipped, temperature=float(model.loss.logit_scale.exp()), bias=float(model.loss.logit_bias),
+            )
+            progress.set_postfix(loss=f"{last.loss:.4f}")
+            progress.update(1)
+        progress.close()
+        after = self._evaluate(model)
+        save_stage_weights(model, ctx)
+        return {
+            "steps": stage.steps,
+            "final_loss": last.loss if last else None,
+            "skipped_steps": engine.skipped_steps,
+            "initialised_from": str(initialised_from) if initialised_from else "fresh",
+            "trainable_parameters": trainable,
+            "eval_before": before,
+            "eval_after": after,
+            "data": train.stats(),
+        }
+
+    @torch.no_grad()
+    def _evaluate(self, model: ContrastiveModel) -> dict[str, float]:
+        from keye.data.pipeline import micro_batches
+
+        ctx = self.ctx
+        if not ctx.stage.data.heldout:
+            return {}
+        batches = micro_batches(ctx, split="heldout", pairs=True, pair_batch=self.config.eval_pairs,
+                                caption_length=self.config.caption_length).take(1)
+        if not batches:
+            return {}
+        was_training = model.training
+        model.eval()
+        images, captions = _batch(batches[0])
+        image_emb = torch.nn.functional.normalize(model.embed_images(images), dim=-1)
+        text_emb = torch.nn.functional.normalize(model.text_encoder(captions), dim=-1)
+        model.train(was_training)
+        image_emb, text_emb = _gather(image_emb), _gather(text_emb)
+        scores = image_emb @ text_emb.t()  # (P, P)
+        target = torch.arange(len(scores))
+        return {
+            "pairs": len(scores),
+            "image_to_text_top1": float((scores.argmax(1) == target).float().mean()),
+            "text_to_image_top1": float((scores.argmax(0) == target).float().mean()),
+            "chance": 1.0 / len(scores),
+        }
+
+
+def _gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Held-out embeddings of every data-parallel rank (small: evaluation only)."""
+    group = _data_group()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+@hookimpl
+def keye_register_stages(register):
+    register("contrastive", ContrastiveStage)
