@@ -24,6 +24,9 @@ class RunConfig:
     name: str = doc("Name of the run; used in logs and as the default output folder.", "keye-run")
     output_dir: str = doc("Where checkpoints, metrics.jsonl, summary.json and report.md go.", "runs/${run.name}")
     seed: int = doc("Seed for weights, data order and dropout.", 1234)
+    checkpoint_every: int = doc(
+        "Save a resumable checkpoint every N steps of a stage (0: none; stage results are always saved).", 0
+    )
 
 
 @dataclass

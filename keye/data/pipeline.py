@@ -111,8 +111,11 @@ class MicroBatchStream:
         self.real_tokens = 0
         self.capacity = 0
         self._ready: deque = deque()
+        self.mixer = None
         self._samples = self._mixed(ctx) if split == "train" else self._in_order()
         self._exhausted = False
+        self._fill_state: dict | None = None  # the mixer's state when the current buffer started
+        self._taken_from_fill = 0
 
     def _mixed(self, ctx: Any) -> Iterator[Any]:
         if not self.sources:
@@ -142,6 +145,8 @@ class MicroBatchStream:
 
     def _fill(self) -> None:
         """Process up to ``pack_buffer`` samples and turn them into ready micro-batches."""
+        self._fill_state = self.mixer.state_dict() if self.mixer is not None else None
+        self._taken_from_fill = 0
         items = []
         target = self.pack_buffer
         while len(items) < target:
@@ -173,7 +178,39 @@ class MicroBatchStream:
                 raise StopIteration
             self._fill()
         self.produced += 1
+        self._taken_from_fill += 1
         return self._ready.popleft()
+
+    # --- exact resume ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: the mixer state at the start of the current buffer and how much of it was used.
+
+        Restoring re-reads that buffer (the same samples, processed and packed the same way) and skips the
+        micro-batches already used, so a resumed run sees exactly the micro-batches it would have seen.
+        """
+        if self.mixer is None:
+            raise RuntimeError("only a training stream (with a mixer) can be resumed")
+        return {
+            "fill_state": self._fill_state,
+            "taken_from_fill": self._taken_from_fill,
+            "produced": self.produced,
+            "stats": {"real_tokens": self.real_tokens, "capacity": self.capacity,
+                      "good": self.bad.good, "bad": dict(self.bad.counts)},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["fill_state"] is not None:
+            self.mixer.load_state_dict(state["fill_state"])
+            self._ready.clear()
+            self._fill()
+            for _ in range(state["taken_from_fill"]):
+                self._ready.popleft()
+            self._taken_from_fill = state["taken_from_fill"]
+        self.produced = state["produced"]
+        stats = state["stats"]
+        self.real_tokens, self.capacity = stats["real_tokens"], stats["capacity"]
+        self.bad.good, self.bad.counts = stats["good"], dict(stats["bad"])
 
     def take(self, count: int) -> list[Any]:
         """Up to ``count`` items (fewer at the end of a finite split)."""

@@ -71,6 +71,7 @@ class TrainEngine:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
         )
+        self.distributed_optimizer = distributed_optimizer
         self.chunks = [DistributedDataParallel(chunk.config, ddp_config, chunk) for chunk in chunks]
         config.finalize_model_grads_func = finalize_model_grads  # DP all-reduce, TP sums of norm grads
         config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync

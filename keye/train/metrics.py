@@ -29,6 +29,14 @@ class MetricsWriter:
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
+    def drop_after(self, stage: str, step: int) -> None:
+        """Forget ``stage``'s lines after ``step`` (a resumed run logs those steps again)."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if not (json.loads(line).get("stage") == stage and json.loads(line).get("step", 0) > step)]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
     def log(self, **record: Any) -> None:
         if not self.enabled:
             return

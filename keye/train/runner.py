@@ -8,6 +8,7 @@ metrics and the run summary.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 from keye.config import build_component_config
 from keye.plugins import PluginHost
 from keye.train.metrics import MetricsWriter, write_summary
+
+
+#: Written into a stage's folder when it finishes; ``--resume`` skips such stages.
+DONE = "done.json"
 
 
 @dataclass
@@ -76,6 +81,11 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
         if only_stage is not None and stage.name != only_stage:
             previous = stage_dir
             continue
+        done = stage_dir / DONE
+        if resume and done.is_file():  # finished before the run was stopped: keep its result
+            summary["stages"][stage.name] = json.loads(done.read_text())
+            previous = stage_dir
+            continue
         cls, config = build_component_config("stage", {"name": stage.kind, **OmegaConf.to_container(stage.options)}, host.registry)
         ctx = StageContext(cfg, stage, index, host, parallel, stage_dir, previous, resume, metrics)
         host.hook.keye_before_stage(stage=stage, blueprint=cfg)
@@ -85,6 +95,8 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
         host.hook.keye_after_stage(stage=stage, blueprint=cfg, result=result)
         summary["stages"][stage.name] = {"kind": stage.kind, **result}
         if is_main:
+            (stage_dir / DONE).parent.mkdir(parents=True, exist_ok=True)
+            (stage_dir / DONE).write_text(json.dumps(summary["stages"][stage.name], indent=2, default=str))
             write_summary(output_dir, summary)
         previous = stage_dir
     if is_main:

@@ -14,14 +14,24 @@ load 1:1 under ``mlp_AR.``:
   no released weights; its ``linear_1`` holds ``[gate; up]`` stacked (``2 * hidden`` outputs), Megatron's
   fused gated-linear layout, so it splits cleanly under tensor parallelism.
 
-The linears are built by :meth:`PatchMergeMLP.build_linear`, a single place to swap in tensor-parallel
-layers later.
+Tensor parallelism (``ctx.parallel.tp_size > 1``): ``linear_1`` is Megatron's ``ColumnParallelLinear``
+(``gather_output=False``: each rank keeps its slice of the hidden units) and ``linear_2`` its
+``RowParallelLinear`` (``input_is_parallel=True``: the partial products are summed over the TP group), the
+Megatron MLP pattern, so the hidden activations are never gathered. The weights are those of TP=1: the full
+``nn.Linear`` is drawn first (the same RNG draws as one process), and Megatron's CPU initialisation
+(``use_cpu_initialization``) splits that master copy; biases are sliced alike (``linear_2``'s bias is
+whole on every rank, added after the sum). With SwiGLU, ``linear_1`` is split with ``stride=2``: the
+``[gate; up]`` rows fall into ``2 * tp`` pieces and rank r keeps ``[gate_r; up_r]``, so its local
+``chunk(2)`` still pairs each gate unit with its own up unit. Without parallel state, or with TP=1, the
+linears stay plain ``nn.Linear`` (identical parameter names either way: ``linear_1.weight`` etc.).
+Everything else (the norm, the merge) is replicated on the TP ranks. The linears are built by
+:meth:`PatchMergeMLP.build_linear`, the one place to override to use other linear layers.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -79,14 +89,58 @@ class PatchMergeMLP(nn.Module):
         merged = config.in_dim * config.merge**2
         hidden = config.hidden or merged
         self.out_dim = config.out_dim
-        self.pre_norm = nn.LayerNorm(config.in_dim if config.norm == "pre_merge" else merged, eps=config.norm_eps)
+        self.parallel = getattr(ctx, "parallel", None)
+        self.tp_size = self.parallel.tp_size if self.parallel is not None else 1
         gated = config.act == "swiglu"
-        self.linear_1 = self.build_linear(merged, 2 * hidden if gated else hidden)
-        self.linear_2 = self.build_linear(hidden, config.out_dim)
+        if hidden % self.tp_size:
+            raise ValueError(f"patch_merge_mlp: hidden {hidden} is not divisible by the tensor-parallel size {self.tp_size}")
+        self.pre_norm = nn.LayerNorm(config.in_dim if config.norm == "pre_merge" else merged, eps=config.norm_eps)
+        self.linear_1 = self.build_linear(merged, 2 * hidden if gated else hidden, "column", stride=2 if gated else 1)
+        self.linear_2 = self.build_linear(hidden, config.out_dim, "row")
+        if self.parallel is not None:  # where (and in which dtype) the rest of the model lives
+            self.to(device=self.parallel.device, dtype=getattr(ctx, "dtype", torch.float32))
 
-    def build_linear(self, in_features: int, out_features: int) -> nn.Module:
-        """One linear layer with bias (as released). Override to use tensor-parallel linears."""
-        return nn.Linear(in_features, out_features, bias=True)
+    def build_linear(
+        self, in_features: int, out_features: int, split: Literal["column", "row"], stride: int = 1
+    ) -> nn.Module:
+        """One linear layer with bias (as released): plain under TP=1, Megatron's column/row-parallel
+        linear under TP>1 (``split``), holding this rank's slice of the TP=1 weights."""
+        full = nn.Linear(in_features, out_features, bias=True)  # the TP=1 draw, whatever the layout
+        if self.tp_size == 1:
+            return full
+        from megatron.core import ModelParallelConfig
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+        from keye.parallel.init import tp_slice
+
+        config = ModelParallelConfig(
+            tensor_model_parallel_size=self.tp_size,
+            use_cpu_initialization=True,  # Megatron draws the master on the CPU and keeps this rank's slice
+            perform_initialization=True,
+            params_dtype=torch.float32,  # the module is cast to ctx.dtype afterwards, like the plain path
+            gradient_accumulation_fusion=False,
+            sequence_parallel=False,
+        )
+        master = lambda weight: weight.copy_(full.weight.detach())  # noqa: E731  the "draw": TP=1's weight
+        if split == "column":
+            layer = ColumnParallelLinear(
+                in_features, out_features, config=config, init_method=master, bias=True,
+                gather_output=False, stride=stride,
+            )
+        else:
+            layer = RowParallelLinear(
+                in_features, out_features, config=config, init_method=master, bias=True,
+                input_is_parallel=True, skip_bias_add=False,
+            )
+        with torch.no_grad():  # Megatron zeroes biases; take the TP=1 ones (sliced where the bias is split)
+            layer.bias.copy_(tp_slice(full.bias, layer.bias, self.parallel.tp_rank, self.tp_size))
+        return layer
+
+    @staticmethod
+    def _linear(layer: nn.Module, x: Tensor) -> Tensor:
+        """Megatron's parallel linears return ``(output, bias)``; the bias is already added here."""
+        out = layer(x)
+        return out[0] if isinstance(out, tuple) else out
 
     def merge_patches(self, features: Tensor, grid_thw: Tensor) -> Tensor:
         """The 2x2 merge alone: ``[N, d] -> [N / merge**2, merge**2 * d]``."""
@@ -106,13 +160,13 @@ class PatchMergeMLP(nn.Module):
             x = self.merge_patches(self.pre_norm(features), grid_thw)  # (N/4, 4*in_dim)
         else:
             x = self.pre_norm(self.merge_patches(features, grid_thw))
-        x = self.linear_1(x)
+        x = self._linear(self.linear_1, x)  # (N/4, hidden / tp), times 2 with SwiGLU
         if self.config.act == "gelu":
             x = F.gelu(x)  # exact erf, like HF's GELUActivation
         else:
-            gate, up = x.chunk(2, dim=-1)
+            gate, up = x.chunk(2, dim=-1)  # this rank's [gate_r; up_r]
             x = F.silu(gate) * up
-        return self.linear_2(x)  # (N/4, out_dim)
+        return self._linear(self.linear_2, x)  # (N/4, out_dim), summed over TP ranks
 
 
 @hookimpl

@@ -12,14 +12,12 @@ The vision and text towers are whole on every pipeline rank, so this stage needs
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from keye import hookimpl
 from keye.config import doc
@@ -29,6 +27,7 @@ from keye.model.composition import VisionInputs, build_component
 from keye.model.protocols import BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
+from keye.train.loop import train_steps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -117,20 +116,13 @@ class ContrastiveStage:
         engine = TrainEngine([model], stage, dtype)
         train = micro_batches(ctx, split="train", pairs=True, pair_batch=config.batch_size, caption_length=config.caption_length)
         before = self._evaluate(model)
-        progress = tqdm(total=stage.steps, desc=stage.name, disable=ctx.parallel.rank != 0, unit="step")
-        last = None
-        for step in range(1, stage.steps + 1):
-            start = time.perf_counter()
-            last = engine.train_step(_forward, train, config.num_microbatches, 1, config.batch_size)
-            seconds = time.perf_counter() - start
-            ctx.metrics.log(
-                stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
-                pairs_per_s=last.extras["tokens"] / seconds, skipped_samples=train.stats()["skipped"],
-                skipped_step=last.skipped, temperature=float(model.loss.logit_scale.exp()), bias=float(model.loss.logit_bias),
-            )
-            progress.set_postfix(loss=f"{last.loss:.4f}")
-            progress.update(1)
-        progress.close()
+
+        def fields(result, seconds):
+            return {"pairs_per_s": result.extras["tokens"] / seconds, "skipped_samples": train.stats()["skipped"],
+                    "temperature": float(model.loss.logit_scale.exp()), "bias": float(model.loss.logit_bias)}
+
+        last, resumed_from = train_steps(ctx, model, engine, train, _forward, num_microbatches=config.num_microbatches,
+                                         seq_length=1, micro_batch_size=config.batch_size, fields=fields)
         after = self._evaluate(model)
         save_stage_weights(model, ctx)
         return {
@@ -138,6 +130,7 @@ class ContrastiveStage:
             "final_loss": last.loss if last else None,
             "skipped_steps": engine.skipped_steps,
             "initialised_from": str(initialised_from) if initialised_from else "fresh",
+            "resumed_from_step": resumed_from,
             "trainable_parameters": trainable,
             "eval_before": before,
             "eval_after": after,

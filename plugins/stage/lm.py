@@ -10,13 +10,11 @@ layout. Evaluation on held-out data reports the next-token loss and teacher-forc
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
 
 import torch
-from tqdm import tqdm
 
 from keye import hookimpl
 from keye.config import doc
@@ -25,6 +23,7 @@ from keye.model.composition import KeyeVLModel, build_component
 from keye.model.protocols import BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
+from keye.train.loop import train_steps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -94,7 +93,7 @@ class LMStage:
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         parallel, dtype = ctx.parallel, DTYPES[ctx.blueprint.precision.dtype]
         model = self.build_model()
-        load_stage_weights(model, ctx)
+        initialised_from = load_stage_weights(model, ctx)
         trainable = apply_freezing(model, stage.train)
         loss = build_component("loss", stage.loss or {"name": "next_token"}, ctx.registry, BuildContext(parallel, dtype))
         engine = TrainEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps)
@@ -103,27 +102,22 @@ class LMStage:
         step_fn = partial(_train_forward, loss)
 
         before = self._evaluate(engine, ctx, seq_len)
-        progress = tqdm(total=stage.steps, desc=stage.name, disable=parallel.rank != 0, unit="step")
-        last = None
-        for step in range(1, stage.steps + 1):
-            start = time.perf_counter()
-            last = engine.train_step(step_fn, train, config.num_microbatches, seq_len, 1)
-            seconds = time.perf_counter() - start
+
+        def fields(result, seconds):
             stats = train.stats()
-            ctx.metrics.log(
-                stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
-                tokens_per_s=last.extras["tokens"] / seconds, padding_efficiency=stats["packing_efficiency"],
-                skipped_samples=stats["skipped"], skipped_step=last.skipped,
-            )
-            progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
-            progress.update(1)
-        progress.close()
+            return {"tokens_per_s": result.extras["tokens"] / seconds, "padding_efficiency": stats["packing_efficiency"],
+                    "skipped_samples": stats["skipped"]}
+
+        last, resumed_from = train_steps(ctx, model, engine, train, step_fn, num_microbatches=config.num_microbatches,
+                                         seq_length=seq_len, micro_batch_size=1, fields=fields)
         after = self._evaluate(engine, ctx, seq_len)
         save_stage_weights(model, ctx)
         return {
             "steps": stage.steps,
             "final_loss": last.loss if last else None,
             "skipped_steps": engine.skipped_steps,
+            "initialised_from": str(initialised_from) if initialised_from else "fresh",
+            "resumed_from_step": resumed_from,
             "trainable_parameters": trainable,
             "eval_before": before,
             "eval_after": after,

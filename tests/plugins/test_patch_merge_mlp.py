@@ -122,3 +122,100 @@ def test_registers_through_its_hook(keye_empty_host):
 
     keye_empty_host.add_plugin(plugin, "patch_merge_mlp")
     assert keye_empty_host.registry.cls("projector", "patch_merge_mlp") is PatchMergeMLP
+
+
+# --- tensor parallelism: TP=2 in real processes against the plain single-process module ------------
+
+TP_GRIDS = [(1, 4, 4), (2, 2, 4), (1, 2, 6)]  # two images of different sizes and a 2-frame video
+TP_CONFIGS = {
+    "gelu_pre_merge": dict(in_dim=6, out_dim=10, hidden=12),
+    "swiglu_post_merge": dict(in_dim=6, out_dim=10, hidden=12, act="swiglu", norm="post_merge"),
+}
+
+
+def _tp_inputs(name: str) -> tuple[PatchMergeMLP.Config, torch.Tensor, torch.Tensor]:
+    """The config, patch features ``(N, in_dim)`` and the output weighting ``(N/4, out_dim)`` of a case."""
+    config = PatchMergeMLP.Config(**TP_CONFIGS[name])
+    generator = torch.Generator().manual_seed(1)
+    n = sum(t * h * w for t, h, w in TP_GRIDS)
+    features = torch.randn(n, config.in_dim, generator=generator)
+    weighting = torch.randn(n // 4, config.out_dim, generator=generator)  # makes every output matter
+    return config, features, weighting
+
+
+def _forward_backward(module: PatchMergeMLP, name: str) -> dict[str, torch.Tensor]:
+    """Output, loss, input gradient and parameter gradients of ``sum(out * weighting)``."""
+    _, features, weighting = _tp_inputs(name)
+    features.requires_grad_(True)
+    out = module(features, torch.tensor(TP_GRIDS))
+    loss = (out * weighting).sum()
+    loss.backward()
+    return {"out": out.detach(), "loss": loss.detach(), "input_grad": features.grad}
+
+
+def _gather(local: torch.Tensor, param: torch.nn.Parameter, tp_size: int) -> torch.Tensor:
+    """The full tensor from the TP ranks' slices (Megatron's split: ``tp * stride`` pieces, rank r keeps r, r + tp...)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return local
+    dim, stride = param.partition_dim, param.partition_stride
+    shards = [torch.empty_like(local) for _ in range(tp_size)]
+    torch.distributed.all_gather(shards, local.contiguous())
+    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [rank][stride piece]
+    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(tp_size)], dim=dim)
+
+
+def _tp2_rank() -> dict[str, dict]:
+    """Every TP case on this rank of a TP=2 group (one spawn for all cases: starting ranks is the slow part)."""
+    from keye.model.protocols import BuildContext
+    from keye.parallel import init_parallel
+
+    ctx = init_parallel(tensor=2, pipeline=1, seed=99)
+    results = {}
+    for name in TP_CONFIGS:
+        config, _, _ = _tp_inputs(name)
+        torch.manual_seed(0)  # the same draws as the single-process build in the test
+        module = PatchMergeMLP(config, BuildContext(parallel=ctx))
+        result = _forward_backward(module, name)
+        result["types"] = {n: type(m).__name__ for n, m in module.named_children()}
+        result["local_shapes"] = {n: tuple(p.shape) for n, p in module.named_parameters()}
+        result["linear_1_local"] = module.linear_1.weight.detach().clone()
+        result["weights"] = {n: _gather(p.detach(), p, ctx.tp_size) for n, p in module.named_parameters()}
+        result["grads"] = {n: _gather(p.grad, p, ctx.tp_size) for n, p in module.named_parameters()}
+        results[name] = result
+    return results
+
+
+@pytest.fixture(scope="module")
+def tp2_ranks() -> list[dict[str, dict]]:
+    from keye.testing.distributed import run_distributed
+
+    return run_distributed(_tp2_rank, 2)
+
+
+@pytest.mark.parametrize("name", TP_CONFIGS)
+def test_tp2_equals_one_process(tp2_ranks: list[dict[str, dict]], name: str) -> None:
+    config, _, _ = _tp_inputs(name)
+    torch.manual_seed(0)
+    plain = PatchMergeMLP(config)  # no parallel state: plain nn.Linear
+    expected = _forward_backward(plain, name)
+    expected_grads = {n: p.grad for n, p in plain.named_parameters()}
+    hidden = config.hidden * (2 if config.act == "swiglu" else 1)
+
+    for rank, r in enumerate(ranks[name] for ranks in tp2_ranks):
+        assert r["types"] == {"pre_norm": "LayerNorm", "linear_1": "ColumnParallelLinear", "linear_2": "RowParallelLinear"}
+        assert r["local_shapes"] == {  # released names, each rank holding half of each linear
+            "pre_norm.weight": plain.pre_norm.weight.shape, "pre_norm.bias": plain.pre_norm.bias.shape,
+            "linear_1.weight": (hidden // 2, 4 * config.in_dim), "linear_1.bias": (hidden // 2,),
+            "linear_2.weight": (config.out_dim, config.hidden // 2), "linear_2.bias": (config.out_dim,),
+        }
+        for n, p in plain.named_parameters():  # the same initial weights as TP=1
+            torch.testing.assert_close(r["weights"][n], p.detach(), atol=0, rtol=0, msg=n)
+        if config.act == "swiglu":  # rank r holds [gate_r; up_r]: its chunk(2) pairs gate and up units
+            gate, up = plain.linear_1.weight.detach().chunk(2)
+            half = config.hidden // 2
+            want = torch.cat([gate[rank * half:(rank + 1) * half], up[rank * half:(rank + 1) * half]])
+            torch.testing.assert_close(r["linear_1_local"], want, atol=0, rtol=0)
+        for key in ("out", "loss", "input_grad"):
+            torch.testing.assert_close(r[key], expected[key], atol=1e-6, rtol=1e-5, msg=lambda m: f"{key}: {m}")
+        for n, grad in expected_grads.items():
+            torch.testing.assert_close(r["grads"][n], grad, atol=1e-6, rtol=1e-5, msg=lambda m: f"grad {n}: {m}")

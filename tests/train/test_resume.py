@@ -1,0 +1,72 @@
+"""Exact resume: a run killed (SIGKILL) mid-stage and resumed with --resume ends with bit-identical weights
+to an uninterrupted run, and metrics.jsonl has each step once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from keye.testing import write_blueprint
+
+LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
+STEPS, EVERY = 30, 5
+
+
+def blueprint(tmp_path: Path, name: str) -> Path:
+    return write_blueprint(tmp_path / f"{name}.yaml", {
+        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 3, "checkpoint_every": EVERY},
+        "model": {
+            "vision_encoder": {"name": "siglip_navit", "size": "tiny"},
+            "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
+            "language_model": {"name": "qwen3", "size": "tiny"},
+        },
+        "stages": [{
+            "name": "stage2", "kind": "lm", "train": ["vision_encoder", "projector", "language_model"], "steps": STEPS,
+            "optimizer": {"lr": 3e-3}, "schedule": {"kind": "cosine", "warmup_steps": 2},
+            "data": {"max_tokens": 256, "pack_buffer": 8, "image_max_tokens": 16,
+                     "sources": {"a": {"name": "synthetic", "tasks": ["color", "count"], "num_samples": 500},
+                                 "b": {"name": "synthetic", "tasks": ["caption"], "num_samples": 500, "seed": 5}},
+                     "mixer": {"name": "weighted", "weights": {"a": 0.7, "b": 0.3}}},
+        }],
+    })
+
+
+def final_weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "stage2" / "weights" / "tp00_pp00.pt", weights_only=True)["model"]
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*LAUNCH, str(blueprint(tmp_path, "straight"))], env=env, capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    killed_bp = blueprint(tmp_path, "killed")
+    process = subprocess.Popen([*LAUNCH, str(killed_bp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = tmp_path / "killed" / "stage2" / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert latest.exists(), "the run never reached its first checkpoint"
+    assert not (tmp_path / "killed" / "stage2" / "done.json").exists(), "the run finished before it was killed"
+
+    resumed = subprocess.run([*LAUNCH, str(killed_bp), "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["stages"]["stage2"]
+    assert summary["resumed_from_step"] >= EVERY
+
+    expected, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    assert expected.keys() == got.keys()
+    different = [name for name in expected if not torch.equal(expected[name], got[name])]
+    assert not different, f"weights differ after resume: {different[:5]}"
+
+    steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    losses = lambda run: [json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("killed") == losses("straight")
