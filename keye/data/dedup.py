@@ -12,9 +12,9 @@ in training inflate every reported number. The paper's recipe, implemented here:
    seeded universal hash functions ``h(x) = (a·x + b) mod p``, p = 2^61 − 1. Two signatures agree in a
    slot with probability equal to the Jaccard similarity of the two sets.
 3. **LSH banding**: the 128 slots are cut into ``bands`` bands of ``rows`` rows; images that agree on a
-   whole band land in the same bucket and become candidate pairs (the S-curve's knee sits near
-   ``(1/bands)^(1/rows)``, 0.71 for the default 16×8, well under the 0.95 threshold, so true matches are
-   hardly ever missed).
+   whole band land in the same bucket and become candidate pairs. A pair at Jaccard J becomes a candidate
+   with probability ``1 - (1 - J^rows)^bands``; the banding is chosen so that this is ≥ 0.99 at the
+   threshold (8 bands × 16 rows for 0.95) with as few unrelated candidates as possible.
 4. **Verification**: a candidate pair is a duplicate when the *exact* Jaccard of the two 1-bit sets is
    above ``threshold`` (0.95 in the paper), and duplicates are grouped with union-find (transitively).
 
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import io
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -97,41 +98,86 @@ def jaccard(a: int, b: int) -> float:
 # --- MinHash and LSH ------------------------------------------------------------------------------------
 
 
-class MinHasher:
-    """128 seeded universal hash functions over positions 0..63, and the banding of their signatures."""
+def choose_bands(num_perm: int, threshold: float, recall: float = 0.99) -> int:
+    """The fewest bands (most rows each: fewest false candidates) that still make a pair at Jaccard
+    ``threshold`` a candidate with probability ≥ ``recall``: ``1 - (1 - J^rows)^bands``."""
+    for bands in sorted(b for b in range(1, num_perm + 1) if num_perm % b == 0):
+        rows = num_perm // bands
+        if 1 - (1 - threshold**rows) ** bands >= recall:
+            return bands
+    return num_perm
 
-    def __init__(self, num_perm: int = NUM_PERM, bands: int = 16, seed: int = 0) -> None:
+
+class MinHasher:
+    """128 seeded universal hash functions over positions 0..63, and the banding of their signatures.
+
+    ``bands=None`` picks the banding for ``threshold`` (`choose_bands`): 8 bands of 16 rows at 0.95,
+    16 of 8 at 0.9. Over a 64-element universe fewer, longer bands matter: two unrelated 32-bit sets
+    share a third of their elements, so 16 rows of 8 would make about 0.2% of all pairs candidates.
+    """
+
+    def __init__(
+        self, num_perm: int = NUM_PERM, bands: int | None = None, seed: int = 0, threshold: float = THRESHOLD
+    ) -> None:
+        bands = bands or choose_bands(num_perm, threshold)
         if num_perm % bands:
             raise ValueError(f"bands ({bands}) must divide num_perm ({num_perm})")
         rng = np.random.default_rng(seed)
-        a = [int(v) for v in rng.integers(1, MERSENNE_61, size=num_perm, dtype=np.int64)]
-        b = [int(v) for v in rng.integers(0, MERSENNE_61, size=num_perm, dtype=np.int64)]
+        #: h_k(x) = (a_k·x + b_k) mod p, k < num_perm (Python ints: a·x overflows 64 bits)
+        self.a = [int(v) for v in rng.integers(1, MERSENNE_61, size=num_perm, dtype=np.int64)]
+        self.b = [int(v) for v in rng.integers(0, MERSENNE_61, size=num_perm, dtype=np.int64)]
         positions = HASH_SIZE * HASH_SIZE
-        # (num_perm, 64): h_k(x) for every possible element x; Python ints avoid uint64 overflow in a·x
-        self.table = np.array(
-            [[(a[k] * x + b[k]) % MERSENNE_61 for x in range(positions)] for k in range(num_perm)], dtype=np.uint64
-        )
+        table = [[(self.a[k] * x + self.b[k]) % MERSENNE_61 for x in range(positions)] for k in range(num_perm)]
+        # rank[k, x]: where position x comes in the order that h_k induces on 0..63
+        rank = np.array([np.argsort(np.argsort(np.array(row, dtype=np.uint64), kind="stable")) for row in table])
+        # Byte tables: lowest[k, j, v] = smallest rank[k, 8j + i] over the 1-bits i of byte value v (64: none),
+        # so a signature slot is the min of 8 lookups instead of 64 comparisons.
+        members = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1  # (256, 8)
+        lowest = np.full((num_perm, 8, 256), 64, dtype=np.uint8)
+        for j in range(8):
+            ranks = rank[:, 8 * j : 8 * j + 8]  # (num_perm, 8)
+            lowest[:, j] = np.where(members[None].astype(bool), ranks[:, None, :], 64).min(axis=2)
+        self.rank = rank.astype(np.uint8)
+        self.lowest = lowest
         self.num_perm = num_perm
         self.bands = bands
         self.rows = num_perm // bands
 
     def signatures(self, hashes: Sequence[int]) -> np.ndarray:
-        """MinHash signatures ``(N, num_perm)`` of the 1-bit sets; an empty set gets p in every slot."""
-        if not len(hashes):
-            return np.zeros((0, self.num_perm), dtype=np.uint64)
-        values = np.array([int(h) for h in hashes], dtype=np.uint64)  # (N,)
-        bits = (values[:, None] >> np.arange(64, dtype=np.uint64)[None, :]) & np.uint64(1)  # (N, 64)
-        out = np.empty((len(values), self.num_perm), dtype=np.uint64)
-        chunk = 512  # (chunk, num_perm, 64) uint64 = 32 MiB at a time
-        for start in range(0, len(values), chunk):
-            mask = bits[start : start + chunk, None, :].astype(bool)  # (n, 1, 64)
-            masked = np.where(mask, self.table[None], np.uint64(MERSENNE_61))  # (n, num_perm, 64)
-            out[start : start + chunk] = masked.min(axis=2)
-        return out
+        """MinHash signatures ``(N, num_perm)`` uint8 of the 1-bit sets.
 
-    def band_keys(self, signature: np.ndarray) -> list[tuple[int, bytes]]:
-        """One bucket key per band: (band index, the band's slot values as bytes)."""
-        return [(i, signature[i * self.rows : (i + 1) * self.rows].tobytes()) for i in range(self.bands)]
+        Slot k holds the *rank* under h_k of the set's element with the smallest h_k (64 for an empty set)
+        rather than that smallest value itself: over a 64-element universe the two determine each other,
+        so slots agree exactly when the minima agree, and a byte per slot is 8× less to move than a uint64.
+        """
+        values = np.array([int(h) for h in hashes], dtype="<u8")  # (N,) little-endian whatever the machine
+        octets = values.view(np.uint8).reshape(-1, 8)  # (N, 8): byte j holds bits 8j..8j+7
+        out = np.full((self.num_perm, len(values)), 64, dtype=np.uint8)
+        for j in range(8):
+            np.minimum(out, self.lowest[:, j, octets[:, j]], out=out)  # (num_perm, N)
+        return np.ascontiguousarray(out.T)
+
+    def candidate_pairs(self, signatures: np.ndarray, split: int | None = None) -> set[tuple[int, int]]:
+        """Pairs ``(u, v)``, u < v, of rows that agree on at least one whole band.
+
+        With ``split``, only pairs across it (``u < split <= v``): queries against an index.
+        """
+        pairs: set[tuple[int, int]] = set()
+        for band in range(self.bands):
+            block = np.ascontiguousarray(signatures[:, band * self.rows : (band + 1) * self.rows])  # (N, rows)
+            keys = block.view(np.dtype((np.void, self.rows))).ravel()  # one opaque key per row
+            _, bucket, counts = np.unique(keys, return_inverse=True, return_counts=True)
+            shared = np.nonzero(counts[bucket.ravel()] > 1)[0]  # rows whose bucket has company
+            shared = shared[np.argsort(bucket.ravel()[shared], kind="stable")]
+            cuts = np.nonzero(np.diff(bucket.ravel()[shared]))[0] + 1
+            for members in np.split(shared, cuts):
+                members = members.tolist()
+                if split is None:
+                    pairs.update((u, v) for i, u in enumerate(members) for v in members[i + 1 :])
+                else:
+                    left = [u for u in members if u < split]
+                    pairs.update((u, v) for u in left for v in members if v >= split)
+        return pairs
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -184,23 +230,12 @@ def duplicate_groups(
     hashes: Sequence[int], *, threshold: float = THRESHOLD, hasher: MinHasher | None = None
 ) -> list[list[int]]:
     """Groups (index lists, two or more members) of hashes whose 1-bit sets have Jaccard > ``threshold``."""
-    hasher = hasher or MinHasher()
+    hasher = hasher or MinHasher(threshold=threshold)
     distinct, where = _unique(hashes)
-    signatures = hasher.signatures(distinct)
-    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for u, signature in enumerate(signatures):
-        for key in hasher.band_keys(signature):
-            buckets[key].append(u)
     found = UnionFind(len(distinct))
-    checked: set[tuple[int, int]] = set()
-    for members in buckets.values():
-        for i, u in enumerate(members):
-            for v in members[i + 1 :]:
-                if (u, v) in checked or found.find(u) == found.find(v):
-                    continue
-                checked.add((u, v))
-                if jaccard(distinct[u], distinct[v]) > threshold:
-                    found.union(u, v)
+    for u, v in sorted(hasher.candidate_pairs(hasher.signatures(distinct))):
+        if jaccard(distinct[u], distinct[v]) > threshold:
+            found.union(u, v)
     everyone = UnionFind(len(hashes))
     for u, value in enumerate(distinct):
         indices = where[value]
@@ -229,20 +264,71 @@ def decontaminate(
     """Indices of training samples to drop: those with ANY image whose hash matches ANY benchmark image.
 
     ``train_hashes[i]`` holds the pHashes of sample ``i``'s images (empty for a text-only sample).
-    Benchmark hashes are indexed by their LSH buckets; each training image is looked up and verified
-    with the exact Jaccard, as in `duplicate_groups`.
+    Benchmark and training hashes share the LSH buckets; only benchmark-training candidate pairs are
+    verified, with the exact Jaccard, as in `duplicate_groups`.
     """
-    hasher = hasher or MinHasher()
+    hasher = hasher or MinHasher(threshold=threshold)
     bench = sorted({int(h) for h in benchmark_hashes})
-    buckets: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for value, signature in zip(bench, hasher.signatures(bench)):
-        for key in hasher.band_keys(signature):
-            buckets[key].append(value)
-    exact = set(bench)
-    distinct = sorted({int(h) for hashes in train_hashes for h in hashes} - exact)
-    contaminated = set(exact)
-    for value, signature in zip(distinct, hasher.signatures(distinct)):
-        candidates = {b for key in hasher.band_keys(signature) for b in buckets.get(key, ())}
-        if any(jaccard(value, b) > threshold for b in candidates):
+    contaminated = set(bench)
+    queries = sorted({int(h) for hashes in train_hashes for h in hashes} - contaminated)
+    signatures = hasher.signatures(bench + queries)
+    for b, q in hasher.candidate_pairs(signatures, split=len(bench)):
+        value = queries[q - len(bench)]
+        if value not in contaminated and jaccard(bench[b], value) > threshold:
             contaminated.add(value)
     return {i for i, hashes in enumerate(train_hashes) if any(int(h) in contaminated for h in hashes)}
+
+
+@dataclass
+class Selection:
+    """What `select_samples` decided: kept sample indices in order, and why the others were dropped."""
+
+    kept: list[int] = field(default_factory=list)
+    contaminated: set[int] = field(default_factory=set)
+    duplicates: dict[int, int] = field(default_factory=dict)  # dropped sample → the kept sample it repeats
+
+
+def select_samples(
+    sample_hashes: Sequence[Sequence[int]],
+    benchmark_hashes: Iterable[int] = (),
+    *,
+    threshold: float = THRESHOLD,
+    hasher: MinHasher | None = None,
+) -> Selection:
+    """Decontaminate, then deduplicate, samples given the pHashes of their images, in read order.
+
+    A sample with ANY image matching a benchmark image is contaminated. Among the rest, a sample with an
+    image in the same near-duplicate group as an image of an earlier *kept* sample is a duplicate of it;
+    the first sample of a group is kept, a sample's own images never drop it, and samples without images
+    are always kept (text duplicates are not this module's business).
+    """
+    hasher = hasher or MinHasher(threshold=threshold)
+    benchmark = list(benchmark_hashes)
+    chosen = Selection()
+    if benchmark:
+        chosen.contaminated = decontaminate(sample_hashes, benchmark, threshold=threshold, hasher=hasher)
+    flat: list[int] = []  # hashes of the images of clean samples
+    owner: list[int] = []  # image → its sample
+    for index, hashes in enumerate(sample_hashes):
+        if index not in chosen.contaminated:
+            flat.extend(int(h) for h in hashes)
+            owner.extend([index] * len(hashes))
+    group_of = list(range(len(flat)))  # image → group id (itself when it has no duplicate)
+    for group_id, members in enumerate(duplicate_groups(flat, threshold=threshold, hasher=hasher)):
+        for image in members:
+            group_of[image] = len(flat) + group_id
+    groups_of: dict[int, set[int]] = defaultdict(set)
+    for image, index in enumerate(owner):
+        groups_of[index].add(group_of[image])
+    claimed: dict[int, int] = {}  # group → the kept sample that owns it
+    for index in range(len(sample_hashes)):
+        if index in chosen.contaminated:
+            continue
+        earlier = [claimed[g] for g in groups_of.get(index, ()) if claimed.get(g, index) != index]
+        if earlier:
+            chosen.duplicates[index] = min(earlier)
+            continue
+        chosen.kept.append(index)
+        for g in groups_of.get(index, ()):
+            claimed.setdefault(g, index)
+    return chosen

@@ -4,6 +4,7 @@
     keye-launch validate BLUEPRINT [BLUEPRINT ...]
     keye-launch print-config BLUEPRINT [KEY=VALUE ...]
     keye-launch plugins [--json]
+    keye-launch convert {hf-to-megatron,megatron-to-hf} SRC DST [--tensor T] [--pipeline P]
 
 A user error (bad blueprint, unknown component, bad override) prints one line and exits 2.
 """
@@ -88,6 +89,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from keye.launch.convert import run_convert
+
+    return run_convert(args.direction, args.src, args.dst, args.tensor, args.pipeline)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keye-launch", description="Run and inspect keye blueprints.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list plugins: distribution, version, status, components")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=cmd_plugins)
+
+    convert = commands.add_parser("convert", help="convert released Hugging Face Keye-VL checkpoints to/from Megatron-Core")
+    convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
+    convert.add_argument("src", help="source directory")
+    convert.add_argument("dst", help="destination directory (new or empty)")
+    convert.add_argument("--tensor", type=int, default=1, help="tensor-parallel size to convert with")
+    convert.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size to convert with")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 

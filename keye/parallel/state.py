@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -164,6 +165,14 @@ def _seed(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)  # Megatron's tracked states (per-TP-rank streams)
 
 
+def _quiet_megatron_imports() -> None:
+    """Megatron warns at import on every rank that apex / Transformer Engine are absent and that it falls back
+    to its local implementations. On CPU that is the expected set-up, not news: keep the log readable."""
+    for pattern in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not installed.*",
+                    r".*full scope is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def init_parallel(
     tensor: int = 1,
     pipeline: int = 1,
@@ -172,6 +181,7 @@ def init_parallel(
     virtual_pipeline: int | None = None,
 ) -> ParallelContext:
     """Start torch.distributed and Megatron's tensor/pipeline/data-parallel groups in this process."""
+    _quiet_megatron_imports()
     rank, world_size, local_rank, init_method = _process_env()
     check_layout(world_size, tensor, pipeline)
     if virtual_pipeline is not None and pipeline < 2:

@@ -77,8 +77,14 @@ class TrainEngine:
         config.no_sync_func = [c.no_sync for c in self.chunks] if len(self.chunks) > 1 else self.chunks[0].no_sync
         self.config = config
         self.clip_grad = stage.optimizer.clip_grad
-        self.optimizer = build_optimizer(self.chunks, stage.optimizer, dtype, distributed=distributed_optimizer)
-        self.scheduler = build_scheduler(self.optimizer, stage.optimizer, stage.schedule, stage.steps)
+        self.optimizer = self.scheduler = None  # an evaluation-only stage (no steps) needs neither
+        if stage.steps > 0:
+            if not any(p.requires_grad for chunk in chunks for p in chunk.parameters()):
+                from keye.errors import KeyeUserError
+
+                raise KeyeUserError(f"stage '{stage.name}': {stage.steps} steps but nothing to train (stages.*.train)")
+            self.optimizer = build_optimizer(self.chunks, stage.optimizer, dtype, distributed=distributed_optimizer)
+            self.scheduler = build_scheduler(self.optimizer, stage.optimizer, stage.schedule, stage.steps)
         self.max_bad_steps = max_bad_steps
         self.bad_in_a_row = 0
         self.skipped_steps = 0

@@ -17,8 +17,10 @@ from typing import Any, Protocol
 from omegaconf import DictConfig, OmegaConf
 
 from keye.config import build_component_config
+from keye.errors import KeyeUserError
 from keye.plugins import PluginHost
 from keye.train.metrics import MetricsWriter, write_summary
+from keye.train.report import write_report
 
 
 #: Written into a stage's folder when it finishes; ``--resume`` skips such stages.
@@ -55,16 +57,17 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
     """Run every stage (or only ``only_stage``); write ``summary.json``; return the summary."""
     from keye.parallel import init_parallel
 
-    parallel = init_parallel(
-        tensor=cfg.parallel.tensor,
-        pipeline=cfg.parallel.pipeline,
-        virtual_pipeline=cfg.parallel.virtual_pipeline,
-        backend=cfg.parallel.backend,
-        seed=cfg.run.seed,
-    )
+    try:
+        parallel = init_parallel(
+            tensor=cfg.parallel.tensor,
+            pipeline=cfg.parallel.pipeline,
+            virtual_pipeline=cfg.parallel.virtual_pipeline,
+            backend=cfg.parallel.backend,
+            seed=cfg.run.seed,
+        )
+    except ValueError as exc:  # a layout that does not fit the processes started
+        raise KeyeUserError(f"parallel: {exc}") from None
     if cfg.parallel.data is not None and cfg.parallel.data != parallel.dp_size:
-        from keye.errors import KeyeUserError
-
         raise KeyeUserError(
             f"parallel.data={cfg.parallel.data} but world size {parallel.world_size} / "
             f"(tensor {parallel.tp_size} x pipeline {parallel.pp_size}) gives {parallel.dp_size}"
@@ -98,6 +101,7 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
             (stage_dir / DONE).parent.mkdir(parents=True, exist_ok=True)
             (stage_dir / DONE).write_text(json.dumps(summary["stages"][stage.name], indent=2, default=str))
             write_summary(output_dir, summary)
+            write_report(output_dir, summary)
         previous = stage_dir
     if is_main:
         write_summary(output_dir, summary)

@@ -21,6 +21,7 @@ import torch
 from keye import hookimpl
 from keye.config import doc
 from keye.model.protocols import BuildContext
+from keye.parallel import fp8 as keye_fp8
 
 
 class Qwen3LanguageModel(torch.nn.Module):
@@ -68,7 +69,20 @@ class Qwen3LanguageModel(torch.nn.Module):
         self.config = config
         self.vocab_size = config.vocab_size
         self.transformer_config = self._transformer_config(config, ctx)
-        spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+        # Precision (keye.parallel.fp8): FP8 picks the layer spec. 'te': Transformer Engine's spec (Megatron
+        # enters TE's autocast from the fp8 fields of the config); 'torch': the local spec with keye's
+        # scaled-FP8 linears; FP8 off: the local spec. Fails here, in one line, if the backend cannot run.
+        fp8_backend = keye_fp8.fp8_backend(ctx.fp8)
+        if fp8_backend == "te":
+            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+        else:
+            spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+            if fp8_backend == "torch":
+                from keye.model.fp8_linear import fp8_layer_spec
+
+                spec = fp8_layer_spec(spec)
         self.gpt = GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=spec,
@@ -135,6 +149,7 @@ class Qwen3LanguageModel(torch.nn.Module):
             recompute_granularity="full" if config.recompute else None,
             recompute_method="uniform" if config.recompute else None,
             recompute_num_layers=1 if config.recompute else None,
+            **keye_fp8.megatron_fp8_kwargs(ctx.fp8),  # TE backend only: fp8="hybrid", delayed recipe, amax history
             **layout,
         )
 

@@ -1,0 +1,537 @@
+"""Released Keye-VL-8B-Preview checkpoints (Hugging Face layout) ↔ keye's ``KeyeVLModel``.
+
+The released format (spec §1.7, §2) is a directory with ``config.json`` (``model_type: "Keye"``, Qwen3 keys
+at the top level, ``rope_scaling.mrope_section``, the vision settings nested under ``vision_config``) and
+safetensors weights, one file or several listed in ``model.safetensors.index.json``, named
+``visual.vision_model.*`` (SigLIP ViT), ``mlp_AR.*`` (projector), ``model.*`` (Qwen3) and ``lm_head.weight``.
+That format fixes the architecture, so this module is tied to three built-in components:
+``siglip_navit``, ``patch_merge_mlp`` (norm ``pre_merge``, act ``gelu``) and ``qwen3`` (``mrope``); they
+are still built through the registry, like any blueprint model.
+
+- :func:`hf_configs` reads config.json into those components' ``Config`` objects (a missing or wrong key is
+  a ``KeyeUserError`` naming it); :func:`hf_config_dict` writes one back.
+- :func:`expected_hf_shapes` lists every weight the format holds for a config, written out from the spec
+  rather than derived from the mapping code, so loading can name each missing, unexpected or misshapen
+  tensor *before* anything is converted.
+- :func:`hf_to_keye_state` / :func:`keye_to_hf_state` convert full (unsharded) tensors between released
+  names and ``KeyeVLModel`` parameter names (global layer numbers). Only renames, splits and
+  concatenations: the round trip is bit-exact.
+- :func:`load_keye_vl` builds a ``KeyeVLModel`` sized from config.json and loads it; :func:`save_keye_vl`
+  writes one back in the released format. Both work under tensor parallelism (each rank takes / gives its
+  slice) and pipeline parallelism (each stage its layers); the :class:`KeyeVL` wrapper's ``hf_forward``
+  is the released forward pass for a single-process (TP ranks allowed, PP = 1) model.
+
+The released weights ``visual.vision_model.head.*`` (SigLIP pooling head) and
+``visual.vision_model.embeddings.packing_position_embedding.*`` are unused by the model (spec §1.1): they are
+not loaded, but kept on the wrapper (``KeyeVL.unused``) and written back, so load→save loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keye.errors import KeyeUserError
+from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
+from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, get_rope_index
+from keye_plugins.projector.patch_merge_mlp import PatchMergeMLP
+from keye_plugins.vision_encoder.siglip_navit import SiglipNaViT
+
+VISION_PREFIX = "visual.vision_model."
+UNUSED_PREFIXES = (VISION_PREFIX + "head.", VISION_PREFIX + "embeddings.packing_position_embedding.")
+LLM_PREFIX = "language_model.gpt."  # where the Qwen3 GPTModel sits inside KeyeVLModel
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# --- config.json ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class KeyeVLConfigs:
+    """The component settings one released config.json describes."""
+
+    vision: SiglipNaViT.Config
+    projector: PatchMergeMLP.Config
+    language: Qwen3LanguageModel.Config
+    mrope: MRopeTimeAligned.Config
+
+    def model_section(self) -> SimpleNamespace:
+        """What ``KeyeVLModel`` takes as a blueprint ``model`` section: one registry node per slot."""
+        return SimpleNamespace(
+            vision_encoder={"name": "siglip_navit", **asdict(self.vision)},
+            projector={"name": "patch_merge_mlp", **asdict(self.projector)},
+            language_model={"name": "qwen3", **asdict(self.language)},
+        )
+
+
+def _get(cfg: dict, key: str, default: Any = KeyError, where: str = "config.json") -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node or node[part] is None:
+            if default is KeyError:
+                raise KeyeUserError(f"{where}: missing key '{key}'")
+            return default
+        node = node[part]
+    return node
+
+
+def _require(cfg: dict, key: str, allowed: tuple, default: Any, where: str) -> None:
+    value = _get(cfg, key, default, where)
+    if value not in allowed:
+        raise KeyeUserError(f"{where}: {key} = {value!r} is not supported (Keye-VL-8B-Preview: {allowed[0]!r})")
+
+
+def hf_configs(cfg: dict, where: str = "config.json") -> KeyeVLConfigs:
+    """Component configs from a released config.json (already parsed)."""
+    if cfg.get("model_type", "Keye") != "Keye":
+        raise KeyeUserError(f"{where}: model_type {cfg.get('model_type')!r} is not 'Keye' (Keye-VL-8B-Preview)")
+    vc = _get(cfg, "vision_config", where=where)
+    if not isinstance(vc, dict):
+        raise KeyeUserError(f"{where}: vision_config must be an object")
+    _require(cfg, "hidden_act", ("silu",), "silu", where)
+    _require(cfg, "attention_bias", (False,), False, where)
+    _require(cfg, "tie_word_embeddings", (False,), False, where)
+    _require(cfg, "use_sliding_window", (False,), False, where)
+    _require(cfg, "vision_config.hidden_act", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh", where)
+    heads = _get(cfg, "num_attention_heads", where=where)
+    hidden = _get(cfg, "hidden_size", where=where)
+    head_dim = _get(cfg, "head_dim", hidden // heads, where)
+    mrope_section = list(_get(cfg, "rope_scaling.mrope_section", where=where))
+    theta = float(_get(cfg, "rope_theta", 1_000_000.0, where))
+    merge = _get(cfg, "vision_config.spatial_merge_size", 2, where)
+    vision_hidden = _get(cfg, "vision_config.hidden_size", where=where)
+    try:
+        vision = SiglipNaViT.Config(
+            hidden_size=vision_hidden,
+            intermediate_size=_get(cfg, "vision_config.intermediate_size", where=where),
+            num_layers=_get(cfg, "vision_config.num_hidden_layers", where=where),
+            num_heads=_get(cfg, "vision_config.num_attention_heads", where=where),
+            patch_size=_get(cfg, "vision_config.patch_size", where=where),
+            image_size=_get(cfg, "vision_config.image_size", where=where),
+            layer_norm_eps=float(_get(cfg, "vision_config.layer_norm_eps", 1e-6, where)),
+            use_rope=True,
+        )
+        projector = PatchMergeMLP.Config(in_dim=vision_hidden, out_dim=hidden, merge=merge, hidden=None,
+                                         act="gelu", norm="pre_merge", norm_eps=1e-5)
+        language = Qwen3LanguageModel.Config(
+            hidden_size=hidden,
+            num_layers=_get(cfg, "num_hidden_layers", where=where),
+            num_attention_heads=heads,
+            num_query_groups=_get(cfg, "num_key_value_heads", heads, where),
+            head_dim=head_dim,
+            ffn_hidden_size=_get(cfg, "intermediate_size", where=where),
+            vocab_size=_get(cfg, "vocab_size", where=where),
+            max_position_embeddings=_get(cfg, "max_position_embeddings", 40960, where),
+            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6, where)),
+            rope_theta=theta,
+            position_embedding="mrope",
+            mrope_section=mrope_section,
+        )
+        mrope = MRopeTimeAligned.Config(
+            mrope_section=mrope_section,
+            tokens_per_second=float(_get(cfg, "vision_config.tokens_per_second", cfg.get("tokens_per_second", 2.0), where)),
+            spatial_merge_size=merge,
+            theta=theta,
+            head_dim=head_dim,
+            image_token_id=_get(cfg, "image_token_id", 151655, where),
+            video_token_id=_get(cfg, "video_token_id", 151656, where),
+            vision_start_token_id=_get(cfg, "vision_start_token_id", 151652, where),
+        )
+    except (TypeError, ValueError) as exc:
+        raise KeyeUserError(f"{where}: {exc}") from None
+    if 2 * sum(mrope_section) != head_dim:
+        raise KeyeUserError(f"{where}: rope_scaling.mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
+    if vision_hidden % vision.num_heads or (vision_hidden // vision.num_heads) % 4:
+        raise KeyeUserError(f"{where}: vision head_dim = hidden_size / num_attention_heads must be a multiple of 4 (2D RoPE)")
+    return KeyeVLConfigs(vision, projector, language, mrope)
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a checkpoint directory, parsed; one-line errors for a missing dir or bad JSON."""
+    path = Path(path)
+    if not path.is_dir():
+        raise KeyeUserError(f"{path}: not a directory")
+    file = path / "config.json"
+    if not file.is_file():
+        raise KeyeUserError(f"{path}: no config.json (not a Hugging Face Keye-VL checkpoint)")
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise KeyeUserError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise KeyeUserError(f"{file}: expected a JSON object")
+    return cfg
+
+
+def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torch.dtype | None = None) -> dict:
+    """A released-style config.json for these components; keys of ``base`` that are not ours are kept."""
+    v, p, lm, mr = configs.vision, configs.projector, configs.language, configs.mrope
+    if p.norm != "pre_merge" or p.act != "gelu" or (p.hidden or p.in_dim * p.merge**2) != p.in_dim * p.merge**2:
+        raise KeyeUserError("the Keye-VL-8B-Preview format needs patch_merge_mlp with norm pre_merge, act gelu, hidden null")
+    cfg = dict(base or {})
+    cfg.update(
+        architectures=cfg.get("architectures", ["KeyeForConditionalGeneration"]), model_type="Keye",
+        hidden_size=lm.hidden_size, intermediate_size=lm.ffn_hidden_size, num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_attention_heads, num_key_value_heads=lm.num_query_groups, head_dim=lm.head_dim,
+        hidden_act="silu", vocab_size=lm.vocab_size, max_position_embeddings=lm.max_position_embeddings,
+        rms_norm_eps=lm.rms_norm_eps, rope_theta=lm.rope_theta, attention_bias=False, tie_word_embeddings=False,
+        use_sliding_window=False, image_token_id=mr.image_token_id, video_token_id=mr.video_token_id,
+        vision_start_token_id=mr.vision_start_token_id,
+    )
+    cfg["rope_scaling"] = {**cfg.get("rope_scaling", {"type": "mrope"}), "mrope_section": list(lm.mrope_section)}
+    cfg["vision_config"] = {
+        **cfg.get("vision_config", {}), "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "patch_size": v.patch_size,
+        "image_size": v.image_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
+        "spatial_merge_size": p.merge, "tokens_per_second": mr.tokens_per_second, "num_channels": 3,
+    }
+    if dtype is not None:
+        cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    return cfg
+
+
+# --- weight names --------------------------------------------------------------------------------------
+
+
+def expected_hf_shapes(configs: KeyeVLConfigs) -> dict[str, tuple[int, ...]]:
+    """Every weight of a released checkpoint with these settings (unused ones aside), and its shape."""
+    v, p, lm = configs.vision, configs.projector, configs.language
+    d, inner, patch = v.hidden_size, v.intermediate_size, v.patch_size
+    vis = VISION_PREFIX
+    shapes: dict[str, tuple[int, ...]] = {
+        vis + "embeddings.patch_embedding.weight": (d, 3, patch, patch),
+        vis + "embeddings.patch_embedding.bias": (d,),
+        vis + "embeddings.position_embedding.weight": ((v.image_size // patch) ** 2, d),
+        vis + "post_layernorm.weight": (d,),
+        vis + "post_layernorm.bias": (d,),
+    }
+    for i in range(v.num_layers):
+        layer = f"{vis}encoder.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"{layer}self_attn.{proj}.weight"], shapes[f"{layer}self_attn.{proj}.bias"] = (d, d), (d,)
+        for norm in ("layer_norm1", "layer_norm2"):
+            shapes[f"{layer}{norm}.weight"], shapes[f"{layer}{norm}.bias"] = (d,), (d,)
+        shapes[f"{layer}mlp.fc1.weight"], shapes[f"{layer}mlp.fc1.bias"] = (inner, d), (inner,)
+        shapes[f"{layer}mlp.fc2.weight"], shapes[f"{layer}mlp.fc2.bias"] = (d, inner), (d,)
+    merged = d * p.merge**2
+    shapes.update({
+        "mlp_AR.pre_norm.weight": (d,), "mlp_AR.pre_norm.bias": (d,),
+        "mlp_AR.linear_1.weight": (merged, merged), "mlp_AR.linear_1.bias": (merged,),
+        "mlp_AR.linear_2.weight": (lm.hidden_size, merged), "mlp_AR.linear_2.bias": (lm.hidden_size,),
+    })
+    h, hd, ffn = lm.hidden_size, lm.head_dim, lm.ffn_hidden_size
+    q, kv = lm.num_attention_heads * hd, lm.num_query_groups * hd
+    shapes.update({"model.embed_tokens.weight": (lm.vocab_size, h), "model.norm.weight": (h,),
+                   "lm_head.weight": (lm.vocab_size, h)})
+    for i in range(lm.num_layers):
+        layer = f"model.layers.{i}."
+        shapes.update({
+            layer + "self_attn.q_proj.weight": (q, h), layer + "self_attn.k_proj.weight": (kv, h),
+            layer + "self_attn.v_proj.weight": (kv, h), layer + "self_attn.o_proj.weight": (h, q),
+            layer + "self_attn.q_norm.weight": (hd,), layer + "self_attn.k_norm.weight": (hd,),
+            layer + "mlp.gate_proj.weight": (ffn, h), layer + "mlp.up_proj.weight": (ffn, h),
+            layer + "mlp.down_proj.weight": (h, ffn),
+            layer + "input_layernorm.weight": (h,), layer + "post_attention_layernorm.weight": (h,),
+        })
+    return shapes
+
+
+def check_hf_names(shapes: dict[str, tuple[int, ...]], configs: KeyeVLConfigs, where: str) -> list[str]:
+    """Raise a ``KeyeUserError`` naming missing/unexpected/misshapen weights; return the skipped unused names."""
+    expected = expected_hf_shapes(configs)
+    unused = sorted(name for name in shapes if name.startswith(UNUSED_PREFIXES))
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - set(unused))
+    wrong = [f"{name} {tuple(shapes[name])} (config says {expected[name]})"
+             for name in sorted(set(expected) & set(shapes)) if tuple(shapes[name]) != expected[name]]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{label} weight {', '.join(names[:3])}{more}")
+    if problems:
+        raise KeyeUserError(f"{where}: " + "; ".join(problems))
+    return unused
+
+
+def hf_to_keye_state(hf: dict[str, Tensor], configs: KeyeVLConfigs) -> dict[str, Tensor]:
+    """Released tensors (checked by :func:`check_hf_names`) → ``KeyeVLModel`` parameter names, full tensors."""
+    from keye.hf.qwen3_weights import hf_to_keye
+    from keye_plugins.vision_encoder.siglip_navit import hf_to_keye_state_dict
+
+    out = {"vision_encoder." + k: t for k, t in hf_to_keye_state_dict(hf, configs.vision.num_heads, VISION_PREFIX).items()}
+    out.update({"projector." + k[len("mlp_AR."):]: t for k, t in hf.items() if k.startswith("mlp_AR.")})
+    out.update(hf_to_keye(hf, configs.language, prefix=LLM_PREFIX))
+    return out
+
+
+def keye_to_hf_state(state: dict[str, Tensor], configs: KeyeVLConfigs) -> dict[str, Tensor]:
+    """``KeyeVLModel`` full tensors (global layer numbers) → released names (inverse of :func:`hf_to_keye_state`)."""
+    from keye.hf.qwen3_weights import keye_to_hf
+    from keye_plugins.vision_encoder.siglip_navit import keye_to_hf_state_dict
+
+    vision = {k[len("vision_encoder."):]: t for k, t in state.items() if k.startswith("vision_encoder.")}
+    out = keye_to_hf_state_dict(vision, configs.vision.num_heads, VISION_PREFIX)
+    out.update({"mlp_AR." + k[len("projector."):]: t for k, t in state.items() if k.startswith("projector.")})
+    out.update(keye_to_hf(state, configs.language, prefix=LLM_PREFIX))
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+# --- safetensors files ---------------------------------------------------------------------------------
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those the index lists, or the single ``model.safetensors``."""
+    index = path / INDEX_NAME
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise KeyeUserError(f"{index}: not a safetensors index ({exc})") from None
+        files = [path / name for name in names]
+    else:
+        files = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else sorted(path.glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing or not files:
+        raise KeyeUserError(f"{path}: weight file missing: {missing[0] if missing else WEIGHTS_NAME}")
+    return files
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """Every tensor of the checkpoint's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Tensor] = {}
+    for file in weight_files(path):
+        out.update(load_file(str(file)))
+    return out
+
+
+def write_weights(tensors: dict[str, Tensor], path: Path, max_shard_bytes: int | None = None) -> list[str]:
+    """One ``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``."""
+    from safetensors.torch import save_file
+
+    tensors = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+        return [WEIGHTS_NAME]
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+    weight_map = {tensor: name for name, shard in zip(names, shards) for tensor in shard}
+    (path / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return names
+
+
+# --- the model -----------------------------------------------------------------------------------------
+
+
+def _parallel_context() -> Any:
+    """This process's ``ParallelContext``; starts a single-process one (world 1) if none is running."""
+    from megatron.core import parallel_state as mpu
+
+    from keye.parallel import current_context, init_parallel
+
+    return current_context() if mpu.model_parallel_is_initialized() else init_parallel()
+
+
+def build_keye_vl_model(configs: KeyeVLConfigs, dtype: torch.dtype = torch.float32, parallel: Any = None) -> nn.Module:
+    """An (untrained) ``KeyeVLModel`` with these settings, for this process's place in the parallel layout."""
+    from keye.model.composition import KeyeVLModel
+    from keye.model.protocols import BuildContext
+    from keye.plugins import get_registry
+
+    parallel = parallel or _parallel_context()
+    ctx = BuildContext(parallel, dtype, parallel.is_first_stage, parallel.is_last_stage)
+    return KeyeVLModel(configs.model_section(), get_registry(), ctx,
+                       image_token_id=configs.mrope.image_token_id, video_token_id=configs.mrope.video_token_id)
+
+
+def load_hf_into(model: nn.Module, keye_state: dict[str, Tensor]) -> None:
+    """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers."""
+    from keye.model.megatron_blocks import load_full_state_dict
+    from keye.parallel.init import global_name
+
+    local = {name: keye_state[global_name(model, name)] for name, _ in model.named_parameters()}
+    load_full_state_dict(model, local)
+
+
+def gather_full_state(model: nn.Module) -> dict[str, Tensor] | None:
+    """Full tensors by global name; collective over TP and PP ranks. Returned on the first PP stage, else None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    from keye.model.megatron_blocks import full_state_dict
+    from keye.parallel.init import global_name
+
+    state = {global_name(model, name): t for name, t in full_state_dict(model).items()}
+    if mpu.get_pipeline_model_parallel_world_size() == 1:
+        return state
+    group = mpu.get_pipeline_model_parallel_group()
+    first = dist.get_global_rank(group, 0)
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(state, parts, dst=first, group=group)
+    if dist.get_rank() != first:
+        return None
+    return {name: tensor for part in parts for name, tensor in part.items()}
+
+
+def causal_padding_mask(attention_mask: Tensor | None, batch: int, length: int) -> Tensor:
+    """Megatron's attention mask ``[B, 1, L, L]`` bool, True = masked: causal, padded keys hidden.
+
+    A padded query row would hide every key (all earlier keys are padding too under left padding), which
+    softmax turns into NaN in some kernels: each token always sees itself, so no row is fully masked.
+    Rows of real tokens are unchanged (their diagonal is a real, visible key anyway).
+    """
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # (L, L): True above the diagonal
+    mask = causal.expand(batch, 1, length, length)
+    if attention_mask is not None:
+        padded_keys = (attention_mask == 0).cpu().view(batch, 1, 1, length)
+        mask = mask | padded_keys
+    return mask & ~torch.eye(length, dtype=torch.bool)  # (B, 1, L, L)
+
+
+class KeyeVL(nn.Module):
+    """A loaded released checkpoint: ``model`` (``KeyeVLModel``), ``config`` (config.json dict), ``configs``.
+
+    ``unused`` holds the released tensors the model has no use for (written back by :func:`save_keye_vl`);
+    ``generation_config`` is the checkpoint's generation_config.json, if it had one.
+    """
+
+    def __init__(self, model: nn.Module, config: dict, unused: dict[str, Tensor] | None = None,
+                 generation_config: dict | None = None) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.configs = hf_configs(config)
+        self.unused = dict(unused or {})
+        self.generation_config = generation_config
+
+    @property
+    def skipped(self) -> list[str]:
+        """Names of the released weights that were not loaded (unused by the model)."""
+        return sorted(self.unused)
+
+    @staticmethod
+    def _vision(pixels: Tensor | None, grid_thw: Tensor | None, patch: int, what: str) -> Any:
+        from keye.model.composition import VisionInputs
+
+        if pixels is None:
+            return None
+        if grid_thw is None:
+            raise ValueError(f"{what} given without its grid_thw")
+        pixels = pixels.reshape(pixels.shape[0], 3, patch, patch)  # (N, 3*P*P) or (N, 3, P, P) → (N, 3, P, P)
+        return VisionInputs(patches=pixels, grid_thw=torch.as_tensor(grid_thw, dtype=torch.long).reshape(-1, 3))
+
+    @torch.no_grad()
+    def hf_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
+                   image_grid_thw: Tensor | None = None, pixel_values_videos: Tensor | None = None,
+                   video_grid_thw: Tensor | None = None, second_per_grid_ts: Tensor | None = None) -> Tensor:
+        """The released model's prefill on the released processor's tensors: logits ``[B, L, V]`` (full vocab)."""
+        from megatron.core import parallel_state as mpu
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        if mpu.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("hf_forward needs the whole model in this process (pipeline parallel size 1)")
+        patch = self.configs.vision.patch_size
+        images = self._vision(pixel_values, image_grid_thw, patch, "pixel_values")
+        videos = self._vision(pixel_values_videos, video_grid_thw, patch, "pixel_values_videos")
+        batch, length = input_ids.shape
+        position_ids, _ = get_rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                         attention_mask, self.configs.mrope)  # (3, B, L)
+        device = next(self.model.parameters()).device
+        mask = causal_padding_mask(attention_mask, batch, length).to(device)
+        logits = self.model(input_ids.to(device), position_ids.to(device), mask, images=images, videos=videos)
+        if mpu.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)  # (B, L, V/TP) → (B, L, V)
+        return logits
+
+    forward = hf_forward
+
+
+def load_keye_vl(path: str | Path, dtype: torch.dtype = torch.float32) -> KeyeVL:
+    """Build a ``KeyeVLModel`` sized from ``path/config.json`` and load the released weights into it.
+
+    Runs in this process's Megatron parallel state; with none initialised it starts a single-process one
+    (``init_parallel()``: world 1, gloo on CPU), which patches Megatron's CUDA assumptions in this process
+    on a CPU machine. Under TP each rank loads its slice (call it on every rank). Unused released weights
+    (``head.*``, ``packing_position_embedding``) are skipped and listed in ``KeyeVL.skipped``; any other
+    missing, unexpected or misshapen weight is a ``KeyeUserError`` naming it.
+    """
+    path = Path(path)
+    cfg = read_config(path)
+    configs = hf_configs(cfg, where=str(path / "config.json"))
+    hf = read_weights(path)
+    unused = check_hf_names({name: tuple(t.shape) for name, t in hf.items()}, configs, str(path))
+    model = build_keye_vl_model(configs, dtype)
+    load_hf_into(model, hf_to_keye_state(hf, configs))
+    model.eval()
+    generation = path / "generation_config.json"
+    generation_config = json.loads(generation.read_text()) if generation.is_file() else None
+    return KeyeVL(model, cfg, {name: hf[name] for name in unused}, generation_config)
+
+
+def save_keye_vl(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
+                 max_shard_bytes: int | None = None, include_unused: bool = True) -> Path | None:
+    """Write ``model`` (a :class:`KeyeVL`, or a ``KeyeVLModel`` with the Preview architecture) in the released format.
+
+    config.json, model.safetensors (sharded with an index past ``max_shard_bytes``) and, when known,
+    generation_config.json. Tensors keep the model's dtype unless ``dtype`` is given. Collective under
+    TP/PP: call it on every rank; global rank 0 writes and returns the path, other ranks return None.
+    """
+    import torch.distributed as dist
+
+    if isinstance(model, KeyeVL):
+        wrapper, base, configs = model, model.config, model.configs
+        keye_model = model.model
+    else:
+        wrapper, base, keye_model = None, None, model
+        if getattr(model, "vision_encoder", None) is None or getattr(model, "projector", None) is None:
+            raise KeyeUserError("save_keye_vl: the Keye-VL format needs a model with a vision encoder and a projector")
+        mrope = MRopeTimeAligned.Config(mrope_section=list(model.language_model.config.mrope_section),
+                                        theta=model.language_model.config.rope_theta,
+                                        head_dim=model.language_model.config.head_dim,
+                                        spatial_merge_size=model.projector.config.merge,
+                                        image_token_id=model.image_token_id, video_token_id=model.video_token_id)
+        configs = KeyeVLConfigs(model.vision_encoder.config, model.projector.config, model.language_model.config, mrope)
+    state = gather_full_state(keye_model)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    hf = keye_to_hf_state(state, configs)
+    if include_unused and wrapper is not None:
+        hf.update(wrapper.unused)
+    if dtype is not None:
+        hf = {name: tensor.to(dtype) for name, tensor in hf.items()}
+    expected = expected_hf_shapes(configs)
+    assert set(expected) <= set(hf), f"internal: not exported: {sorted(set(expected) - set(hf))[:3]}"
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    stored = dtype or next(iter(state.values())).dtype
+    (out / "config.json").write_text(json.dumps(hf_config_dict(configs, base, stored), indent=2) + "\n")
+    if wrapper is not None and wrapper.generation_config is not None:
+        (out / "generation_config.json").write_text(json.dumps(wrapper.generation_config, indent=2) + "\n")
+    for stale in [out / INDEX_NAME, *out.glob("model*.safetensors")]:
+        stale.unlink(missing_ok=True)
+    write_weights(hf, out, max_shard_bytes)
+    if dist.is_initialized():
+        dist.barrier()
+    return out

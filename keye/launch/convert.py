@@ -1,0 +1,252 @@
+"""``keye-launch convert``: released Hugging Face Keye-VL checkpoints ↔ Megatron-Core distributed checkpoints.
+
+    keye-launch convert hf-to-megatron SRC_HF_DIR DST_DIR [--tensor T] [--pipeline P]
+    keye-launch convert megatron-to-hf SRC_DIR DST_HF_DIR [--tensor T] [--pipeline P]
+
+``hf-to-megatron`` starts ``T x P`` processes (or uses the ones torchrun started), builds the
+``KeyeVLModel`` in that layout, loads the released weights (each rank its TP slice and PP layers) and
+writes a Megatron-Core distributed checkpoint with ``megatron.core.dist_checkpointing.save`` (the default
+``torch_dist`` format, on gloo on a CPU machine). Such a checkpoint stores *global* tensors with their
+shard offsets, so it is not tied to the layout that wrote it: ``megatron-to-hf`` reads it back in any
+layout (default one process) and writes the released format. Only renames, splits, concatenations and
+copies happen, so HF → Megatron → HF is bit-exact.
+
+The destination of ``hf-to-megatron`` holds::
+
+    DST/keye_checkpoint.json   format, dtype, the layout it was written with, the source
+    DST/model/                 the Megatron-Core distributed checkpoint (metadata.json, *.distcp, common.pt)
+    DST/hf/                    config.json and every other non-weight file of the source (tokenizer,
+                               processor, chat template, generation config), plus unused.safetensors:
+                               the released tensors the model does not use (SigLIP head, packing table)
+
+``KeyeVLModel`` is a plain ``nn.Module`` holding Megatron modules and plain ones (the patch embedding,
+the projector), so its sharded state dict is assembled here: Megatron modules give their own (they know
+their TP axes and PP layer offsets), plain parameters are replicated ``ShardedTensor``s.
+
+User errors (missing directory, bad config.json, missing or misnamed weights, a layout the model cannot
+be split into, a non-empty destination) are found in the launching process before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keye.errors import KeyeUserError
+from keye.hf.keye_vl import (
+    DTYPES,
+    INDEX_NAME,
+    KeyeVL,
+    KeyeVLConfigs,
+    build_keye_vl_model,
+    check_hf_names,
+    hf_configs,
+    hf_to_keye_state,
+    load_hf_into,
+    read_config,
+    read_weights,
+    save_keye_vl,
+    weight_files,
+)
+
+META_NAME = "keye_checkpoint.json"
+FORMAT = "keye-vl/megatron-core-dist"
+UNUSED_NAME = "unused.safetensors"
+
+
+# --- checks in the launching process -------------------------------------------------------------------
+
+
+def check_layout(configs: KeyeVLConfigs, tensor: int, pipeline: int) -> None:
+    """The model must split evenly: heads, key/value groups, vocabulary and layers."""
+    if tensor < 1 or pipeline < 1:
+        raise KeyeUserError(f"--tensor ({tensor}) and --pipeline ({pipeline}) must be at least 1")
+    lm, vision = configs.language, configs.vision
+    for what, count, by in (
+        ("num_attention_heads", lm.num_attention_heads, tensor), ("num_key_value_heads", lm.num_query_groups, tensor),
+        ("vocab_size", lm.vocab_size, tensor), ("vision_config.num_attention_heads", vision.num_heads, tensor),
+        ("intermediate_size", lm.ffn_hidden_size, tensor), ("num_hidden_layers", lm.num_layers, pipeline),
+    ):
+        if count % by:
+            flag = "--pipeline" if what == "num_hidden_layers" else "--tensor"
+            raise KeyeUserError(f"{flag} {by} does not divide {what} = {count}")
+
+
+def _hf_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[torch.dtype]]:
+    """Names, shapes and dtypes of a checkpoint's tensors, read from the safetensors headers only."""
+    from safetensors import safe_open
+
+    shapes, dtypes = {}, set()
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                shapes[name] = tuple(piece.get_shape())
+                dtypes.add(piece.get_dtype())
+    return shapes, dtypes
+
+
+def _empty_destination(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise KeyeUserError(f"{path}: destination exists and is not an empty directory")
+
+
+def prepare_hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
+    cfg = read_config(src)
+    configs = hf_configs(cfg, where=str(src / "config.json"))
+    check_layout(configs, tensor, pipeline)
+    shapes, dtypes = _hf_shapes(src)
+    check_hf_names(shapes, configs, str(src))
+    if len(dtypes) != 1:
+        raise KeyeUserError(f"{src}: weights mix dtypes {sorted(dtypes)}; convert them to one dtype first")
+    _empty_destination(dst)
+
+
+def read_meta(src: Path) -> dict:
+    if not src.is_dir():
+        raise KeyeUserError(f"{src}: not a directory")
+    meta_file = src / META_NAME
+    if not meta_file.is_file():
+        raise KeyeUserError(f"{src}: no {META_NAME} (not written by keye-launch convert hf-to-megatron)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise KeyeUserError(f"{meta_file}: not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
+        raise KeyeUserError(f"{meta_file}: unknown format {meta.get('format')!r} / dtype {meta.get('dtype')!r}")
+    if not (src / "model" / "metadata.json").is_file():
+        raise KeyeUserError(f"{src / 'model'}: no Megatron-Core distributed checkpoint (metadata.json missing)")
+    return meta
+
+
+def prepare_megatron_to_hf(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
+    read_meta(src)
+    configs = hf_configs(read_config(src / "hf"), where=str(src / "hf" / "config.json"))
+    check_layout(configs, tensor, pipeline)
+    _empty_destination(dst)
+
+
+# --- the sharded state dict of KeyeVLModel -------------------------------------------------------------
+
+
+def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
+    """Megatron-Core's sharded state dict for any mix of Megatron and plain modules.
+
+    A module with its own ``sharded_state_dict`` (Megatron's) says how its tensors are split over TP ranks
+    and where its layers sit among all PP stages. A plain module's own parameters and persistent buffers
+    are the same on every rank: replicated ``ShardedTensor``s (one main replica is written). Children are
+    visited the same way, so a plain module holding a Megatron block (the ViT) keeps the block's TP axes.
+    """
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    if hasattr(module, "sharded_state_dict"):
+        return module.sharded_state_dict(prefix=prefix)
+    own: dict[str, Any] = {}
+    module._save_to_state_dict(own, "", keep_vars=True)  # this module's tensors, not its children's
+    out = make_sharded_tensors_for_checkpoint(own, prefix)
+    for name, child in module.named_children():
+        out.update(sharded_state_dict(child, f"{prefix}{name}."))
+    return out
+
+
+# --- the work, on every rank ---------------------------------------------------------------------------
+
+
+def _copy_assets(src: Path, dst: Path) -> None:
+    """Every non-weight file of a checkpoint directory (tokenizer, processor, chat template, configs)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.name.endswith(".safetensors") or item.name in (INDEX_NAME, UNUSED_NAME, META_NAME):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, dst / item.name)
+
+
+def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
+    """Run on each of the ``tensor x pipeline`` ranks (after ``prepare_hf_to_megatron``)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import save_file
+
+    from keye.parallel import init_parallel
+
+    parallel = init_parallel(tensor=tensor, pipeline=pipeline)
+    cfg = read_config(src)
+    configs = hf_configs(cfg)
+    hf = read_weights(src)
+    unused = check_hf_names({name: tuple(t.shape) for name, t in hf.items()}, configs, str(src))
+    dtype = next(iter(hf.values())).dtype
+    model = build_keye_vl_model(configs, dtype, parallel)
+    load_hf_into(model, hf_to_keye_state(hf, configs))
+    if parallel.rank == 0:
+        (dst / "model").mkdir(parents=True, exist_ok=True)
+        _copy_assets(src, dst / "hf")
+        save_file({name: hf[name].contiguous() for name in unused}, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
+    dist.barrier()
+    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"))
+    if parallel.rank == 0:
+        meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "tensor": tensor, "pipeline": pipeline,
+                "source": str(src.resolve())}
+        (dst / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    dist.barrier()
+
+
+def load_megatron(src: Path, tensor: int = 1, pipeline: int = 1) -> KeyeVL:
+    """A ``KeyeVL`` built in this layout from a checkpoint written by ``hf_to_megatron`` (in any layout)."""
+    from megatron.core import dist_checkpointing
+    from safetensors.torch import load_file
+
+    from keye.parallel import init_parallel
+
+    meta = read_meta(src)
+    parallel = init_parallel(tensor=tensor, pipeline=pipeline)
+    cfg = read_config(src / "hf")
+    model = build_keye_vl_model(hf_configs(cfg), DTYPES[meta["dtype"]], parallel)
+    state = dist_checkpointing.load(sharded_state_dict(model), str(src / "model"))
+    model.load_state_dict(state, strict=True)
+    unused = load_file(str(src / "hf" / UNUSED_NAME)) if (src / "hf" / UNUSED_NAME).is_file() else {}
+    generation = src / "hf" / "generation_config.json"
+    generation_config = json.loads(generation.read_text()) if generation.is_file() else None
+    return KeyeVL(model.eval(), cfg, unused, generation_config)
+
+
+def megatron_to_hf(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
+    """Run on each of the ``tensor x pipeline`` ranks (after ``prepare_megatron_to_hf``)."""
+    import torch.distributed as dist
+
+    wrapper = load_megatron(src, tensor, pipeline)
+    if dist.get_rank() == 0:
+        _copy_assets(src / "hf", dst)
+    save_keye_vl(wrapper, dst)  # writes config.json and the weights over the copied assets
+
+
+DIRECTIONS = {
+    "hf-to-megatron": (prepare_hf_to_megatron, hf_to_megatron),
+    "megatron-to-hf": (prepare_megatron_to_hf, megatron_to_hf),
+}
+
+
+def run_convert(direction: str, src: str, dst: str, tensor: int = 1, pipeline: int = 1,
+                argv: list[str] | None = None) -> int:
+    """Check the request here, then convert in ``tensor x pipeline`` processes (spawned unless launched)."""
+    from keye.launch.spawn import spawn_local, under_launcher
+
+    prepare, work = DIRECTIONS[direction]
+    src_path, dst_path = Path(src), Path(dst)
+    world = tensor * pipeline
+    if not under_launcher():
+        prepare(src_path, dst_path, tensor, pipeline)
+        if world > 1:
+            return spawn_local(world, argv or ["convert", direction, src, dst, "--tensor", str(tensor),
+                                               "--pipeline", str(pipeline)])
+    work(src_path, dst_path, tensor, pipeline)
+    if torch.distributed.get_rank() == 0:
+        print(f"converted {src} -> {dst} ({direction}, tensor {tensor} x pipeline {pipeline})")
+    return 0
