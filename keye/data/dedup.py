@@ -157,27 +157,45 @@ class MinHasher:
             np.minimum(out, self.lowest[:, j, octets[:, j]], out=out)  # (num_perm, N)
         return np.ascontiguousarray(out.T)
 
-    def candidate_pairs(self, signatures: np.ndarray, split: int | None = None) -> set[tuple[int, int]]:
-        """Pairs ``(u, v)``, u < v, of rows that agree on at least one whole band.
+    def candidate_pairs(self, signatures: np.ndarray, split: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows ``(u, v)``, u < v, that agree on at least one whole band, each pair once.
 
         With ``split``, only pairs across it (``u < split <= v``): queries against an index.
+        Pairs in a bucket are made by comparing each row with the one ``d`` places later in bucket order,
+        for d = 1, 2, ... up to the largest bucket: array work, no Python loop over buckets.
         """
-        pairs: set[tuple[int, int]] = set()
+        n = len(signatures)
+        found = []
         for band in range(self.bands):
             block = np.ascontiguousarray(signatures[:, band * self.rows : (band + 1) * self.rows])  # (N, rows)
             keys = block.view(np.dtype((np.void, self.rows))).ravel()  # one opaque key per row
             _, bucket, counts = np.unique(keys, return_inverse=True, return_counts=True)
-            shared = np.nonzero(counts[bucket.ravel()] > 1)[0]  # rows whose bucket has company
-            shared = shared[np.argsort(bucket.ravel()[shared], kind="stable")]
-            cuts = np.nonzero(np.diff(bucket.ravel()[shared]))[0] + 1
-            for members in np.split(shared, cuts):
-                members = members.tolist()
-                if split is None:
-                    pairs.update((u, v) for i, u in enumerate(members) for v in members[i + 1 :])
-                else:
-                    left = [u for u in members if u < split]
-                    pairs.update((u, v) for u in left for v in members if v >= split)
-        return pairs
+            bucket = bucket.ravel()
+            rows = np.nonzero(counts[bucket] > 1)[0]  # rows whose bucket has company, ascending
+            rows = rows[np.argsort(bucket[rows], kind="stable")]  # grouped by bucket, ascending inside each
+            for d in range(1, int(counts.max(initial=1))):
+                same = bucket[rows[:-d]] == bucket[rows[d:]]
+                found.append(rows[:-d][same] * n + rows[d:][same])
+        codes = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)
+        u, v = codes // max(n, 1), codes % max(n, 1)
+        if split is not None:
+            across = (u < split) & (v >= split)
+            u, v = u[across], v[across]
+        return u, v
+
+
+_POPCOUNT8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def jaccard_many(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """`jaccard` over two arrays of 64-bit hashes, element by element."""
+    a, b = np.asarray(a, dtype="<u8"), np.asarray(b, dtype="<u8")
+
+    def popcount(x: np.ndarray) -> np.ndarray:
+        return _POPCOUNT8[x.view(np.uint8).reshape(-1, 8)].sum(axis=1, dtype=np.int64)
+
+    union = popcount(a | b)
+    return np.where(union > 0, popcount(a & b) / np.maximum(union, 1), 1.0)
 
 
 def estimated_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
@@ -233,9 +251,11 @@ def duplicate_groups(
     hasher = hasher or MinHasher(threshold=threshold)
     distinct, where = _unique(hashes)
     found = UnionFind(len(distinct))
-    for u, v in sorted(hasher.candidate_pairs(hasher.signatures(distinct))):
-        if jaccard(distinct[u], distinct[v]) > threshold:
-            found.union(u, v)
+    u, v = hasher.candidate_pairs(hasher.signatures(distinct))
+    values = np.array(distinct, dtype="<u8")
+    match = jaccard_many(values[u], values[v]) > threshold
+    for a, b in zip(u[match].tolist(), v[match].tolist()):
+        found.union(a, b)
     everyone = UnionFind(len(hashes))
     for u, value in enumerate(distinct):
         indices = where[value]
@@ -271,11 +291,10 @@ def decontaminate(
     bench = sorted({int(h) for h in benchmark_hashes})
     contaminated = set(bench)
     queries = sorted({int(h) for hashes in train_hashes for h in hashes} - contaminated)
-    signatures = hasher.signatures(bench + queries)
-    for b, q in hasher.candidate_pairs(signatures, split=len(bench)):
-        value = queries[q - len(bench)]
-        if value not in contaminated and jaccard(bench[b], value) > threshold:
-            contaminated.add(value)
+    values = np.array(bench + queries, dtype="<u8")
+    u, v = hasher.candidate_pairs(hasher.signatures(values.tolist()), split=len(bench))
+    match = jaccard_many(values[u], values[v]) > threshold
+    contaminated.update(int(value) for value in values[v[match]])
     return {i for i, hashes in enumerate(train_hashes) if any(int(h) in contaminated for h in hashes)}
 
 

@@ -134,7 +134,7 @@ def prepare_megatron_to_hf(src: Path, dst: Path, tensor: int, pipeline: int) -> 
 # --- the sharded state dict of KeyeVLModel -------------------------------------------------------------
 
 
-def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
+def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | None = None) -> dict[str, Any]:
     """Megatron-Core's sharded state dict for any mix of Megatron and plain modules.
 
     A module with its own ``sharded_state_dict`` (Megatron's) says how its tensors are split over TP ranks
@@ -142,15 +142,16 @@ def sharded_state_dict(module: nn.Module, prefix: str = "") -> dict[str, Any]:
     are the same on every rank: replicated ``ShardedTensor``s (one main replica is written). Children are
     visited the same way, so a plain module holding a Megatron block (the ViT) keeps the block's TP axes.
     """
-    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
+    metadata = ensure_metadata_has_dp_cp_group(metadata)  # Megatron's layers read the data-parallel group here
     if hasattr(module, "sharded_state_dict"):
-        return module.sharded_state_dict(prefix=prefix)
+        return module.sharded_state_dict(prefix=prefix, metadata=metadata)
     own: dict[str, Any] = {}
     module._save_to_state_dict(own, "", keep_vars=True)  # this module's tensors, not its children's
     out = make_sharded_tensors_for_checkpoint(own, prefix)
     for name, child in module.named_children():
-        out.update(sharded_state_dict(child, f"{prefix}{name}."))
+        out.update(sharded_state_dict(child, f"{prefix}{name}.", metadata))
     return out
 
 

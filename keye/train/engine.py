@@ -79,7 +79,10 @@ class TrainEngine:
         self.clip_grad = stage.optimizer.clip_grad
         self.optimizer = self.scheduler = None  # an evaluation-only stage (no steps) needs neither
         if stage.steps > 0:
-            if not any(p.requires_grad for chunk in chunks for p in chunk.parameters()):
+            trainable = torch.tensor([sum(p.requires_grad for chunk in chunks for p in chunk.parameters())])
+            if dist.is_initialized():
+                dist.all_reduce(trainable)  # a pipeline stage may hold none of the trained modules
+            if int(trainable) == 0:
                 from keye.errors import KeyeUserError
 
                 raise KeyeUserError(f"stage '{stage.name}': {stage.steps} steps but nothing to train (stages.*.train)")
