@@ -174,6 +174,7 @@ class MinHasher:
             rows = np.nonzero(counts[bucket] > 1)[0]  # rows whose bucket has company, ascending
             rows = rows[np.argsort(bucket[rows], kind="stable")]  # grouped by bucket, ascending inside each
             for d in range(1, int(counts.max(initial=1))):
+                rows = rows[counts[bucket[rows]] > d]  # only buckets with more than d rows have pairs d apart
                 same = bucket[rows[:-d]] == bucket[rows[d:]]
                 found.append(rows[:-d][same] * n + rows[d:][same])
         codes = np.unique(np.concatenate(found)) if found else np.zeros(0, dtype=np.int64)

@@ -79,12 +79,16 @@ def fp8_autocast(recipe: DelayedScaling = DelayedScaling(), amax_reduction_group
     """
     state = _ACTIVE[0] if _ACTIVE else _Autocast(recipe, amax_reduction_group)
     _ACTIVE.append(state)
+    completed = False
     try:
         yield
+        completed = True
     finally:
         _ACTIVE.pop()
-    if not _ACTIVE:  # the step is over (not reached when it raised: a failed step records nothing)
-        _finish_step(state)
+        if not _ACTIVE and completed:  # the step is over: reduce amaxes, update scales
+            _finish_step(state)
+        elif not _ACTIVE:  # a step that raised leaves no trace in the history
+            _discard_step(state)
 
 
 def _finish_step(state: _Autocast) -> None:
@@ -99,6 +103,12 @@ def _finish_step(state: _Autocast) -> None:
             meta.history[0] = row
     for meta in metas:
         meta.roll()
+
+
+def _discard_step(state: _Autocast) -> None:
+    for meta in state.metas.values():
+        if meta.history is not None:
+            meta.history[0] = 0.0
 
 
 def _scale_from(amax: torch.Tensor, fp8_max: torch.Tensor) -> torch.Tensor:

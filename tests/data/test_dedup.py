@@ -138,6 +138,41 @@ def test_minhash_estimates_jaccard():
     assert not (MinHasher(seed=4).signatures([pairs[0][0]])[0] == signatures[0]).all()
 
 
+def test_signature_slots_follow_the_universal_hashes():
+    """Slot k is the rank, in the order h_k(x) = (a_k·x + b_k) mod p induces, of the set's h_k-minimiser."""
+    hasher = MinHasher(seed=5)
+    p = (1 << 61) - 1
+    rng = random.Random(1)
+    values = [sum(1 << i for i in rng.sample(range(64), rng.randint(1, 64))) for _ in range(8)] + [0]
+    signatures = hasher.signatures(values)
+    for value, signature in zip(values, signatures):
+        members = one_positions(value)
+        for k in range(hasher.num_perm):
+            h = [(hasher.a[k] * x + hasher.b[k]) % p for x in range(64)]
+            if not members:
+                assert signature[k] == 64
+                continue
+            winner = min(members, key=h.__getitem__)
+            assert signature[k] == sum(1 for x in range(64) if h[x] < h[winner])
+
+
+def test_candidate_pairs_are_the_rows_sharing_a_band():
+    hasher = MinHasher(bands=16, seed=0)
+    rng = np.random.default_rng(0)
+    signatures = rng.integers(0, 3, size=(60, 128)).astype(np.uint8)  # few values: many shared bands
+    signatures[7] = signatures[3]
+    brute = {
+        (u, v)
+        for u in range(60)
+        for v in range(u + 1, 60)
+        if any((signatures[u, b * 8 : b * 8 + 8] == signatures[v, b * 8 : b * 8 + 8]).all() for b in range(16))
+    }
+    u, v = hasher.candidate_pairs(signatures)
+    assert set(zip(u.tolist(), v.tolist())) == brute and (3, 7) in brute
+    u, v = hasher.candidate_pairs(signatures, split=20)
+    assert set(zip(u.tolist(), v.tolist())) == {(a, b) for a, b in brute if a < 20 <= b}
+
+
 def test_copies_are_found_and_different_pictures_are_not():
     originals = [photo(seed) for seed in range(6)]
     images, expected = [], []

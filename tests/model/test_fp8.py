@@ -180,11 +180,11 @@ def _batch(vocab: int, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, to
     return ids, labels, positions
 
 
-def _qwen3(ctx, fp8: bool):
+def _qwen3(ctx, fp8: bool, recompute: bool = False):
     from keye.model.protocols import BuildContext
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
-    config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"])
+    config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], recompute=recompute)
     precision = FP8Config(enabled=True, backend="torch", amax_history=4) if fp8 else None
     return Qwen3LanguageModel(config, BuildContext(ctx, seed=SEED, fp8=precision))
 
@@ -229,7 +229,32 @@ def _fp8_step_then_delayed_logits(model, ctx) -> dict:
     other_ids, _, _ = _batch(model.vocab_size, seed=SEED + 1)
     with torch.no_grad():
         delayed = _full_logits(model, other_ids, positions, ctx)
-    return {"current": first, "grads": _sharded_grad_norms(model, ctx), "loss": loss.item(), "delayed": delayed}
+    ready = all(bool(m.fp8_meta.ready.all()) for m in model.modules() if hasattr(m, "fp8_meta"))
+    return {"current": first, "grads": _sharded_grad_norms(model, ctx), "loss": loss.item(), "delayed": delayed,
+            "ready": ready}
+
+
+def _recompute_changes_nothing(ctx) -> float:
+    """Largest gradient difference, activation recompute on vs off, over 3 FP8 steps (delayed from step 2).
+
+    Scales are fixed within a step, so the recomputed forward quantises exactly like the first one.
+    """
+    from keye.parallel.fp8 import fp8_context
+
+    ids, labels, positions = _batch(1024)
+    precision = PrecisionConfig(fp8=FP8Config(enabled=True, backend="torch", amax_history=4))
+    grads = []
+    for recompute in (False, True):
+        model = _qwen3(ctx, fp8=True, recompute=recompute)
+        for _ in range(3):
+            model.zero_grad()
+            with fp8_context(precision):
+                model(ids, positions, attention_mask=None, labels=labels).mean().backward()
+            with torch.no_grad():
+                for param in model.parameters():
+                    param -= 1e-2 * param.grad.sign()
+        grads.append([param.grad for param in model.parameters()])
+    return max((a - b).abs().max().item() for a, b in zip(*grads))
 
 
 def _one_rank() -> dict:
@@ -248,6 +273,7 @@ def _one_rank() -> dict:
         "relative": ((actual - expected).norm() / expected.norm()).item(),
         "fp8_linears": sum("Fp8" in type(m).__name__ for m in model.modules()),
         "tp1": _fp8_step_then_delayed_logits(model, ctx),
+        "recompute_difference": _recompute_changes_nothing(ctx),
     }
 
     model.load_state_dict(reference.state_dict())  # train from the start: FP8 vs fp32, same steps
@@ -290,11 +316,13 @@ def test_fp8_qwen3_training_reduces_the_loss_like_fp32(one_rank):
     assert all(math.isfinite(loss) for loss in fp8)
     assert fp8[-1] < fp8[0] - 0.5, fp8  # a fixed batch is memorised
     assert max(abs(a - b) for a, b in zip(fp8, fp32)) < 0.01 * fp32[0], (fp8, fp32)
+    assert one_rank["recompute_difference"] == 0.0
 
 
 def test_fp8_tensor_parallel_2_equals_1(one_rank):
     [tp2, _] = run_distributed(_two_ranks, 2)
     tp1 = one_rank["tp1"]
+    assert tp1["ready"] and tp2["ready"]  # every FP8 linear has delayed scales after the step
     for key in ("current", "delayed"):
         assert (tp2[key] - tp1[key]).abs().max().item() < 1e-5, key
     assert tp2["loss"] == pytest.approx(tp1["loss"], rel=1e-6)
