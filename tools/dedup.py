@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", help="a .jsonl file or webdataset shards (paths, brace patterns, URLs)")
     parser.add_argument("--benchmark", action="append", default=[], help="benchmark data to decontaminate against")
     parser.add_argument("--threshold", type=float, default=THRESHOLD, help=f"Jaccard above which images match ({THRESHOLD})")
-    parser.add_argument("--bands", type=int, default=16, help="LSH bands of the 128 MinHash slots (default 16)")
+    parser.add_argument("--bands", type=int, help="LSH bands of the 128 MinHash slots (default: chosen for the threshold)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the MinHash permutations (default 0)")
     parser.add_argument("--out-keys", type=Path, help="write the kept sample keys here, one a line")
     parser.add_argument("--out-jsonl", type=Path, help="write the kept samples here (JSONL input only)")
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out_jsonl is not None and not args.input.endswith(".jsonl"):
         parser.error("--out-jsonl needs a .jsonl input (its media are files); for shards use --out-keys")
     try:
-        hasher = MinHasher(bands=args.bands, seed=args.seed)
+        hasher = MinHasher(bands=args.bands, seed=args.seed, threshold=args.threshold)
         out_dir = args.out_jsonl.resolve().parent if args.out_jsonl else None
         data = hash_samples(args.input, "input", args.max_bad_fraction, out_dir)
         benchmark = [h for spec in args.benchmark for hs in hash_samples(spec, spec, 1.0).hashes for h in hs]

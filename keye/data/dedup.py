@@ -10,7 +10,9 @@ in training inflate every reported number. The paper's recipe, implemented here:
    no scipy needed. Its scale is irrelevant: only comparisons with the median matter.
 2. **MinHash** (`MinHasher`) over the *positions of the 1-bits* of the hash (a set ⊂ {0..63}), with 128
    seeded universal hash functions ``h(x) = (a·x + b) mod p``, p = 2^61 − 1. Two signatures agree in a
-   slot with probability equal to the Jaccard similarity of the two sets.
+   slot with probability equal to the Jaccard similarity of the two sets. (A slot stores the rank of the
+   minimum among the 64 possible values, one byte, computed from per-byte lookup tables: same equalities,
+   a fraction of the work.)
 3. **LSH banding**: the 128 slots are cut into ``bands`` bands of ``rows`` rows; images that agree on a
    whole band land in the same bucket and become candidate pairs. A pair at Jaccard J becomes a candidate
    with probability ``1 - (1 - J^rows)^bands``; the banding is chosen so that this is ≥ 0.99 at the
@@ -113,7 +115,7 @@ class MinHasher:
 
     ``bands=None`` picks the banding for ``threshold`` (`choose_bands`): 8 bands of 16 rows at 0.95,
     16 of 8 at 0.9. Over a 64-element universe fewer, longer bands matter: two unrelated 32-bit sets
-    share a third of their elements, so 16 rows of 8 would make about 0.2% of all pairs candidates.
+    share a third of their elements, so 16 bands of 8 rows would make about 0.2% of all pairs candidates.
     """
 
     def __init__(

@@ -101,7 +101,7 @@ class ContrastiveStage:
 
     def run(self) -> dict[str, Any]:
         from keye.data.pipeline import micro_batches
-        from keye.train.checkpoint import load_stage_weights, save_stage_weights
+        from keye.train.stage_weights import load_stage_weights, save_stage_weights
 
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         dtype = DTYPES[ctx.blueprint.precision.dtype]

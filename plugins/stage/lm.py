@@ -88,7 +88,7 @@ class LMStage:
 
     def run(self) -> dict[str, Any]:
         from keye.data.pipeline import micro_batches
-        from keye.train.checkpoint import load_stage_weights, save_stage_weights
+        from keye.train.stage_weights import load_stage_weights, save_stage_weights
 
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         parallel, dtype = ctx.parallel, DTYPES[ctx.blueprint.precision.dtype]

@@ -18,7 +18,7 @@ from keye import hookimpl
 from keye.config import component, doc
 from keye.config.validate import build_component_config
 from keye.errors import KeyeUserError
-from keye.train.checkpoint import weights_file
+from keye.train.stage_weights import weights_file
 
 
 class MergeStage:
@@ -53,7 +53,7 @@ class MergeStage:
         out = weights_file(ctx.output_dir, ctx.parallel)
         if ctx.parallel.dp_rank == 0:
             out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"layout": saved[0]["layout"], "model": merged}, out)
+            torch.save({"layout": saved[0]["layout"], "model": merged, "splits": saved[0]["splits"]}, out)
         if dist.is_initialized():
             dist.barrier()
         return {"inputs": list(self.config.inputs), "weights": weights, "tensors": len(merged)}

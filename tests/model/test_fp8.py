@@ -14,8 +14,10 @@ Tolerances, and why:
   bound (> 1e-4) proves FP8 really ran;
 * training 6 AdamW steps on a fixed batch: the loss falls by > 0.5 nat, and stays within 1% of the
   initial loss of the fp32 run's curve (measured: 0.3%);
+* activation recompute on vs off: identical gradients (scales are fixed within a step);
 * TP=2 vs TP=1, both FP8: amaxes are all-reduced over TP, so both layouts quantise identically and the
-  logits agree to fp32 rounding: 1e-5 absolute (measured 1.8e-7; without the reduction, 3e-2).
+  logits agree to fp32 rounding: 1e-5 absolute (measured 1.8e-7; without the reduction, 3e-2). Step
+  amaxes reduced over a group (data parallel) give every rank the same scale.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from keye.testing.distributed import run_distributed
 E4M3_MAX, E5M2_MAX = 448.0, 57344.0
 SEED = 7
 BATCH, SEQ = 2, 16
+TORCH_FP8 = PrecisionConfig(fp8=FP8Config(enabled=True, backend="torch", amax_history=4))
 
 
 # --- the scaled-FP8 matmul against hand quantisation ------------------------------------------------
@@ -66,7 +69,8 @@ def test_fp8_linear_forward_and_backward_equal_hand_quantisation():
     out = fp8_linear(x, weight, Fp8Meta())  # no fp8_autocast: every scale from the tensor's own amax
     out.backward(grad)
 
-    sx, sw, sg = E4M3_MAX / x.abs().max().item(), E4M3_MAX / weight.abs().max().item(), E5M2_MAX / grad.abs().max().item()
+    sx, sw = E4M3_MAX / x.abs().max().item(), E4M3_MAX / weight.abs().max().item()
+    sg = E5M2_MAX / grad.abs().max().item()
     xq, wq = _hand(x.detach(), sx, torch.float8_e4m3fn), _hand(weight.detach(), sw, torch.float8_e4m3fn)
     gq = _hand(grad, sg, torch.float8_e5m2)
     expected = xq @ wq.t()  # (S, B, N)
@@ -119,11 +123,16 @@ def test_delayed_scaling_uses_the_max_of_the_last_n_steps_and_saturates():
         assert meta.scale[INPUT].item() == pytest.approx(scale), step
     assert bool(meta.ready[GRAD]) and meta.scale[GRAD].item() == pytest.approx(E5M2_MAX)  # d(sum)/d(out) = 1
 
-    history = meta.history.clone()
+    history, scale = meta.history.clone(), meta.scale.clone()
     with torch.no_grad():  # outside fp8_autocast: the delayed scales, nothing recorded
         out = fp8_linear(8 * x, weight, meta)
     assert torch.equal(meta.history, history)
     assert torch.equal(out, _hand(8 * x, 448.0, torch.float8_e4m3fn))
+    with pytest.raises(RuntimeError, match="step failed"):  # a failed step leaves no trace
+        with fp8_autocast(DelayedScaling(amax_history_len=2)):
+            fp8_linear(100 * x, weight, meta)
+            raise RuntimeError("step failed")
+    assert torch.equal(meta.history, history) and torch.equal(meta.scale, scale)
 
 
 def test_fp8_layer_spec_swaps_the_four_linears():
@@ -152,11 +161,11 @@ def test_te_backend_without_transformer_engine_is_one_clear_line():
     from keye.parallel.fp8 import check_fp8_available, fp8_context
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
-    precision = _precision("te")
+    precision, tiny = _precision("te"), Qwen3LanguageModel.SIZES["tiny"]
     for attempt in (
         lambda: check_fp8_available(precision),
         lambda: fp8_context(precision),
-        lambda: Qwen3LanguageModel(Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"]), BuildContext(fp8=precision.fp8)),
+        lambda: Qwen3LanguageModel(Qwen3LanguageModel.Config(**tiny), BuildContext(fp8=precision.fp8)),
     ):
         with pytest.raises(KeyeUserError) as caught:
             attempt()
@@ -185,8 +194,7 @@ def _qwen3(ctx, fp8: bool, recompute: bool = False):
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
     config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], recompute=recompute)
-    precision = FP8Config(enabled=True, backend="torch", amax_history=4) if fp8 else None
-    return Qwen3LanguageModel(config, BuildContext(ctx, seed=SEED, fp8=precision))
+    return Qwen3LanguageModel(config, BuildContext(ctx, seed=SEED, fp8=TORCH_FP8.fp8 if fp8 else None))
 
 
 def _full_logits(model, ids, positions, ctx) -> torch.Tensor:
@@ -223,7 +231,7 @@ def _fp8_step_then_delayed_logits(model, ctx) -> dict:
     ids, labels, positions = _batch(model.vocab_size)
     with torch.no_grad():
         first = _full_logits(model, ids, positions, ctx)
-    with fp8_context(PrecisionConfig(fp8=FP8Config(enabled=True, backend="torch", amax_history=4))):
+    with fp8_context(TORCH_FP8):
         loss = model(ids, positions, attention_mask=None, labels=labels).mean()  # labels → (B, L) losses
         loss.backward()
     other_ids, _, _ = _batch(model.vocab_size, seed=SEED + 1)
@@ -242,13 +250,12 @@ def _recompute_changes_nothing(ctx) -> float:
     from keye.parallel.fp8 import fp8_context
 
     ids, labels, positions = _batch(1024)
-    precision = PrecisionConfig(fp8=FP8Config(enabled=True, backend="torch", amax_history=4))
     grads = []
     for recompute in (False, True):
         model = _qwen3(ctx, fp8=True, recompute=recompute)
         for _ in range(3):
             model.zero_grad()
-            with fp8_context(precision):
+            with fp8_context(TORCH_FP8):
                 model(ids, positions, attention_mask=None, labels=labels).mean().backward()
             with torch.no_grad():
                 for param in model.parameters():
@@ -277,8 +284,8 @@ def _one_rank() -> dict:
     }
 
     model.load_state_dict(reference.state_dict())  # train from the start: FP8 vs fp32, same steps
-    precision = PrecisionConfig(fp8=FP8Config(enabled=True, backend="torch", amax_history=4))
-    for name, net, context in (("fp8", model, lambda: fp8_context(precision)), ("fp32", reference, contextlib.nullcontext)):
+    runs = (("fp8", model, lambda: fp8_context(TORCH_FP8)), ("fp32", reference, contextlib.nullcontext))
+    for name, net, context in runs:
         optimizer = torch.optim.AdamW(net.parameters(), lr=3e-3)
         losses = []
         for _ in range(6):
@@ -292,11 +299,23 @@ def _one_rank() -> dict:
     return results
 
 
+def _amax_reduction_over(group) -> float:
+    """The input scale after one step in which rank r saw amax r + 1, its amaxes reduced over ``group``."""
+    from keye.model.fp8_linear import INPUT, DelayedScaling, Fp8Meta, fp8_autocast, fp8_linear
+
+    meta, rank = Fp8Meta(), torch.distributed.get_rank()
+    with fp8_autocast(DelayedScaling(amax_history_len=2), amax_reduction_group=group):
+        fp8_linear(torch.full((2, 4), rank + 1.0), torch.eye(4), meta)
+    return meta.scale[INPUT].item()
+
+
 def _two_ranks() -> dict:
     from keye.parallel import init_parallel
 
     ctx = init_parallel(tensor=2, seed=SEED)
-    return _fp8_step_then_delayed_logits(_qwen3(ctx, fp8=True), ctx)
+    result = _fp8_step_then_delayed_logits(_qwen3(ctx, fp8=True), ctx)
+    result["reduced_scale"] = _amax_reduction_over(torch.distributed.group.WORLD)  # as over data parallel
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +339,8 @@ def test_fp8_qwen3_training_reduces_the_loss_like_fp32(one_rank):
 
 
 def test_fp8_tensor_parallel_2_equals_1(one_rank):
-    [tp2, _] = run_distributed(_two_ranks, 2)
+    [tp2, tp2_rank1] = run_distributed(_two_ranks, 2)
+    assert tp2["reduced_scale"] == tp2_rank1["reduced_scale"] == 448 / 2  # replicas share the max amax
     tp1 = one_rank["tp1"]
     assert tp1["ready"] and tp2["ready"]  # every FP8 linear has delayed scales after the step
     for key in ("current", "delayed"):

@@ -101,3 +101,22 @@ def test_tiny_pretrain_blueprint_end_to_end_shortened(tmp_path):
     assert {"stage", "step", "loss", "lr", "grad_norm", "skipped_step"} <= set(records[-1])
     report = (out / "report.md").read_text()
     assert "| stage2_multitask | lm | 3 |" in report and (out / "plots" / "loss_stage2_multitask.png").is_file()
+
+
+def test_weights_load_into_a_different_layout(tmp_path):
+    """Trained with TP=2; evaluated with PP=2 and with one process: the same held-out loss."""
+    trained = write_blueprint(tmp_path / "tp2.yaml", {
+        "run": {"name": "tp2", "output_dir": str(tmp_path / "tp2"), "seed": 4}, "model": MODEL,
+        "parallel": {"tensor": 2}, "stages": [lm_stage("warm", ["vision_encoder", "projector", "language_model"], 3)],
+    })
+    launch(str(trained), "--nproc", "2")
+    expected = json.loads((tmp_path / "tp2" / "summary.json").read_text())["stages"]["warm"]["eval_after"]["heldout_loss"]
+    for name, parallel, nproc in (("pp2", {"pipeline": 2}, "2"), ("one", {}, "1")):
+        path = write_blueprint(tmp_path / f"{name}.yaml", {
+            "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 4}, "model": MODEL, "parallel": parallel,
+            "stages": [lm_stage("eval", [], 0, init_from=str(tmp_path / "tp2" / "warm"))],
+        })
+        launch(str(path), "--nproc", nproc)
+        result = json.loads((tmp_path / name / "summary.json").read_text())["stages"]["eval"]
+        assert result["eval_after"]["heldout_loss"] == pytest.approx(expected, abs=1e-5), name
+        assert result["initialised_from"] == str(tmp_path / "tp2" / "warm" / "weights")
