@@ -9,8 +9,8 @@ third-party towers work the same way. The score of a pair is the cosine similari
 embedding and the text embedding, in [-1, 1].
 
 The module names (``vision_encoder``, ``text_encoder``, ``vision_head``) match the contrastive stage's
-model, so `ContrastiveScorer.load_weights` reads a stage-0 weights file directly (its ``loss.*`` entries,
-the SigLIP temperature and bias, are not needed for a cosine and are left out).
+model, so `ContrastiveScorer.load_weights` reads a stage-0 weights folder with the stages' own loader
+(its ``loss`` module, the SigLIP temperature and bias, is not needed for a cosine and is left out).
 
 Keep rule: ``score > threshold`` (strictly above, as the paper words it). `ScoreReport` gives the score
 histogram and the kept share, which is what one looks at to choose the threshold for a new scorer: an
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -31,8 +32,6 @@ from keye.data.sample import PairSample
 from keye.data.sources import LoadedSample
 from keye.errors import KeyeUserError
 from keye.model.composition import VisionInputs
-
-PREFIXES = ("vision_encoder.", "text_encoder.", "vision_head.")
 
 
 def mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
@@ -65,23 +64,25 @@ class ContrastiveScorer(torch.nn.Module):
         self.vision_head = vision_head
         self.eval()
 
-    def load_weights(self, path: str | Path) -> None:
-        """Load the towers and head from a contrastive stage's weights file (``<stage>/weights/tp00_pp00.pt``)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "weights" / "tp00_pp00.pt" if (path / "weights").is_dir() else path / "tp00_pp00.pt"
-        if not path.is_file():
-            raise KeyeUserError(f"contrastive scorer: no weights file at {path}")
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        state = {name: t for name, t in saved.get("model", saved).items() if name.startswith(PREFIXES)}
-        ours = {name for name, t in self.state_dict().items() if t is not None}
-        missing, unexpected = sorted(ours - set(state)), sorted(set(state) - ours)
-        if missing or unexpected:
-            raise KeyeUserError(
-                f"{path}: weights do not fit the scorer's towers (missing {missing[:3]}, unexpected {unexpected[:3]}); "
-                "was it written by a contrastive stage with the same vision_encoder and text_encoder?"
-            )
-        self.load_state_dict(state, strict=False)
+    def load_weights(self, path: str | Path) -> Path:
+        """Load the towers and head from a contrastive stage's weights: its folder (``<run>/<stage>``), its
+        ``weights/`` folder or one of its files. Any saved tensor/pipeline layout works (resharded by
+        `keye.train.stage_weights`); the saved ``loss`` module is not part of the scorer and is left out."""
+        from keye.parallel import current_context
+        from keye.train.stage_weights import load_stage_weights
+
+        folder = Path(path).resolve()
+        if folder.is_file():
+            folder = folder.parent
+        if folder.name == "weights":
+            folder = folder.parent
+        if not (folder / "weights").is_dir():
+            raise KeyeUserError(f"contrastive scorer: no weights folder at {folder / 'weights'}")
+        ctx = SimpleNamespace(  # the part of a StageContext that loading reads: "init_from this folder"
+            stage=SimpleNamespace(init_from=str(folder)), previous_output=None, index=0,
+            parallel=current_context(), blueprint=SimpleNamespace(run=SimpleNamespace(output_dir=str(folder.parent))),
+        )  # fmt: skip
+        return load_stage_weights(self, ctx)
 
     @torch.no_grad()
     def embed_images(self, images: VisionInputs) -> torch.Tensor:

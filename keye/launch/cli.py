@@ -36,6 +36,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stage is not None and args.stage not in [stage.name for stage in cfg.stages]:
         known = ", ".join(stage.name for stage in cfg.stages) or "(none)"
         raise KeyeUserError(f"{args.blueprint}: no stage named '{args.stage}'; stages: {known}")
+    from keye.parallel.fp8 import check_fp8_available
+
+    check_fp8_available(cfg.precision)  # before any process starts
     if args.nproc > 1 and not under_launcher():
         argv = ["run", args.blueprint, *args.overrides]
         if args.stage:
@@ -131,7 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also come after options (`run bp.yaml --stage s2 stages.1.steps=5`).
+    if extra and hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "nproc", 1) < 1:
         print("keye-launch: error: --nproc must be at least 1", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -169,7 +169,7 @@ def _quiet_megatron_imports() -> None:
     """Megatron warns at import on every rank that apex / Transformer Engine are absent and that it falls back
     to its local implementations. On CPU that is the expected set-up, not news: keep the log readable."""
     for pattern in (r".*Apex is not installed.*", r".*Transformer Engine and Apex are not installed.*",
-                    r".*full scope is deprecated.*"):
+                    r".*full scope is deprecated.*", r".*CUDA_DEVICE_MAX_CONNECTIONS.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

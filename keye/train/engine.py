@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from keye.parallel.fp8 import fp8_context
 from keye.train.optim import build_optimizer, build_scheduler
 
 
@@ -55,6 +56,7 @@ class TrainEngine:
         dtype: torch.dtype = torch.float32,
         *,
         max_bad_steps: int = 5,
+        precision: Any = None,
     ) -> None:
         from megatron.core import parallel_state as mpu
         from megatron.core.distributed import (
@@ -89,6 +91,7 @@ class TrainEngine:
             self.optimizer = build_optimizer(self.chunks, stage.optimizer, dtype, distributed=distributed_optimizer)
             self.scheduler = build_scheduler(self.optimizer, stage.optimizer, stage.schedule, stage.steps)
         self.max_bad_steps = max_bad_steps
+        self.precision = precision
         self.bad_in_a_row = 0
         self.skipped_steps = 0
         self.is_last_stage = mpu.is_pipeline_last_stage()
@@ -107,14 +110,15 @@ class TrainEngine:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data,
-            model=self.chunks,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-        )
+        with fp8_context(self.precision):  # one FP8 scaling step spans every micro-batch of the step
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data,
+                model=self.chunks,
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+            )
         metrics = self._mean_metrics(outputs)
         loss = metrics.pop("loss")
         found_inf = self.optimizer.prepare_grads()
@@ -142,15 +146,16 @@ class TrainEngine:
 
         for chunk in self.chunks:
             chunk.eval()
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=data,
-            model=self.chunks,
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=True,
-        )
+        with fp8_context(self.precision):
+            outputs = get_forward_backward_func()(
+                forward_step_func=forward_step,
+                data_iterator=data,
+                model=self.chunks,
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=True,
+            )
         return self._mean_metrics(outputs)
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from keye.config import build_component_config
 from keye.errors import KeyeUserError
+from keye.parallel.fp8 import check_fp8_available
 from keye.plugins import PluginHost
 from keye.train.metrics import MetricsWriter, write_summary
 from keye.train.report import write_report
@@ -57,6 +58,7 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
     """Run every stage (or only ``only_stage``); write ``summary.json``; return the summary."""
     from keye.parallel import init_parallel
 
+    check_fp8_available(cfg.precision)  # a clear error now, not deep inside the first model build
     try:
         parallel = init_parallel(
             tensor=cfg.parallel.tensor,

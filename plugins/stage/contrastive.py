@@ -105,7 +105,7 @@ class ContrastiveStage:
 
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         dtype = DTYPES[ctx.blueprint.precision.dtype]
-        build = BuildContext(ctx.parallel, dtype, seed=ctx.blueprint.run.seed)
+        build = BuildContext(ctx.parallel, dtype, seed=ctx.blueprint.run.seed, fp8=ctx.blueprint.precision.fp8)
         model = ContrastiveModel(
             build_component("vision_encoder", ctx.blueprint.model.vision_encoder, ctx.registry, build),
             build_component("text_encoder", ctx.blueprint.model.text_encoder, ctx.registry, build),
@@ -113,7 +113,7 @@ class ContrastiveStage:
         )
         initialised_from = load_stage_weights(model, ctx)
         trainable = apply_freezing(model, stage.train)
-        engine = TrainEngine([model], stage, dtype)
+        engine = TrainEngine([model], stage, dtype, precision=ctx.blueprint.precision)
         train = micro_batches(ctx, split="train", pairs=True, pair_batch=config.batch_size, caption_length=config.caption_length)
         before = self._evaluate(model)
 

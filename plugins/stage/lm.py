@@ -82,7 +82,7 @@ class LMStage:
         bp, parallel = self.ctx.blueprint, self.ctx.parallel
         special = SpecialTokens.from_tokenizer(load_tokenizer(bp.model.tokenizer, vocab_size(bp.model)))
         build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage,
-                             seed=bp.run.seed)
+                             seed=bp.run.seed, fp8=bp.precision.fp8)
         return KeyeVLModel(bp.model, self.ctx.registry, build,
                            image_token_id=special.image_pad, video_token_id=special.video_pad)
 
@@ -96,7 +96,7 @@ class LMStage:
         initialised_from = load_stage_weights(model, ctx)
         trainable = apply_freezing(model, stage.train)
         loss = build_component("loss", stage.loss or {"name": "next_token"}, ctx.registry, BuildContext(parallel, dtype))
-        engine = TrainEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps)
+        engine = TrainEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps, precision=ctx.blueprint.precision)
         seq_len = stage.data.max_tokens
         train = micro_batches(ctx, split="train")
         step_fn = partial(_train_forward, loss)

@@ -3,8 +3,8 @@
 The towers are the registered ``siglip_navit`` and ``siglip_text`` (tiny, freshly initialised) on real
 Megatron-Core, in one spawned rank. The pairs are the synthetic world's, half of them given another pair's
 caption. Checked: the scorer is deterministic and batch-independent; its scores equal cosines computed here
-from the towers' outputs by hand (mean over patches, head, dot over norms); a stage-0 weights file written
-from the contrastive stage's own model loads and scores the same; and the keep rule keeps exactly the pairs
+from the towers' outputs by hand (mean over patches, head, dot over norms); stage-0 weights written by the
+stages' own saver from the contrastive stage's model load and score the same; and the keep rule keeps exactly the pairs
 whose independently computed score is above the threshold.
 """
 
@@ -14,6 +14,7 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -71,6 +72,7 @@ def _by_hand(scorer, item) -> float:
 def _rank(tmp: str) -> dict:
     from megatron.core import parallel_state as mpu
 
+    from keye.config.validate import validate_component
     from keye.data.filters import ContrastiveScorer, score_pairs
     from keye.data.pipeline import load_tokenizer
     from keye.data.processor import Processor, ProcessorSettings
@@ -78,12 +80,16 @@ def _rank(tmp: str) -> dict:
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
     from keye.plugins import get_host
+    from keye.train.stage_weights import save_stage_weights
     from keye_plugins.stage.contrastive import ContrastiveModel
 
     parallel = init_parallel(tensor=1, pipeline=1, seed=7)
     registry = get_host().registry
     build = BuildContext(parallel, torch.float32, seed=7)
-    towers = {kind: build_component(kind, node, registry, build) for kind, node in TINY_TOWERS.items()}
+    towers = {  # validate_component expands size: tiny, as blueprint loading does
+        kind: build_component(kind, validate_component(kind, node, kind, registry, str), registry, build)
+        for kind, node in TINY_TOWERS.items()
+    }
     scorer = ContrastiveScorer(towers["vision_encoder"], towers["text_encoder"], seed=3)
     processor = Processor(load_tokenizer("synthetic", 1024), ProcessorSettings(image_max_tokens=16, caption_length=16))
     pairs = _pairs()
@@ -94,22 +100,27 @@ def _rank(tmp: str) -> dict:
     first, again, whole = scores(scorer, 5), scores(scorer, 5), scores(scorer, NUM_PAIRS)
     by_hand = [_by_hand(scorer, processor.pair(p.sample, p.media)) for p in pairs]
 
-    # a stage-0 weights file, written from the contrastive stage's own model, scores the same
+    # stage-0 weights, written from the contrastive stage's own model by the stages' saver, score the same
     loss = build_component("loss", {"name": "siglip_sigmoid"}, registry, build)
     stage_model = ContrastiveModel(towers["vision_encoder"], towers["text_encoder"], loss)
     stage_model.vision_head.load_state_dict(scorer.vision_head.state_dict())
-    weights = Path(tmp) / "stage0" / "weights" / "tp00_pp00.pt"
-    weights.parent.mkdir(parents=True)
-    torch.save({"layout": (1, 1), "model": stage_model.state_dict()}, weights)
-    loaded = ContrastiveScorer(towers["vision_encoder"], towers["text_encoder"], seed=99)  # another head...
+    save_stage_weights(stage_model, SimpleNamespace(output_dir=Path(tmp) / "stage0", parallel=parallel))
+    torch.manual_seed(99)
+    other = {  # other towers and head...
+        kind: build_component(kind, validate_component(kind, node, kind, registry, str), registry,
+                              BuildContext(parallel, torch.float32, seed=99))
+        for kind, node in TINY_TOWERS.items()
+    }  # fmt: skip
+    loaded = ContrastiveScorer(other["vision_encoder"], other["text_encoder"], seed=99)
     other_head = scores(loaded, 5)
-    loaded.load_weights(Path(tmp) / "stage0")  # ...until the file's is loaded
+    loaded.load_weights(Path(tmp) / "stage0")  # ...until the saved ones are loaded
     from_file = scores(loaded, 5)
 
     # the threshold halfway between two neighbouring hand-computed scores: no float tie at the boundary
     ordered = sorted(by_hand)
     threshold = (ordered[5] + ordered[6]) / 2
     decided = {p.key: p.kept for p in score_pairs(scorer, processor, pairs, threshold, batch_size=5)}
+    as_tool = scores(ContrastiveScorer(towers["vision_encoder"], towers["text_encoder"], seed=7), 5)  # run.seed 7
     mpu.destroy_model_parallel()
 
     # the tool, on the same pairs written as JSONL, with the same towers (fresh, run.seed 7)
@@ -117,6 +128,7 @@ def _rank(tmp: str) -> dict:
     return {
         "keys": [p.sample.key for p in pairs], "first": first, "again": again, "whole": whole, "by_hand": by_hand,
         "other_head": other_head, "from_file": from_file, "threshold": threshold, "decided": decided, "tool": tool,
+        "as_tool": as_tool,
     }  # fmt: skip
 
 
@@ -181,7 +193,8 @@ def test_filter_pairs_tool(ranked):
     tool = ranked["tool"]
     assert tool["code"] == 0
     assert [s["key"] for s in tool["scores"]] == ranked["keys"]  # the conversation is skipped
-    # same towers and seed as the scorer built above but another head seed: its own, deterministic scores
+    # the same towers (built right after init_parallel with seed 7) and a head drawn from run.seed 7
+    assert np.allclose([s["score"] for s in tool["scores"]], ranked["as_tool"], atol=1e-5)
     assert all(s["kept"] for s in tool["scores"]) and tool["kept"] == ranked["keys"]
     assert f"{NUM_PAIRS} pairs" in tool["out"] and "(100.0%)" in tool["out"]
     assert "skipped 1 samples" in tool["out"]

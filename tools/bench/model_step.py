@@ -29,7 +29,7 @@ Two comparisons, in one process, on the same mixed batch (several image sizes, a
    same per-image position embeddings and 2D RoPE). Both give the same features (checked).
 
 Prints a table, then the two ratios (``ours/transformers``, ``packed/padded``). Timings are the median of
-``--repeats`` steps after ``--warmup`` steps.
+``--repeats`` steps after ``--warmup`` steps, the four cases taking turns.
 """
 
 from __future__ import annotations
@@ -259,16 +259,18 @@ def vision_step(encode: Callable, vit: torch.nn.Module, patches: torch.Tensor, g
 # --- timing and report ---------------------------------------------------------------------------
 
 
-def median_seconds(step: Callable[[], None], modules: list[torch.nn.Module], warmup: int, repeats: int) -> float:
-    times = []
-    for index in range(warmup + repeats):
-        for module in modules:
+def measure(cases: dict[str, tuple[Callable[[], None], torch.nn.Module]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each case. The cases take turns (round after round), so a change in
+    machine load during the run falls on all of them alike rather than on whichever ran last."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for round_ in range(warmup + repeats):
+        for name, (step, module) in cases.items():
             module.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        step()
-        if index >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            start = time.perf_counter()
+            step()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,25 +278,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small batch, 1 warmup + 2 repeats (for CI)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per case (default 5; quick: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick: 1)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both models (default 1: "
+                        "stable numbers on a shared machine; OpenMP threads collapse when cores are busy)")
     args = parser.parse_args(argv)
     mix = QUICK if args.quick else FULL
     repeats = args.repeats or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     batch = make_batch(mix)
     keye, model_cfg = build_keye()
     hf = build_transformers(model_cfg)
     positions = keye_positions(batch, model_cfg)
     tokens = batch.input_ids.shape[1]
-
-    rows: list[tuple[str, int, str, float]] = []  # (case, count, unit, seconds)
-    ours = median_seconds(lambda: keye_step(keye, batch, positions), [keye], warmup, repeats)
-    theirs = median_seconds(lambda: transformers_step(hf, batch), [hf], warmup, repeats)
-    rows += [("keye: siglip_navit + patch_merge_mlp + qwen3 (Megatron)", tokens, "tokens", ours),
-             ("transformers: Qwen2_5_VLForConditionalGeneration", tokens, "tokens", theirs)]
 
     vit = keye.vision_encoder
     patches = torch.cat([batch.image_patches, batch.video_patches])
@@ -305,11 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     if difference > 1e-4:
         raise AssertionError(f"packed and padded vision encodings differ by {difference:.2e}")
     weights = torch.randn(n, vit.out_dim, generator=torch.Generator().manual_seed(1))
-    packed = median_seconds(lambda: vision_step(encode_packed, vit, patches, grids, weights), [vit], warmup, repeats)
-    padded = median_seconds(lambda: vision_step(encode_padded, vit, patches, grids, weights), [vit], warmup, repeats)
     padded_slots = int(grids.prod(-1).max()) * grids.shape[0]
-    rows += [("vision packed: one NaViT sequence, block-diagonal mask", n, "patches", packed),
-             ("vision padded: batch padded to the longest image", n, "patches", padded)]
+
+    cases = {  # name: (step, module whose gradients it fills)
+        "keye: siglip_navit + patch_merge_mlp + qwen3 (Megatron)": (lambda: keye_step(keye, batch, positions), keye),
+        "transformers: Qwen2_5_VLForConditionalGeneration": (lambda: transformers_step(hf, batch), hf),
+        "vision packed: one NaViT sequence, block-diagonal mask": (
+            lambda: vision_step(encode_packed, vit, patches, grids, weights), vit),
+        "vision padded: batch padded to the longest image": (
+            lambda: vision_step(encode_padded, vit, patches, grids, weights), vit),
+    }
+    seconds = measure(cases, warmup, repeats)
+    counts = [(tokens, "tokens")] * 2 + [(n, "patches")] * 2
+    rows = [(name, count, unit, seconds[name]) for name, (count, unit) in zip(cases, counts)]
+    ours, theirs, packed, padded = seconds.values()
 
     print(f"model step: forward + backward, fp32, {torch.get_num_threads()} CPU threads, median of {repeats} "
           f"after {warmup} warmup{' (quick)' if args.quick else ''}")
@@ -318,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     width = max(len(row[0]) for row in rows)
     print(f"{'case':<{width}}  {'count':>7}  {'unit':<7}  {'ms/step':>9}  {'per second':>11}")
-    for case, count, unit, seconds in rows:
-        print(f"{case:<{width}}  {count:>7}  {unit:<7}  {seconds * 1e3:>9.1f}  {count / seconds:>11.0f}")
+    for case, count, unit, step in rows:
+        print(f"{case:<{width}}  {count:>7}  {unit:<7}  {step * 1e3:>9.1f}  {count / step:>11.0f}")
     print()
     print(f"ours/transformers: {theirs / ours:.2f}x  (tokens/s; target >= 1.0x)")
     print(f"packed/padded: {padded / packed:.2f}x  (patches/s; target >= 2.0x)")
