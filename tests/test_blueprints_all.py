@@ -24,6 +24,6 @@ def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     blocks = readme.split("```")
     assert len(blocks) > 1
-    first = [line for line in blocks[1].splitlines()[1:] if line.strip() and not line.startswith("#")]
+    first = [line.split("#")[0].strip() for line in blocks[1].splitlines()[1:] if line.strip() and not line.startswith("#")]
     assert first[:2] == ["tools/dev main", "tools/dev test"], first
     assert "exec tools/dev test" in (ROOT / ".ci" / "run").read_text()

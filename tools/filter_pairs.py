@@ -11,7 +11,7 @@ contrastive stage (``--stage``, default the first one), or freshly initialised t
 (for smoke tests: their scores say nothing). Image budgets and the caption length come from that stage.
 
 Input is read through the registered data sources (``.jsonl``: ``jsonl``, else ``webdataset`` shards);
-samples that are not pairs, or whose image will not decode, are skipped with one line each. Prints the
+samples that are not pairs are counted, and those whose image will not decode skipped with one line each. Prints the
 score histogram and the kept share; ``--out-keys`` lists the kept keys, ``--out-scores`` writes
 ``{"key", "score", "kept"}`` per pair. Runs in one process (Megatron-Core on one rank).
 """
@@ -120,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         scorer = build_scorer(cfg, stage, weights)
         source = open_source(args.input, args.max_bad_fraction)
         report = ScoreReport(args.threshold, args.bins)
-        skipped = []
+        skipped: dict[str, int] = {}
 
-        def skip(key: str, reason: str) -> None:
-            skipped.append(key)
-            logger.warning("skipped %r: %s", key, reason)
+        def skip(key: str, kind: str, reason: str) -> None:
+            skipped[kind] = skipped.get(kind, 0) + 1
+            if kind != "not_a_pair":  # bad input: one line each; other kinds are only counted
+                logger.warning("skipped %r (%s): %s", key, kind, reason)
 
         scored = score_pairs(scorer, processor, source, args.threshold, batch_size=args.batch_size, report=report, on_skip=skip)
         results = list(tqdm(scored, desc="scoring", unit="pair", dynamic_ncols=True))
@@ -136,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
 
         destroy_parallel()
     print(report.render())
-    print(f"skipped {len(skipped) + source.bad_inputs.bad} samples (not pairs, or unreadable)")
+    if source.bad_inputs.bad:
+        skipped["unreadable (source)"] = source.bad_inputs.bad
+    print(f"skipped {sum(skipped.values())} samples" + "".join(f", {n} {kind}" for kind, n in sorted(skipped.items())))
     if args.out_keys is not None:
         args.out_keys.parent.mkdir(parents=True, exist_ok=True)
         args.out_keys.write_text("".join(f"{r.key}\n" for r in results if r.kept))

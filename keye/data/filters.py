@@ -166,7 +166,8 @@ def score_pairs(
 ) -> Iterator[ScoredPair]:
     """Score pair samples in batches and decide each; other kinds and unusable samples are skipped.
 
-    ``on_skip(key, reason)`` is told about every skipped sample (one line each); ``report`` collects scores.
+    ``on_skip(key, kind, reason)`` is told about every skipped sample (``kind``: ``not_a_pair`` or the
+    processor's error kind, e.g. ``corrupt_image``); ``report`` collects the scores.
     """
     batch: list[PairItem] = []
 
@@ -182,13 +183,13 @@ def score_pairs(
         sample = loaded.sample
         if not isinstance(sample, PairSample):
             if on_skip is not None:
-                on_skip(sample.key, f"a '{sample.kind}' sample, not an image-text pair")
+                on_skip(sample.key, "not_a_pair", f"a '{sample.kind}' sample, not an image-text pair")
             continue
         try:
             batch.append(processor.pair(sample, loaded.media))
         except SampleError as exc:
             if on_skip is not None:
-                on_skip(sample.key, f"{exc.kind}: {exc.reason}")
+                on_skip(sample.key, exc.kind, exc.reason)
             continue
         if len(batch) == batch_size:
             yield from flush()

@@ -197,4 +197,4 @@ def test_filter_pairs_tool(ranked):
     assert np.allclose([s["score"] for s in tool["scores"]], ranked["as_tool"], atol=1e-5)
     assert all(s["kept"] for s in tool["scores"]) and tool["kept"] == ranked["keys"]
     assert f"{NUM_PAIRS} pairs" in tool["out"] and "(100.0%)" in tool["out"]
-    assert "skipped 1 samples" in tool["out"]
+    assert "skipped 1 samples, 1 not_a_pair" in tool["out"]

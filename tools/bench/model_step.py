@@ -29,7 +29,9 @@ Two comparisons, in one process, on the same mixed batch (several image sizes, a
    same per-image position embeddings and 2D RoPE). Both give the same features (checked).
 
 Prints a table, then the two ratios (``ours/transformers``, ``packed/padded``). Timings are the median of
-``--repeats`` steps after ``--warmup`` steps, the four cases taking turns.
+``--repeats`` steps after ``--warmup`` steps, the four cases taking turns. By default both models run on one
+CPU thread and the clock is this process's CPU time, so a busy machine (CI, a shared box) still gives the
+numbers an idle core would; ``--threads N`` (wall-clock) measures a whole machine.
 """
 
 from __future__ import annotations
@@ -161,6 +163,7 @@ def build_transformers(model_cfg: Any) -> torch.nn.Module:
             num_hidden_layers=lm["num_layers"], num_attention_heads=lm["num_attention_heads"],
             num_key_value_heads=lm["num_query_groups"], rms_norm_eps=lm["rms_norm_eps"],
             max_position_embeddings=lm["max_position_embeddings"], tie_word_embeddings=False,
+            bos_token_id=None, eos_token_id=None, pad_token_id=None,  # Qwen's ids lie outside the small vocabulary
             rope_parameters={"rope_type": "default", "rope_theta": lm["rope_theta"],
                              "mrope_section": list(lm["mrope_section"])},
         ),
@@ -259,17 +262,23 @@ def vision_step(encode: Callable, vit: torch.nn.Module, patches: torch.Tensor, g
 # --- timing and report ---------------------------------------------------------------------------
 
 
-def measure(cases: dict[str, tuple[Callable[[], None], torch.nn.Module]], warmup: int, repeats: int) -> dict[str, float]:
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def measure(
+    cases: dict[str, tuple[Callable[[], None], torch.nn.Module]], warmup: int, repeats: int, clock: str
+) -> dict[str, float]:
     """Median seconds per step of each case. The cases take turns (round after round), so a change in
     machine load during the run falls on all of them alike rather than on whichever ran last."""
+    now = CLOCKS[clock]
     times: dict[str, list[float]] = {name: [] for name in cases}
     for round_ in range(warmup + repeats):
         for name, (step, module) in cases.items():
             module.zero_grad(set_to_none=True)
-            start = time.perf_counter()
+            start = now()
             step()
             if round_ >= warmup:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(now() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -280,7 +289,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 2; quick: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for both models (default 1: "
                         "stable numbers on a shared machine; OpenMP threads collapse when cores are busy)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default=None,
+                        help="cpu: this process's CPU time (default with 1 thread: other load on the machine does "
+                        "not count); wall: elapsed time (default with more threads)")
     args = parser.parse_args(argv)
+    clock = args.clock or ("cpu" if args.threads == 1 else "wall")
+    if clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (CPU time adds up over threads)")
     mix = QUICK if args.quick else FULL
     repeats = args.repeats or (2 if args.quick else 5)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -311,13 +326,13 @@ def main(argv: list[str] | None = None) -> int:
         "vision padded: batch padded to the longest image": (
             lambda: vision_step(encode_padded, vit, patches, grids, weights), vit),
     }
-    seconds = measure(cases, warmup, repeats)
+    seconds = measure(cases, warmup, repeats, clock)
     counts = [(tokens, "tokens")] * 2 + [(n, "patches")] * 2
     rows = [(name, count, unit, seconds[name]) for name, (count, unit) in zip(cases, counts)]
     ours, theirs, packed, padded = seconds.values()
 
-    print(f"model step: forward + backward, fp32, {torch.get_num_threads()} CPU threads, median of {repeats} "
-          f"after {warmup} warmup{' (quick)' if args.quick else ''}")
+    print(f"model step: forward + backward, fp32, {torch.get_num_threads()} CPU thread(s), {clock} time, median of "
+          f"{repeats} after {warmup} warmup{' (quick)' if args.quick else ''}")
     print(f"batch: one sequence of {tokens} LLM tokens; {mix.describe()}; {n} ViT patches "
           f"(padded: {padded_slots} slots, {padded_slots / n:.2f}x); packed vs padded max diff {difference:.1e}")
     print()
