@@ -10,10 +10,10 @@ stage: ``--weights`` (a stage folder or weights file), else ``<run.output_dir>/<
 contrastive stage (``--stage``, default the first one), or freshly initialised towers with ``--fresh``
 (for smoke tests: their scores say nothing). Image budgets and the caption length come from that stage.
 
-Input is read through the registered data sources (``.jsonl``: ``jsonl``, else ``webdataset`` shards);
-samples that are not pairs are counted, and those whose image will not decode skipped with one line each. Prints the
-score histogram and the kept share; ``--out-keys`` lists the kept keys, ``--out-scores`` writes
-``{"key", "score", "kept"}`` per pair. Runs in one process (Megatron-Core on one rank).
+Input is read through the registered data sources (``.jsonl``: ``jsonl``, else ``webdataset`` shards).
+Samples that are not pairs are counted; a pair whose image will not decode is skipped with one line.
+Prints the score histogram and the kept share; ``--out-keys`` lists the kept keys, ``--out-scores``
+writes ``{"key", "score", "kept"}`` per pair. Runs in one process (Megatron-Core on one rank).
 """
 
 from __future__ import annotations

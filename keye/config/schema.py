@@ -78,6 +78,12 @@ class DataConfig:
     global_batch_size: Optional[int] = doc("Sequences per optimiser step over all ranks; null = micro x dp.", None)
     max_bad_fraction: float = doc("Stop the run when more than this share of samples is unreadable.", 0.01)
     pack_buffer: int = doc("Processed samples gathered before packing them into sequences.", 64)
+    balance: str = doc(
+        "shard: each data-parallel rank reads and packs its own share. flops: every rank reads all samples, "
+        "packs them together and keeps the packs the paper's greedy balancing (heaviest estimated FLOPs "
+        "first, to the least-loaded rank) gives it; costs duplicated reading, evens out step times.",
+        "shard",
+    )
     image_min_tokens: int = doc("Fewest LLM tokens per image (smaller images are upscaled).", 4)
     image_max_tokens: int = doc("Most LLM tokens per image: 16384 in the paper (1280 in the released processor).", 16384)
     video_fps: float = doc("Frame sampling rate of videos; the real rate is recomputed from the frame count.", 2.0)

@@ -19,12 +19,17 @@ from omegaconf import OmegaConf
 
 from keye.config import build_component_config
 from keye.data.batch import MicroBatch, collate_pack
-from keye.data.packing import PackItem, pack_samples
+from keye.data.packing import KEYE_8B_LLM, KEYE_VIT, PackItem, balance_across_ranks, flops_cost, pack_samples
 from keye.data.processor import PairItem, Processor, ProcessorSettings, SampleError
 from keye.data.sources import BAD_KINDS, BadInputCounter
 from keye.errors import KeyeUserError
 
 SYNTHETIC_TOKENIZER = "synthetic"
+BALANCE_MODES = ("shard", "flops")
+
+
+def _patches(item: Any) -> int:
+    return sum(int(v.patches.shape[0]) for v in (item.images, item.videos) if v is not None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -84,11 +89,12 @@ def build_processor(ctx: Any) -> Processor:
     return Processor(tokenizer, settings, cls(config))
 
 
-def build_sources(ctx: Any, group: str) -> dict[str, Any]:
+def build_sources(ctx: Any, group: str, read_all: bool = False) -> dict[str, Any]:
+    """The stage's sources; each reads this data-parallel rank's share, or everything with ``read_all``."""
     sources = {}
     for label, node in ctx.stage.data[group].items():
         cls, config = build_component_config("data_source", node, ctx.registry)
-        sources[label] = cls(config, ctx.parallel)
+        sources[label] = cls(config, None if read_all else ctx.parallel)
     return sources
 
 
@@ -99,11 +105,18 @@ class MicroBatchStream:
                  pair_batch: int = 32, caption_length: int = 16) -> None:
         data = ctx.stage.data
         group = "sources" if split == "train" else "heldout"
-        self.sources = build_sources(ctx, group)
+        parallel = ctx.parallel
+        self.dp_rank, self.dp_size = (parallel.dp_rank, parallel.dp_size) if parallel is not None else (0, 1)
+        # FLOPs balancing needs the global set of packs: every rank reads all samples and keeps its share.
+        self.balance = data.balance == "flops" and self.dp_size > 1 and split == "train" and not pairs
+        if data.balance not in BALANCE_MODES:
+            raise KeyeUserError(f"stages.{ctx.index}.data.balance: '{data.balance}' is not one of {', '.join(BALANCE_MODES)}")
+        self.sources = build_sources(ctx, group, read_all=self.balance)
         self.processor = build_processor(ctx)
         self.processor.settings.caption_length = caption_length
         self.max_tokens = data.max_tokens
         self.pack_buffer = pair_batch if pairs else data.pack_buffer
+        self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
         self.pairs = pairs
         self.limit = limit
         self.produced = 0
@@ -160,8 +173,13 @@ class MicroBatchStream:
         if self.pairs:
             self._ready.append(items)
             return
-        result = pack_samples([PackItem(item.key, len(item)) for item in items], self.max_tokens)
-        for pack in result.packs:
+        packed = [PackItem(item.key, len(item), _patches(item)) for item in items]
+        result = pack_samples(packed, self.max_tokens, cost=self.cost if self.balance else None)
+        packs = result.packs
+        if self.balance:
+            share = balance_across_ranks(packs, self.dp_size, remainder="spread").ranks[self.dp_rank]
+            packs = [packs[i] for i in share]
+        for pack in packs:
             samples = [items[i] for i in pack.indices]
             self.real_tokens += sum(len(s) for s in samples)
             self.capacity += self.max_tokens
