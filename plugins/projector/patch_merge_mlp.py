@@ -93,7 +93,9 @@ class PatchMergeMLP(nn.Module):
         self.tp_size = self.parallel.tp_size if self.parallel is not None else 1
         gated = config.act == "swiglu"
         if hidden % self.tp_size:
-            raise ValueError(f"patch_merge_mlp: hidden {hidden} is not divisible by the tensor-parallel size {self.tp_size}")
+            raise ValueError(
+                f"patch_merge_mlp: hidden {hidden} is not divisible by the tensor-parallel size {self.tp_size}"
+            )
         self.pre_norm = nn.LayerNorm(config.in_dim if config.norm == "pre_merge" else merged, eps=config.norm_eps)
         self.linear_1 = self.build_linear(merged, 2 * hidden if gated else hidden, "column", stride=2 if gated else 1)
         self.linear_2 = self.build_linear(hidden, config.out_dim, "row")

@@ -3,7 +3,7 @@ against one process.
 
 The model is the shipped tiny one (``blueprints/tiny/base.yaml``: siglip_navit tiny → patch_merge_mlp →
 qwen3 tiny), built through the plugin registry exactly as a stage builds it. Two packed micro-batches, each
-holding two images of different sizes, a two-frame video and plain text (three samples, causal blocks,
+holding two images of different sizes, a multi-frame video and plain text (three samples, causal blocks,
 time-aligned M-RoPE ids), go through Megatron's own ``get_forward_backward_func()`` (so PP runs the real
 1F1B schedule, with the ViT and projector on the first stage), Megatron's DDP, per-token loss
 (``calculate_per_token_loss``, as ``TrainEngine`` sets it) and ``finalize_model_grads``, in real gloo
@@ -276,4 +276,6 @@ def test_layout_gives_one_process_logits_loss_and_grads(
     grads = {name: g for r in ranks for name, g in r["grads"].items()}
     assert sorted(grads) == sorted(reference["grads"])
     for name, grad in grads.items():
-        torch.testing.assert_close(grad, reference["grads"][name], atol=TOLERANCE, rtol=0, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            grad, reference["grads"][name], atol=TOLERANCE, rtol=0, msg=lambda m: f"grad {name}: {m}"
+        )

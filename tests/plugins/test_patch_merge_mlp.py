@@ -154,7 +154,7 @@ def _forward_backward(module: PatchMergeMLP, name: str) -> dict[str, torch.Tenso
 
 
 def _gather(local: torch.Tensor, param: torch.nn.Parameter, tp_size: int) -> torch.Tensor:
-    """The full tensor from the TP ranks' slices (Megatron's split: ``tp * stride`` pieces, rank r keeps r, r + tp...)."""
+    """The full tensor from the TP ranks' slices (Megatron's split: ``tp * stride`` pieces; rank r keeps r, r + tp)."""
     if not getattr(param, "tensor_model_parallel", False):
         return local
     dim, stride = param.partition_dim, param.partition_stride
@@ -202,7 +202,9 @@ def test_tp2_equals_one_process(tp2_ranks: list[dict[str, dict]], name: str) -> 
     hidden = config.hidden * (2 if config.act == "swiglu" else 1)
 
     for rank, r in enumerate(ranks[name] for ranks in tp2_ranks):
-        assert r["types"] == {"pre_norm": "LayerNorm", "linear_1": "ColumnParallelLinear", "linear_2": "RowParallelLinear"}
+        assert r["types"] == {
+            "pre_norm": "LayerNorm", "linear_1": "ColumnParallelLinear", "linear_2": "RowParallelLinear"
+        }
         assert r["local_shapes"] == {  # released names, each rank holding half of each linear
             "pre_norm.weight": plain.pre_norm.weight.shape, "pre_norm.bias": plain.pre_norm.bias.shape,
             "linear_1.weight": (hidden // 2, 4 * config.in_dim), "linear_1.bias": (hidden // 2,),

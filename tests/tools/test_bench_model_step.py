@@ -35,13 +35,15 @@ def test_quick_run_prints_table_and_ratios() -> None:
     assert float(batch[3]) < 1e-4  # packed and padded encodings agree
     header = next(i for i, line in enumerate(lines) if line.startswith("case "))
     assert lines[header].split() == ["case", "count", "unit", "ms/step", "per", "second"]
-    for case, line, (count, unit) in zip(CASES, lines[header + 1 : header + 5], [(tokens, "tokens")] * 2 + [(patches, "patches")] * 2):
+    counts = [(tokens, "tokens")] * 2 + [(patches, "patches")] * 2
+    for case, line, (count, unit) in zip(CASES, lines[header + 1 : header + 5], counts):
         row = re.fullmatch(rf"{re.escape(case)}\s+(\d+)\s+(\w+)\s+{NUMBER}\s+{NUMBER}", line)
         assert row, line
         assert (int(row[1]), row[2]) == (count, unit)
         ms, per_second = float(row[3]), float(row[4])
         assert ms > 0 and abs(per_second - count / (ms / 1e3)) <= max(1.0, 0.01 * per_second)
 
-    ratios = {m[1]: float(m[2]) for m in re.finditer(rf"^(ours/transformers|packed/padded): {NUMBER}x", done.stdout, re.M)}
+    found = re.finditer(rf"^(ours/transformers|packed/padded): {NUMBER}x", done.stdout, re.M)
+    ratios = {m[1]: float(m[2]) for m in found}
     assert sorted(ratios) == ["ours/transformers", "packed/padded"]
     assert all(value > 0 for value in ratios.values())
