@@ -77,6 +77,9 @@ class DataConfig:
     micro_batch_size: int = doc("Packed sequences per micro-batch on each data-parallel rank.", 1)
     global_batch_size: Optional[int] = doc("Sequences per optimiser step over all ranks; null = micro x dp.", None)
     max_bad_fraction: float = doc("Stop the run when more than this share of samples is unreadable.", 0.01)
+    max_vision_patches: Optional[int] = doc(
+        "Most ViT patches in one packed sequence (bounds the vision encoder's memory); null: no cap.", None
+    )
     pack_buffer: int = doc("Processed samples gathered before packing them into sequences.", 64)
     balance: str = doc(
         "shard: each data-parallel rank reads and packs its own share. flops: every rank reads all samples, "

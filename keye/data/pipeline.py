@@ -28,6 +28,14 @@ SYNTHETIC_TOKENIZER = "synthetic"
 BALANCE_MODES = ("shard", "flops")
 
 
+def _merged_counts(counters: list[BadInputCounter]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for counter in counters:
+        for kind, count in counter.counts.items():
+            merged[kind] = merged.get(kind, 0) + count
+    return merged
+
+
 def _patches(item: Any) -> int:
     return sum(int(v.patches.shape[0]) for v in (item.images, item.videos) if v is not None)
 
@@ -115,6 +123,7 @@ class MicroBatchStream:
         self.processor = build_processor(ctx)
         self.processor.settings.caption_length = caption_length
         self.max_tokens = data.max_tokens
+        self.max_vision_patches = data.max_vision_patches
         self.pack_buffer = pair_batch if pairs else data.pack_buffer
         self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
         self.pairs = pairs
@@ -174,7 +183,10 @@ class MicroBatchStream:
             self._ready.append(items)
             return
         packed = [PackItem(item.key, len(item), _patches(item)) for item in items]
-        result = pack_samples(packed, self.max_tokens, cost=self.cost if self.balance else None)
+        result = pack_samples(packed, self.max_tokens, self.max_vision_patches, cost=self.cost if self.balance else None)
+        for rejected in result.rejected:  # e.g. one sample with more patches than the cap: skipped, counted
+            self.bad.good -= 1  # it was counted good when processed
+            self.bad.skip("over_budget", rejected.key, rejected.reason)
         packs = result.packs
         if self.balance:
             share = balance_across_ranks(packs, self.dp_size, remainder="spread").ranks[self.dp_rank]
@@ -240,11 +252,14 @@ class MicroBatchStream:
         return out
 
     def stats(self) -> dict[str, Any]:
-        return {
+        stats = {
             "packing_efficiency": self.real_tokens / self.capacity if self.capacity else 0.0,
             "skipped": self.bad.bad + sum(s.bad_inputs.bad for s in self.sources.values()),
-            "skipped_by_kind": {**self.bad.counts},
+            "skipped_by_kind": _merged_counts([self.bad, *(s.bad_inputs for s in self.sources.values())]),
         }
+        if self.mixer is not None and hasattr(self.mixer, "realised_ratios"):
+            stats["realised_ratios"] = self.mixer.realised_ratios()
+        return stats
 
 
 def micro_batches(ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False,
