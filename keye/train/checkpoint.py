@@ -65,6 +65,25 @@ def latest_checkpoint(ctx: Any) -> Path | None:
     return folder if folder.is_dir() else None
 
 
+def _load_distributed_optimizer_state(optimizer: Any, path: Path) -> None:
+    """Megatron's ``load_parameter_state``, with two bridges for its plain-PyTorch Adam path (no apex/TE).
+
+    It copies into views of the main parameters in place (needs no_grad), and it expects only param /
+    exp_avg / exp_avg_sq per parameter, while torch's Adam also keeps a per-parameter ``step`` (restored
+    already by ``load_state_dict``): set ``step`` aside during the copy. And ``load_state_dict`` gives every
+    parameter the *same* step tensor, which torch's Adam then increments in place once per parameter,
+    corrupting the bias correction: give each parameter its own copy.
+    """
+    inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [(state, state.pop("step")) for opt in inner for state in opt.state.values() if "step" in state]
+    try:
+        with torch.no_grad():
+            optimizer.load_parameter_state(str(path))
+    finally:
+        for state, step in steps:
+            state["step"] = step.clone()
+
+
 def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: Any) -> int:
     """Restore the latest complete checkpoint of this stage; returns its step (0 when there is none)."""
     from megatron.core import tensor_parallel
@@ -80,7 +99,9 @@ def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: A
     model.load_state_dict(state["model"], strict=False)
     engine.optimizer.load_state_dict(state["optimizer"])
     if engine.distributed_optimizer:
-        engine.optimizer.load_parameter_state(str(folder / f"optimizer_tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"))
+        _load_distributed_optimizer_state(
+            engine.optimizer, folder / f"optimizer_tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"
+        )
     engine.scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.bad_in_a_row = state["engine"]["bad_in_a_row"]

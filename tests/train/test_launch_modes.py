@@ -37,15 +37,32 @@ def test_stage_flag_runs_one_stage_from_the_previous_weights(tmp_path):
 
 
 def test_under_torchrun_uses_the_given_environment(tmp_path):
+    """Two data-parallel ranks under torchrun: the distributed optimiser, its checkpoint and --resume."""
     model = {**MODEL, "vision_encoder": {"name": "siglip_navit", "size": "tiny"},
              "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64}}
-    path = write_blueprint(tmp_path / "bp.yaml", {"run": {"name": "t", "output_dir": str(tmp_path / "run")},
-                                                  "model": model, "parallel": {"tensor": 2}, "stages": stages()[:1]})
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         "-m", "keye.launch.cli", "run", str(path)],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    stage = {**stages()[0], "steps": 4}
+    path = write_blueprint(tmp_path / "bp.yaml", {"run": {"name": "t", "output_dir": str(tmp_path / "run"), "checkpoint_every": 2},
+                                                  "model": model, "stages": [stage]})
+
+    def torchrun(*extra):
+        result = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+             "-m", "keye.launch.cli", "run", str(path), *extra],
+            env=ENV, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((tmp_path / "run" / "summary.json").read_text())
+
+    summary = torchrun()
     assert summary["world_size"] == 2
+    assert (tmp_path / "run" / "first" / "checkpoints" / "step_00000002" / "optimizer_tp00_pp00.pt").is_file()
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    straight = [json.loads(line) for line in metrics.read_text().splitlines()]
+    (tmp_path / "run" / "first" / "done.json").unlink()  # as if the run had died after its last checkpoint
+    resumed = torchrun("--resume")
+    assert resumed["stages"]["first"]["resumed_from_step"] == 2
+    again = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    # Step 4's loss depends on step 3's update, so on the restored Adam state, not only the weights.
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight]
+    assert [r["grad_norm"] for r in again] == [r["grad_norm"] for r in straight]
