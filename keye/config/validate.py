@@ -38,6 +38,9 @@ def dotted(key: str) -> str:
 
 def validate_blueprint(cfg: DictConfig, registry: Registry, origin: Origin) -> None:
     """Check every component node in ``cfg`` (in place: nodes are completed with their defaults)."""
+    dtypes = ("fp32", "bf16")
+    if cfg.precision.dtype not in dtypes:
+        raise BlueprintError(f"{origin('precision.dtype')}: precision.dtype: '{cfg.precision.dtype}' is not one of {', '.join(dtypes)}")
     model = cfg.model
     for slot in ("vision_encoder", "projector", "language_model", "text_encoder"):
         if model[slot] is not None:

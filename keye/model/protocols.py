@@ -12,6 +12,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 
+#: Blueprint ``precision.dtype`` names → torch dtypes.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class BuildContext:
     """What a component needs to know about where it is built.

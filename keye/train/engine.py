@@ -104,21 +104,11 @@ class TrainEngine:
         seq_length: int,
         micro_batch_size: int,
     ) -> StepResult:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         for chunk in self.chunks:
             chunk.train()
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with fp8_context(self.precision):  # one FP8 scaling step spans every micro-batch of the step
-            outputs = get_forward_backward_func()(
-                forward_step_func=forward_step,
-                data_iterator=data,
-                model=self.chunks,
-                num_microbatches=num_microbatches,
-                seq_length=seq_length,
-                micro_batch_size=micro_batch_size,
-            )
+        outputs = self._schedule(forward_step, data, num_microbatches, seq_length, micro_batch_size)
         metrics = self._mean_metrics(outputs)
         loss = metrics.pop("loss")
         found_inf = self.optimizer.prepare_grads()
@@ -142,21 +132,26 @@ class TrainEngine:
 
     @torch.no_grad()
     def eval_step(self, forward_step: Callable, data: Iterator, num_microbatches: int, seq_length: int, micro_batch_size: int) -> dict[str, float]:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         for chunk in self.chunks:
             chunk.eval()
+        outputs = self._schedule(forward_step, data, num_microbatches, seq_length, micro_batch_size, forward_only=True)
+        return self._mean_metrics(outputs)
+
+    def _schedule(self, forward_step: Callable, data: Any, num_microbatches: int, seq_length: int,
+                  micro_batch_size: int, forward_only: bool = False) -> list[dict[str, torch.Tensor]]:
+        """Megatron's pipeline schedule over the step's micro-batches, inside one FP8 scaling step."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
         with fp8_context(self.precision):
-            outputs = get_forward_backward_func()(
+            return get_forward_backward_func()(
                 forward_step_func=forward_step,
                 data_iterator=data,
                 model=self.chunks,
                 num_microbatches=num_microbatches,
                 seq_length=seq_length,
                 micro_batch_size=micro_batch_size,
-                forward_only=True,
+                forward_only=forward_only,
             )
-        return self._mean_metrics(outputs)
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Token-weighted means over micro-batches and data-parallel ranks, known on every rank.

@@ -24,13 +24,10 @@ from keye.config import doc
 from keye.data.processor import PairItem
 from keye.errors import KeyeUserError
 from keye.model.composition import VisionInputs, build_component
-from keye.model.protocols import BuildContext
+from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
 from keye.train.loop import train_steps
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def _mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """(N, D) patch features → (K, D): the mean over each image's patches."""

@@ -20,13 +20,10 @@ from keye import hookimpl
 from keye.config import doc
 from keye.data.batch import MicroBatch
 from keye.model.composition import KeyeVLModel, build_component
-from keye.model.protocols import BuildContext
+from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
 from keye.train.loop import train_steps
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def _loss_func(loss: Any, batch: MicroBatch, output: torch.Tensor):
     return loss(output, batch.loss_mask)

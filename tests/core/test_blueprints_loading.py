@@ -109,6 +109,7 @@ def test_dotted_overrides_reach_lists_and_components(blueprint_file, registry):
         ("stages.0.train=[text_encoder]", "stages.0.train: 'text_encoder' is not set in model"),
         ("stages.0.train=[vit]", "stages.0.train: unknown module 'vit'; known: vision_encoder, projector, language_model, text_encoder"),
         ("justakey", "override 'justakey': expected KEY=VALUE"),
+        ("precision.dtype=fp16", "override 'precision.dtype=fp16': precision.dtype: 'fp16' is not one of fp32, bf16"),
     ],
 )
 def test_bad_overrides_give_one_line_naming_the_key(blueprint_file, registry, override, message):
