@@ -108,12 +108,17 @@ def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
     folder, explicit = _source_folder(ctx)
     if folder is None:
         return None
-    parallel = ctx.parallel
-    path = weights_file(folder, parallel)
     if not (folder / "weights").is_dir():
         if explicit:
             raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights at {folder / 'weights'}")
         return None  # the previous stage did not run here (e.g. --stage): start fresh, said in the summary
+    return load_weights_from(model, folder, ctx.parallel)
+
+
+def load_weights_from(model: torch.nn.Module, folder: Path, parallel: Any) -> Path:
+    """Load a stage folder's weights into ``model`` in this process's layout (resharding if it differs)."""
+    folder = Path(folder)
+    path = weights_file(folder, parallel)
     local = {global_name(model, name): name for name, tensor in model.state_dict().items() if tensor is not None}
     same_layout = path.is_file() and tuple(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["layout"]) == (
         parallel.tp_size, parallel.pp_size)

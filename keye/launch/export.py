@@ -1,0 +1,44 @@
+"""``keye-launch export``: a finished stage of a run → the released Keye-VL Hugging Face format.
+
+The blueprint says what the model is; the stage folder holds its weights in the layout it was trained
+with. The export builds the model in one process, loads the weights (resharding from any TP/PP layout,
+one tensor at a time), writes config.json + safetensors with `keye.hf.save_keye_vl`, and saves the
+tokenizer beside them, so the folder loads with `keye.hf.load_keye_vl` (and with the released code).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from keye.errors import KeyeUserError
+
+
+def export_stage(blueprint: str, stage: str, destination: str, overrides: Sequence[str] = ()) -> Path:
+    from keye.config import load_blueprint
+    from keye.data.pipeline import load_tokenizer, vocab_size
+    from keye.data.tokenizer import SpecialTokens
+    from keye.hf import save_keye_vl
+    from keye.model.composition import KeyeVLModel
+    from keye.model.protocols import DTYPES, BuildContext
+    from keye.parallel import init_parallel
+    from keye.plugins import get_host
+    from keye.train.stage_weights import load_weights_from
+
+    host = get_host()
+    cfg = load_blueprint(blueprint, overrides, host.registry)
+    names = [s.name for s in cfg.stages]
+    if stage not in names:
+        raise KeyeUserError(f"{blueprint}: no stage named '{stage}'; stages: {', '.join(names) or '(none)'}")
+    folder = Path(cfg.run.output_dir) / stage
+    if not (folder / "weights").is_dir():
+        raise KeyeUserError(f"{folder}: stage '{stage}' has no weights yet (run it first)")
+    parallel = init_parallel(seed=cfg.run.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer, vocab_size(cfg.model))
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    model = KeyeVLModel(cfg.model, host.registry, BuildContext(parallel, DTYPES[cfg.precision.dtype], seed=cfg.run.seed),
+                        image_token_id=special.image_pad, video_token_id=special.video_pad)
+    load_weights_from(model, folder, parallel)
+    out = save_keye_vl(model, destination)
+    tokenizer.save_pretrained(str(destination))
+    return out
