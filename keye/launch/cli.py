@@ -4,6 +4,7 @@
     keye-launch validate BLUEPRINT [BLUEPRINT ...]
     keye-launch print-config BLUEPRINT [KEY=VALUE ...]
     keye-launch plugins [--json]
+    keye-launch export BLUEPRINT STAGE DST [KEY=VALUE ...]
     keye-launch convert {hf-to-megatron,megatron-to-hf} SRC DST [--tensor T] [--pipeline P]
 
 A user error (bad blueprint, unknown component, bad override) prints one line and exits 2.
@@ -92,6 +93,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from keye.launch.export import export_stage
+
+    out = export_stage(args.blueprint, args.stage, args.dst, args.overrides)
+    print(f"exported stage '{args.stage}' to {out}")
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from keye.launch.convert import run_convert
 
@@ -122,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     plugins = commands.add_parser("plugins", help="list plugins: distribution, version, status, components")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
     plugins.set_defaults(func=cmd_plugins)
+
+    export = commands.add_parser("export", help="write a finished stage's weights in the released Keye-VL HF format")
+    export.add_argument("blueprint")
+    export.add_argument("stage", help="stage name (its weights are read from run.output_dir/<stage>)")
+    export.add_argument("dst", help="destination directory")
+    export.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    export.set_defaults(func=cmd_export)
 
     convert = commands.add_parser("convert", help="convert released Hugging Face Keye-VL checkpoints to/from Megatron-Core")
     convert.add_argument("direction", choices=["hf-to-megatron", "megatron-to-hf"])
