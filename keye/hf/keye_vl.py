@@ -1,29 +1,23 @@
 """Released Keye-VL-8B-Preview checkpoints (Hugging Face layout) ↔ keye's ``KeyeVLModel``.
 
-The released format (spec §1.7, §2) is a directory with ``config.json`` (``model_type: "Keye"``, Qwen3 keys
-at the top level, ``rope_scaling.mrope_section``, the vision settings nested under ``vision_config``) and
-safetensors weights, one file or several listed in ``model.safetensors.index.json``, named
-``visual.vision_model.*`` (SigLIP ViT), ``mlp_AR.*`` (projector), ``model.*`` (Qwen3) and ``lm_head.weight``.
-That format fixes the architecture, so this module is tied to three built-in components:
-``siglip_navit``, ``patch_merge_mlp`` (norm ``pre_merge``, act ``gelu``) and ``qwen3`` (``mrope``); they
-are still built through the registry, like any blueprint model.
+The released format (spec §1.7, §2): ``config.json`` (``model_type: "Keye"``, Qwen3 keys at the top level,
+``rope_scaling.mrope_section``, vision settings under ``vision_config``) and safetensors weights (one file, or
+shards listed in ``model.safetensors.index.json``) named ``visual.vision_model.*``, ``mlp_AR.*``, ``model.*``
+and ``lm_head.weight``. The format fixes the architecture, so this module is tied to three built-ins:
+``siglip_navit``, ``patch_merge_mlp`` (norm pre_merge, act gelu) and ``qwen3`` (mrope), built through the
+registry like any blueprint model.
 
-- :func:`hf_configs` reads config.json into those components' ``Config`` objects (a missing or wrong key is
-  a ``KeyeUserError`` naming it); :func:`hf_config_dict` writes one back.
-- :func:`expected_hf_shapes` lists every weight the format holds for a config, written out from the spec
-  rather than derived from the mapping code, so loading can name each missing, unexpected or misshapen
-  tensor *before* anything is converted.
-- :func:`hf_to_keye_state` / :func:`keye_to_hf_state` convert full (unsharded) tensors between released
-  names and ``KeyeVLModel`` parameter names (global layer numbers). Only renames, splits and
-  concatenations: the round trip is bit-exact.
-- :func:`load_keye_vl` builds a ``KeyeVLModel`` sized from config.json and loads it; :func:`save_keye_vl`
-  writes one back in the released format. Both work under tensor parallelism (each rank takes / gives its
-  slice) and pipeline parallelism (each stage its layers); the :class:`KeyeVL` wrapper's ``hf_forward``
-  is the released forward pass for a single-process (TP ranks allowed, PP = 1) model.
+- :func:`hf_configs` / :func:`hf_config_dict`: config.json ↔ those components' ``Config`` objects.
+- :func:`expected_hf_shapes`: every weight of the format, written out from the spec (not derived from the
+  mapping), so loading names each missing, unexpected or misshapen tensor *before* converting anything.
+- :func:`hf_to_keye_state` / :func:`keye_to_hf_state`: full tensors, released names ↔ ``KeyeVLModel`` names
+  (global layer numbers). Renames, splits and concatenations only: the round trip is bit-exact.
+- :func:`load_keye_vl` / :func:`save_keye_vl`: build and load a ``KeyeVLModel``, write one back; both work
+  under TP (each rank its slice) and PP (each stage its layers). :meth:`KeyeVL.hf_forward` is the released
+  forward on the released processor's tensors, for a model whole in one process (TP allowed, PP = 1).
 
-The released weights ``visual.vision_model.head.*`` (SigLIP pooling head) and
-``visual.vision_model.embeddings.packing_position_embedding.*`` are unused by the model (spec §1.1): they are
-not loaded, but kept on the wrapper (``KeyeVL.unused``) and written back, so load→save loses nothing.
+The unused released weights (SigLIP pooling ``head.*``, ``packing_position_embedding``; spec §1.1) are not
+loaded but kept on the wrapper (``KeyeVL.unused``) and written back: load → save loses nothing.
 """
 
 from __future__ import annotations
@@ -48,12 +42,10 @@ UNUSED_PREFIXES = (VISION_PREFIX + "head.", VISION_PREFIX + "embeddings.packing_
 LLM_PREFIX = "language_model.gpt."  # where the Qwen3 GPTModel sits inside KeyeVLModel
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # --- config.json ---------------------------------------------------------------------------------------
-
-
 @dataclass
 class KeyeVLConfigs:
     """The component settings one released config.json describes."""
@@ -72,10 +64,16 @@ class KeyeVLConfigs:
         )
 
 
+# What the released format fixes: any other value is a different architecture.
+_FIXED = {"hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False, "use_sliding_window": False,
+          "vision_config.hidden_act": "gelu_pytorch_tanh"}
+
+
 def _get(cfg: dict, key: str, default: Any = KeyError, where: str = "config.json") -> Any:
+    """``cfg["a"]["b"]`` for ``key="a.b"``; a missing (or null) key gives ``default`` or a one-line error."""
     node: Any = cfg
     for part in key.split("."):
-        if not isinstance(node, dict) or part not in node or node[part] is None:
+        if not isinstance(node, dict) or node.get(part) is None:
             if default is KeyError:
                 raise KeyeUserError(f"{where}: missing key '{key}'")
             return default
@@ -83,85 +81,61 @@ def _get(cfg: dict, key: str, default: Any = KeyError, where: str = "config.json
     return node
 
 
-def _require(cfg: dict, key: str, allowed: tuple, default: Any, where: str) -> None:
-    value = _get(cfg, key, default, where)
-    if value not in allowed:
-        raise KeyeUserError(f"{where}: {key} = {value!r} is not supported (Keye-VL-8B-Preview: {allowed[0]!r})")
-
-
 def hf_configs(cfg: dict, where: str = "config.json") -> KeyeVLConfigs:
-    """Component configs from a released config.json (already parsed)."""
+    """Component configs from a released config.json (parsed); a missing or bad key is a one-line error."""
     if cfg.get("model_type", "Keye") != "Keye":
         raise KeyeUserError(f"{where}: model_type {cfg.get('model_type')!r} is not 'Keye' (Keye-VL-8B-Preview)")
-    vc = _get(cfg, "vision_config", where=where)
-    if not isinstance(vc, dict):
-        raise KeyeUserError(f"{where}: vision_config must be an object")
-    _require(cfg, "hidden_act", ("silu",), "silu", where)
-    _require(cfg, "attention_bias", (False,), False, where)
-    _require(cfg, "tie_word_embeddings", (False,), False, where)
-    _require(cfg, "use_sliding_window", (False,), False, where)
-    _require(cfg, "vision_config.hidden_act", ("gelu_pytorch_tanh",), "gelu_pytorch_tanh", where)
-    heads = _get(cfg, "num_attention_heads", where=where)
-    hidden = _get(cfg, "hidden_size", where=where)
-    head_dim = _get(cfg, "head_dim", hidden // heads, where)
-    mrope_section = list(_get(cfg, "rope_scaling.mrope_section", where=where))
-    theta = float(_get(cfg, "rope_theta", 1_000_000.0, where))
-    merge = _get(cfg, "vision_config.spatial_merge_size", 2, where)
-    vision_hidden = _get(cfg, "vision_config.hidden_size", where=where)
-    try:
-        vision = SiglipNaViT.Config(
-            hidden_size=vision_hidden,
-            intermediate_size=_get(cfg, "vision_config.intermediate_size", where=where),
-            num_layers=_get(cfg, "vision_config.num_hidden_layers", where=where),
-            num_heads=_get(cfg, "vision_config.num_attention_heads", where=where),
-            patch_size=_get(cfg, "vision_config.patch_size", where=where),
-            image_size=_get(cfg, "vision_config.image_size", where=where),
-            layer_norm_eps=float(_get(cfg, "vision_config.layer_norm_eps", 1e-6, where)),
-            use_rope=True,
-        )
-        projector = PatchMergeMLP.Config(in_dim=vision_hidden, out_dim=hidden, merge=merge, hidden=None,
-                                         act="gelu", norm="pre_merge", norm_eps=1e-5)
-        language = Qwen3LanguageModel.Config(
-            hidden_size=hidden,
-            num_layers=_get(cfg, "num_hidden_layers", where=where),
-            num_attention_heads=heads,
-            num_query_groups=_get(cfg, "num_key_value_heads", heads, where),
-            head_dim=head_dim,
-            ffn_hidden_size=_get(cfg, "intermediate_size", where=where),
-            vocab_size=_get(cfg, "vocab_size", where=where),
-            max_position_embeddings=_get(cfg, "max_position_embeddings", 40960, where),
-            rms_norm_eps=float(_get(cfg, "rms_norm_eps", 1e-6, where)),
-            rope_theta=theta,
-            position_embedding="mrope",
-            mrope_section=mrope_section,
-        )
-        mrope = MRopeTimeAligned.Config(
-            mrope_section=mrope_section,
-            tokens_per_second=float(_get(cfg, "vision_config.tokens_per_second", cfg.get("tokens_per_second", 2.0), where)),
-            spatial_merge_size=merge,
-            theta=theta,
-            head_dim=head_dim,
-            image_token_id=_get(cfg, "image_token_id", 151655, where),
-            video_token_id=_get(cfg, "video_token_id", 151656, where),
-            vision_start_token_id=_get(cfg, "vision_start_token_id", 151652, where),
-        )
-    except (TypeError, ValueError) as exc:
-        raise KeyeUserError(f"{where}: {exc}") from None
-    if 2 * sum(mrope_section) != head_dim:
-        raise KeyeUserError(f"{where}: rope_scaling.mrope_section {mrope_section} must sum to head_dim/2 = {head_dim // 2}")
-    if vision_hidden % vision.num_heads or (vision_hidden // vision.num_heads) % 4:
-        raise KeyeUserError(f"{where}: vision head_dim = hidden_size / num_attention_heads must be a multiple of 4 (2D RoPE)")
+    for key, value in _FIXED.items():
+        if _get(cfg, key, value, where) != value:
+            found = _get(cfg, key, where=where)
+            raise KeyeUserError(f"{where}: {key} = {found!r} is not supported (released: {value!r})")
+
+    def num(key: str, default: Any = KeyError, kind: type = int) -> Any:
+        value = _get(cfg, key, default, where)
+        ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool) and value > 0
+        if not ok:
+            raise KeyeUserError(f"{where}: {key} must be a positive {kind.__name__}, got {value!r}")
+        return kind(value)
+
+    v = "vision_config."
+    heads, hidden, vision_hidden, vision_heads = (num(k) for k in (
+        "num_attention_heads", "hidden_size", v + "hidden_size", v + "num_attention_heads"))
+    head_dim, merge = num("head_dim", hidden // heads), num(v + "spatial_merge_size", 2)
+    theta = num("rope_theta", 1e6, float)
+    section = _get(cfg, "rope_scaling.mrope_section", where=where)
+    if not isinstance(section, list) or [type(x) for x in section] != [int] * 3 or 2 * sum(section) != head_dim:
+        raise KeyeUserError(f"{where}: rope_scaling.mrope_section {section!r} must be 3 ints summing to head_dim/2")
+    if vision_hidden % vision_heads or (vision_hidden // vision_heads) % 4:
+        raise KeyeUserError(f"{where}: vision head_dim (hidden_size / num_attention_heads) must divide by 4 (2D RoPE)")
+    vision = SiglipNaViT.Config(
+        hidden_size=vision_hidden, intermediate_size=num(v + "intermediate_size"), num_heads=vision_heads,
+        num_layers=num(v + "num_hidden_layers"), patch_size=num(v + "patch_size"), image_size=num(v + "image_size"),
+        layer_norm_eps=num(v + "layer_norm_eps", 1e-6, float), use_rope=True,
+    )
+    projector = PatchMergeMLP.Config(in_dim=vision_hidden, out_dim=hidden, merge=merge, hidden=None, act="gelu",
+                                     norm="pre_merge", norm_eps=1e-5)
+    language = Qwen3LanguageModel.Config(
+        hidden_size=hidden, num_layers=num("num_hidden_layers"), num_attention_heads=heads,
+        num_query_groups=num("num_key_value_heads", heads), head_dim=head_dim, ffn_hidden_size=num("intermediate_size"),
+        vocab_size=num("vocab_size"), max_position_embeddings=num("max_position_embeddings", 40960),
+        rms_norm_eps=num("rms_norm_eps", 1e-6, float), rope_theta=theta, position_embedding="mrope",
+        mrope_section=list(section),
+    )
+    mrope = MRopeTimeAligned.Config(
+        mrope_section=list(section), spatial_merge_size=merge, theta=theta, head_dim=head_dim,
+        tokens_per_second=num(v + "tokens_per_second", cfg.get("tokens_per_second", 2.0), float),
+        image_token_id=num("image_token_id", 151655), video_token_id=num("video_token_id", 151656),
+        vision_start_token_id=num("vision_start_token_id", 151652),
+    )
     return KeyeVLConfigs(vision, projector, language, mrope)
 
 
 def read_config(path: str | Path) -> dict:
     """config.json of a checkpoint directory, parsed; one-line errors for a missing dir or bad JSON."""
-    path = Path(path)
-    if not path.is_dir():
-        raise KeyeUserError(f"{path}: not a directory")
-    file = path / "config.json"
+    file = Path(path) / "config.json"
     if not file.is_file():
-        raise KeyeUserError(f"{path}: no config.json (not a Hugging Face Keye-VL checkpoint)")
+        what = "no config.json (not a Hugging Face Keye-VL checkpoint)" if file.parent.is_dir() else "not a directory"
+        raise KeyeUserError(f"{file.parent}: {what}")
     try:
         cfg = json.loads(file.read_text())
     except json.JSONDecodeError as exc:
@@ -174,8 +148,10 @@ def read_config(path: str | Path) -> dict:
 def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torch.dtype | None = None) -> dict:
     """A released-style config.json for these components; keys of ``base`` that are not ours are kept."""
     v, p, lm, mr = configs.vision, configs.projector, configs.language, configs.mrope
-    if p.norm != "pre_merge" or p.act != "gelu" or (p.hidden or p.in_dim * p.merge**2) != p.in_dim * p.merge**2:
-        raise KeyeUserError("the Keye-VL-8B-Preview format needs patch_merge_mlp with norm pre_merge, act gelu, hidden null")
+    if (p.norm, p.act, p.hidden or p.in_dim * p.merge**2, lm.position_embedding, v.use_rope) != (
+            "pre_merge", "gelu", p.in_dim * p.merge**2, "mrope", True):
+        raise KeyeUserError("the Keye-VL-8B-Preview format needs patch_merge_mlp (norm pre_merge, act gelu, hidden "
+                            "null), qwen3 with position_embedding mrope, siglip_navit with use_rope")
     cfg = dict(base or {})
     cfg.update(
         architectures=cfg.get("architectures", ["KeyeForConditionalGeneration"]), model_type="Keye",
@@ -199,48 +175,39 @@ def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torc
 
 
 # --- weight names --------------------------------------------------------------------------------------
-
-
 def expected_hf_shapes(configs: KeyeVLConfigs) -> dict[str, tuple[int, ...]]:
     """Every weight of a released checkpoint with these settings (unused ones aside), and its shape."""
     v, p, lm = configs.vision, configs.projector, configs.language
-    d, inner, patch = v.hidden_size, v.intermediate_size, v.patch_size
-    vis = VISION_PREFIX
-    shapes: dict[str, tuple[int, ...]] = {
-        vis + "embeddings.patch_embedding.weight": (d, 3, patch, patch),
-        vis + "embeddings.patch_embedding.bias": (d,),
-        vis + "embeddings.position_embedding.weight": ((v.image_size // patch) ** 2, d),
-        vis + "post_layernorm.weight": (d,),
-        vis + "post_layernorm.bias": (d,),
-    }
-    for i in range(v.num_layers):
-        layer = f"{vis}encoder.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            shapes[f"{layer}self_attn.{proj}.weight"], shapes[f"{layer}self_attn.{proj}.bias"] = (d, d), (d,)
-        for norm in ("layer_norm1", "layer_norm2"):
-            shapes[f"{layer}{norm}.weight"], shapes[f"{layer}{norm}.bias"] = (d,), (d,)
-        shapes[f"{layer}mlp.fc1.weight"], shapes[f"{layer}mlp.fc1.bias"] = (inner, d), (inner,)
-        shapes[f"{layer}mlp.fc2.weight"], shapes[f"{layer}mlp.fc2.bias"] = (d, inner), (d,)
-    merged = d * p.merge**2
-    shapes.update({
-        "mlp_AR.pre_norm.weight": (d,), "mlp_AR.pre_norm.bias": (d,),
-        "mlp_AR.linear_1.weight": (merged, merged), "mlp_AR.linear_1.bias": (merged,),
-        "mlp_AR.linear_2.weight": (lm.hidden_size, merged), "mlp_AR.linear_2.bias": (lm.hidden_size,),
-    })
+    d, inner, patch, merged = v.hidden_size, v.intermediate_size, v.patch_size, v.hidden_size * p.merge**2
     h, hd, ffn = lm.hidden_size, lm.head_dim, lm.ffn_hidden_size
     q, kv = lm.num_attention_heads * hd, lm.num_query_groups * hd
-    shapes.update({"model.embed_tokens.weight": (lm.vocab_size, h), "model.norm.weight": (h,),
-                   "lm_head.weight": (lm.vocab_size, h)})
+    vision_layer = {  # weight and bias shapes per SigLIP layer
+        "self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+        "self_attn.out_proj": (d, d), "layer_norm1": (d,), "layer_norm2": (d,),
+        "mlp.fc1": (inner, d), "mlp.fc2": (d, inner),
+    }
+    llm_layer = {  # Qwen3 layer: no biases
+        "self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, q), "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,), "mlp.gate_proj": (ffn, h),
+        "mlp.up_proj": (ffn, h), "mlp.down_proj": (h, ffn), "input_layernorm": (h,), "post_attention_layernorm": (h,),
+    }
+    shapes: dict[str, tuple[int, ...]] = {
+        VISION_PREFIX + "embeddings.patch_embedding.weight": (d, 3, patch, patch),
+        VISION_PREFIX + "embeddings.patch_embedding.bias": (d,),
+        VISION_PREFIX + "embeddings.position_embedding.weight": ((v.image_size // patch) ** 2, d),
+        VISION_PREFIX + "post_layernorm.weight": (d,), VISION_PREFIX + "post_layernorm.bias": (d,),
+        "mlp_AR.pre_norm.weight": (d,), "mlp_AR.pre_norm.bias": (d,),
+        "mlp_AR.linear_1.weight": (merged, merged), "mlp_AR.linear_1.bias": (merged,),
+        "mlp_AR.linear_2.weight": (h, merged), "mlp_AR.linear_2.bias": (h,),
+        "model.embed_tokens.weight": (lm.vocab_size, h), "model.norm.weight": (h,),
+        "lm_head.weight": (lm.vocab_size, h),
+    }
+    for i in range(v.num_layers):
+        for name, shape in vision_layer.items():
+            shapes[f"{VISION_PREFIX}encoder.layers.{i}.{name}.weight"] = shape
+            shapes[f"{VISION_PREFIX}encoder.layers.{i}.{name}.bias"] = shape[:1]
     for i in range(lm.num_layers):
-        layer = f"model.layers.{i}."
-        shapes.update({
-            layer + "self_attn.q_proj.weight": (q, h), layer + "self_attn.k_proj.weight": (kv, h),
-            layer + "self_attn.v_proj.weight": (kv, h), layer + "self_attn.o_proj.weight": (h, q),
-            layer + "self_attn.q_norm.weight": (hd,), layer + "self_attn.k_norm.weight": (hd,),
-            layer + "mlp.gate_proj.weight": (ffn, h), layer + "mlp.up_proj.weight": (ffn, h),
-            layer + "mlp.down_proj.weight": (h, ffn),
-            layer + "input_layernorm.weight": (h,), layer + "post_attention_layernorm.weight": (h,),
-        })
+        shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in llm_layer.items()})
     return shapes
 
 
@@ -267,7 +234,8 @@ def hf_to_keye_state(hf: dict[str, Tensor], configs: KeyeVLConfigs) -> dict[str,
     from keye.hf.qwen3_weights import hf_to_keye
     from keye_plugins.vision_encoder.siglip_navit import hf_to_keye_state_dict
 
-    out = {"vision_encoder." + k: t for k, t in hf_to_keye_state_dict(hf, configs.vision.num_heads, VISION_PREFIX).items()}
+    vision = hf_to_keye_state_dict(hf, configs.vision.num_heads, VISION_PREFIX)
+    out = {"vision_encoder." + k: t for k, t in vision.items()}
     out.update({"projector." + k[len("mlp_AR."):]: t for k, t in hf.items() if k.startswith("mlp_AR.")})
     out.update(hf_to_keye(hf, configs.language, prefix=LLM_PREFIX))
     return out
@@ -286,8 +254,6 @@ def keye_to_hf_state(state: dict[str, Tensor], configs: KeyeVLConfigs) -> dict[s
 
 
 # --- safetensors files ---------------------------------------------------------------------------------
-
-
 def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the index lists, or the single ``model.safetensors``."""
     index = path / INDEX_NAME
@@ -309,27 +275,23 @@ def read_weights(path: Path) -> dict[str, Tensor]:
     """Every tensor of the checkpoint's safetensors files, by name."""
     from safetensors.torch import load_file
 
-    out: dict[str, Tensor] = {}
-    for file in weight_files(path):
-        out.update(load_file(str(file)))
-    return out
+    return {name: tensor for file in weight_files(path) for name, tensor in load_file(str(file)).items()}
 
 
 def write_weights(tensors: dict[str, Tensor], path: Path, max_shard_bytes: int | None = None) -> list[str]:
     """One ``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``."""
     from safetensors.torch import save_file
 
-    tensors = {name: tensors[name].detach().cpu().contiguous() for name in sorted(tensors)}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
     shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, tensor in tensors.items():
+    size = total = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
         nbytes = tensor.numel() * tensor.element_size()
         if max_shard_bytes is not None and shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
         shards[-1][name] = tensor
-        size += nbytes
+        size, total = size + nbytes, total + nbytes
     if len(shards) == 1:
         save_file(shards[0], str(path / WEIGHTS_NAME), metadata={"format": "pt"})
         return [WEIGHTS_NAME]
@@ -342,24 +304,17 @@ def write_weights(tensors: dict[str, Tensor], path: Path, max_shard_bytes: int |
 
 
 # --- the model -----------------------------------------------------------------------------------------
-
-
-def _parallel_context() -> Any:
-    """This process's ``ParallelContext``; starts a single-process one (world 1) if none is running."""
+def build_keye_vl_model(configs: KeyeVLConfigs, dtype: torch.dtype = torch.float32, parallel: Any = None) -> nn.Module:
+    """An (untrained) ``KeyeVLModel`` for this process's place in the parallel layout (``parallel``: a
+    ``ParallelContext``; default: the running one, or a single-process one started here)."""
     from megatron.core import parallel_state as mpu
 
-    from keye.parallel import current_context, init_parallel
-
-    return current_context() if mpu.model_parallel_is_initialized() else init_parallel()
-
-
-def build_keye_vl_model(configs: KeyeVLConfigs, dtype: torch.dtype = torch.float32, parallel: Any = None) -> nn.Module:
-    """An (untrained) ``KeyeVLModel`` with these settings, for this process's place in the parallel layout."""
     from keye.model.composition import KeyeVLModel
     from keye.model.protocols import BuildContext
+    from keye.parallel import current_context, init_parallel
     from keye.plugins import get_registry
 
-    parallel = parallel or _parallel_context()
+    parallel = parallel or (current_context() if mpu.model_parallel_is_initialized() else init_parallel())
     ctx = BuildContext(parallel, dtype, parallel.is_first_stage, parallel.is_last_stage)
     return KeyeVLModel(configs.model_section(), get_registry(), ctx,
                        image_token_id=configs.mrope.image_token_id, video_token_id=configs.mrope.video_token_id)
@@ -489,29 +444,33 @@ def load_keye_vl(path: str | Path, dtype: torch.dtype = torch.float32) -> KeyeVL
     return KeyeVL(model, cfg, {name: hf[name] for name in unused}, generation_config)
 
 
+def configs_of(model: nn.Module) -> KeyeVLConfigs:
+    """The settings of a (blueprint-built) ``KeyeVLModel``; M-RoPE keys the model does not hold take the
+    released values (tokens_per_second 2, vision_start_token_id 151652)."""
+    if getattr(model, "vision_encoder", None) is None or getattr(model, "projector", None) is None:
+        raise KeyeUserError("save_keye_vl: the Keye-VL format needs a model with a vision encoder and a projector")
+    lm = model.language_model.config
+    mrope = MRopeTimeAligned.Config(mrope_section=list(lm.mrope_section), theta=lm.rope_theta, head_dim=lm.head_dim,
+                                    spatial_merge_size=model.projector.config.merge,
+                                    image_token_id=model.image_token_id, video_token_id=model.video_token_id)
+    return KeyeVLConfigs(model.vision_encoder.config, model.projector.config, lm, mrope)
+
+
 def save_keye_vl(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
-                 max_shard_bytes: int | None = None, include_unused: bool = True) -> Path | None:
+                 max_shard_bytes: int | None = None, include_unused: bool = True,
+                 extra_config: dict | None = None) -> Path | None:
     """Write ``model`` (a :class:`KeyeVL`, or a ``KeyeVLModel`` with the Preview architecture) in the released format.
 
     config.json, model.safetensors (sharded with an index past ``max_shard_bytes``) and, when known,
-    generation_config.json. Tensors keep the model's dtype unless ``dtype`` is given. Collective under
-    TP/PP: call it on every rank; global rank 0 writes and returns the path, other ranks return None.
+    generation_config.json; ``extra_config`` keys go into config.json last (e.g. token ids a blueprint-built
+    model does not hold: ``vision_start_token_id``). Tensors keep the model's dtype unless ``dtype`` is given.
+    Collective under TP/PP: call it on every rank; global rank 0 writes and returns the path, others None.
     """
     import torch.distributed as dist
 
-    if isinstance(model, KeyeVL):
-        wrapper, base, configs = model, model.config, model.configs
-        keye_model = model.model
-    else:
-        wrapper, base, keye_model = None, None, model
-        if getattr(model, "vision_encoder", None) is None or getattr(model, "projector", None) is None:
-            raise KeyeUserError("save_keye_vl: the Keye-VL format needs a model with a vision encoder and a projector")
-        mrope = MRopeTimeAligned.Config(mrope_section=list(model.language_model.config.mrope_section),
-                                        theta=model.language_model.config.rope_theta,
-                                        head_dim=model.language_model.config.head_dim,
-                                        spatial_merge_size=model.projector.config.merge,
-                                        image_token_id=model.image_token_id, video_token_id=model.video_token_id)
-        configs = KeyeVLConfigs(model.vision_encoder.config, model.projector.config, model.language_model.config, mrope)
+    wrapper = model if isinstance(model, KeyeVL) else None
+    keye_model, base = (model.model, model.config) if wrapper else (model, None)
+    configs = model.configs if wrapper else configs_of(model)
     state = gather_full_state(keye_model)
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
@@ -526,7 +485,8 @@ def save_keye_vl(model: nn.Module, path: str | Path, *, dtype: torch.dtype | Non
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     stored = dtype or next(iter(state.values())).dtype
-    (out / "config.json").write_text(json.dumps(hf_config_dict(configs, base, stored), indent=2) + "\n")
+    config = {**hf_config_dict(configs, base, stored), **(extra_config or {})}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if wrapper is not None and wrapper.generation_config is not None:
         (out / "generation_config.json").write_text(json.dumps(wrapper.generation_config, indent=2) + "\n")
     for stale in [out / INDEX_NAME, *out.glob("model*.safetensors")]:

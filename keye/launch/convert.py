@@ -21,7 +21,12 @@ The destination of ``hf-to-megatron`` holds::
 
 ``KeyeVLModel`` is a plain ``nn.Module`` holding Megatron modules and plain ones (the patch embedding,
 the projector), so its sharded state dict is assembled here: Megatron modules give their own (they know
-their TP axes and PP layer offsets), plain parameters are replicated ``ShardedTensor``s.
+their TP axes and PP layer offsets), plain parameters are replicated ``ShardedTensor``s. To read a converted
+checkpoint into a model of any layout: ``load_megatron(DST)``, or ``dist_checkpointing.load(
+sharded_state_dict(model), DST / "model")`` for a ``KeyeVLModel`` built from a blueprint.
+
+Writing needs ``psutil`` for Megatron's own ``torch_dist`` writer; without it, the same format is written by
+``serial_torch_dist_strategy`` (see there why).
 
 User errors (missing directory, bad config.json, missing or misnamed weights, a layout the model cannot
 be split into, a non-empty destination) are found in the launching process before any worker starts.
@@ -39,7 +44,7 @@ from torch import nn
 
 from keye.errors import KeyeUserError
 from keye.hf.keye_vl import (
-    DTYPES,
+    HF_DTYPES,
     INDEX_NAME,
     KeyeVL,
     KeyeVLConfigs,
@@ -117,7 +122,7 @@ def read_meta(src: Path) -> dict:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise KeyeUserError(f"{meta_file}: not valid JSON ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("dtype") not in DTYPES:
+    if meta.get("format") != FORMAT or meta.get("dtype") not in HF_DTYPES:
         raise KeyeUserError(f"{meta_file}: unknown format {meta.get('format')!r} / dtype {meta.get('dtype')!r}")
     if not (src / "model" / "metadata.json").is_file():
         raise KeyeUserError(f"{src / 'model'}: no Megatron-Core distributed checkpoint (metadata.json missing)")
@@ -155,6 +160,55 @@ def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | Non
     return out
 
 
+# --- writing the checkpoint ---------------------------------------------------------------------------
+
+
+def _save_strategy() -> Any:
+    """Megatron's default writer where it can run, else :func:`serial_torch_dist_strategy`."""
+    import importlib.util
+
+    return None if importlib.util.find_spec("psutil") is not None else serial_torch_dist_strategy()
+
+
+def serial_torch_dist_strategy() -> Any:
+    """Megatron's ``torch_dist`` format (v1), written in this process by torch DCP's ``FileSystemWriter``.
+
+    Why: Megatron-Core 0.16's own torch_dist writer forks one writer process per bucket, and each calls
+    ``psutil`` *before* its error handling. psutil is not a dependency of megatron-core; without it the
+    writer dies silently and ``dist_checkpointing.save`` waits forever. The files written here are what
+    Megatron's writer writes (same state-dict translation, same planner, same metadata), so
+    ``dist_checkpointing.load`` reads them with its default ``torch_dist`` strategy. Only main replicas
+    are written, as Megatron does.
+    """
+    from collections import defaultdict
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        flatten_state_dict,
+        mcore_to_pyt_state_dict,
+    )
+
+    class SerialTorchDistSave(SaveShardedStrategy):
+        @property
+        def can_handle_sharded_objects(self) -> bool:
+            return True
+
+        def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
+            flat, _ = flatten_state_dict(sharded_state_dict)
+            by_key: dict[str, list] = defaultdict(list)  # global key → this rank's main-replica shards
+            for shard in flat.values():
+                if is_main_replica(shard.replica_id):
+                    by_key[shard.unique_key if isinstance(shard, ShardedObject) else shard.key].append(shard)
+            dcp.save(mcore_to_pyt_state_dict(dict(by_key), False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(flatten_state_dict=False))
+
+    return SerialTorchDistSave("torch_dist", 1)
+
+
 # --- the work, on every rank ---------------------------------------------------------------------------
 
 
@@ -189,9 +243,10 @@ def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
     if parallel.rank == 0:
         (dst / "model").mkdir(parents=True, exist_ok=True)
         _copy_assets(src, dst / "hf")
-        save_file({name: hf[name].contiguous() for name in unused}, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
+        kept = {name: hf[name].contiguous() for name in unused}
+        save_file(kept, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"))
+    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"), sharded_strategy=_save_strategy())
     if parallel.rank == 0:
         meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "tensor": tensor, "pipeline": pipeline,
                 "source": str(src.resolve())}
@@ -209,7 +264,7 @@ def load_megatron(src: Path, tensor: int = 1, pipeline: int = 1) -> KeyeVL:
     meta = read_meta(src)
     parallel = init_parallel(tensor=tensor, pipeline=pipeline)
     cfg = read_config(src / "hf")
-    model = build_keye_vl_model(hf_configs(cfg), DTYPES[meta["dtype"]], parallel)
+    model = build_keye_vl_model(hf_configs(cfg), HF_DTYPES[meta["dtype"]], parallel)
     state = dist_checkpointing.load(sharded_state_dict(model), str(src / "model"))
     model.load_state_dict(state, strict=True)
     unused = load_file(str(src / "hf" / UNUSED_NAME)) if (src / "hf" / UNUSED_NAME).is_file() else {}
@@ -234,8 +289,7 @@ DIRECTIONS = {
 }
 
 
-def run_convert(direction: str, src: str, dst: str, tensor: int = 1, pipeline: int = 1,
-                argv: list[str] | None = None) -> int:
+def run_convert(direction: str, src: str, dst: str, tensor: int = 1, pipeline: int = 1) -> int:
     """Check the request here, then convert in ``tensor x pipeline`` processes (spawned unless launched)."""
     from keye.launch.spawn import spawn_local, under_launcher
 
@@ -245,8 +299,8 @@ def run_convert(direction: str, src: str, dst: str, tensor: int = 1, pipeline: i
     if not under_launcher():
         prepare(src_path, dst_path, tensor, pipeline)
         if world > 1:
-            return spawn_local(world, argv or ["convert", direction, src, dst, "--tensor", str(tensor),
-                                               "--pipeline", str(pipeline)])
+            argv = ["convert", direction, src, dst, "--tensor", str(tensor), "--pipeline", str(pipeline)]
+            return spawn_local(world, argv)  # each child finds the launcher's environment and runs `work`
     work(src_path, dst_path, tensor, pipeline)
     if torch.distributed.get_rank() == 0:
         print(f"converted {src} -> {dst} ({direction}, tensor {tensor} x pipeline {pipeline})")

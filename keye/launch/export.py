@@ -39,6 +39,9 @@ def export_stage(blueprint: str, stage: str, destination: str, overrides: Sequen
     model = KeyeVLModel(cfg.model, host.registry, BuildContext(parallel, DTYPES[cfg.precision.dtype], seed=cfg.run.seed),
                         image_token_id=special.image_pad, video_token_id=special.video_pad)
     load_weights_from(model, folder, parallel)
-    out = save_keye_vl(model, destination)
+    token_ids = {"vision_start_token_id": special.vision_start, "vision_end_token_id": special.vision_end,
+                 "image_token_id": special.image_pad, "video_token_id": special.video_pad,
+                 "eos_token_id": special.eos, "pad_token_id": special.pad}
+    out = save_keye_vl(model, destination, extra_config=token_ids)
     tokenizer.save_pretrained(str(destination))
     return out

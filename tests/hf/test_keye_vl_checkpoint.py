@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from keye.errors import KeyeUserError
+from keye.hf import hf_configs
 from keye.testing.distributed import run_distributed
 
 IMAGE, VIDEO, V_START, V_END, PAD = 250, 251, 248, 249, 0
@@ -199,7 +200,8 @@ def reference_vision(W: dict, pixels: torch.Tensor, grids: torch.Tensor, cfg: di
         L = f"{v}encoder.layers.{i}."
         y = layer_norm(x, W[L + "layer_norm1.weight"], W[L + "layer_norm1.bias"], eps)
         q, k, val = (
-            (y @ W[f"{L}self_attn.{p}_proj.weight"].T + W[f"{L}self_attn.{p}_proj.bias"]).view(n, heads, hd) for p in "qkv"
+            (y @ W[f"{L}self_attn.{p}_proj.weight"].T + W[f"{L}self_attn.{p}_proj.bias"]).view(n, heads, hd)
+            for p in "qkv"
         )
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         scores = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
@@ -267,8 +269,9 @@ def reference_logits(W: dict, batch: dict, cfg: dict) -> torch.Tensor:
     for i in range(cfg["num_hidden_layers"]):
         L = f"model.layers.{i}."
         y = rms_norm(x, W[L + "input_layernorm.weight"], eps)
-        q = rms_norm((y @ W[L + "self_attn.q_proj.weight"].T).view(b, n, heads, hd), W[L + "self_attn.q_norm.weight"], eps)
-        k = rms_norm((y @ W[L + "self_attn.k_proj.weight"].T).view(b, n, groups, hd), W[L + "self_attn.k_norm.weight"], eps)
+        q = (y @ W[L + "self_attn.q_proj.weight"].T).view(b, n, heads, hd)
+        k = (y @ W[L + "self_attn.k_proj.weight"].T).view(b, n, groups, hd)
+        q, k = rms_norm(q, W[L + "self_attn.q_norm.weight"], eps), rms_norm(k, W[L + "self_attn.k_norm.weight"], eps)
         v = (y @ W[L + "self_attn.v_proj.weight"].T).view(b, n, groups, hd)
         q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         k, v = k.repeat_interleave(heads // groups, dim=2), v.repeat_interleave(heads // groups, dim=2)
@@ -305,7 +308,7 @@ def _params_equal(a, b) -> bool:
 def _load_save_forward(root: str) -> dict:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from keye.hf import load_keye_vl, save_keye_vl
+    from keye.hf import hf_configs, load_keye_vl, save_keye_vl
 
     root = Path(root)
     weights = write_tiny_checkpoint(root / "hf")
@@ -322,6 +325,11 @@ def _load_save_forward(root: str) -> dict:
     out["sharded_equals_source"] = _same(_files(root / "sharded"), weights)
     out["sharded_params_equal"] = _params_equal(model, sharded)
     out["config_round_trip"] = json.loads((root / "saved" / "config.json").read_text())
+    # a bare KeyeVLModel (as a blueprint builds it): the model's tensors, token ids it lacks given by the caller
+    save_keye_vl(model.model, root / "bare", extra_config={"vision_start_token_id": V_START})
+    bare = _files(root / "bare")
+    out["bare_equals_used"] = _same(bare, {k: v for k, v in weights.items() if k not in model.skipped})
+    out["bare_config"] = hf_configs(json.loads((root / "bare" / "config.json").read_text()))
 
     batch = tiny_batch()
     logits = model.hf_forward(**batch)  # (B, L, V)
@@ -374,6 +382,8 @@ def test_round_trip_is_bit_exact(loaded):
         k: v for k, v in TINY_CONFIG.items() if k != "vision_config"
     }
     assert {**TINY_CONFIG["vision_config"], **saved["vision_config"]} == saved["vision_config"]
+    assert loaded["bare_equals_used"]
+    assert loaded["bare_config"] == hf_configs(TINY_CONFIG)  # the same model, described from its components
 
 
 def test_forward_matches_float64_reference(loaded):

@@ -1,0 +1,98 @@
+"""``keye-launch convert`` as a user runs it: separate processes, real gloo ranks, real Megatron-Core checkpoints.
+
+HF → Megatron-Core distributed checkpoint written by 2 tensor-parallel ranks → HF, read back in one process
+and in 2 pipeline stages (so the checkpoint is resharded on the way): every tensor, the unused ones
+included, must come back with the same bits and dtype, and the non-weight files must travel along.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_keye_vl_checkpoint import TINY_CONFIG, write_tiny_checkpoint
+
+LAUNCH = [sys.executable, "-m", "keye.launch.cli"]
+
+
+def launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*LAUNCH, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> tuple[Path, dict]:
+    path = tmp_path_factory.mktemp("convert") / "hf"
+    weights = write_tiny_checkpoint(path, seed=7)
+    (path / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 1024}))  # an asset to carry
+    return path, weights
+
+
+@pytest.fixture(scope="module")
+def megatron_dir(hf_dir) -> Path:
+    """The tiny checkpoint converted by 2 tensor-parallel ranks."""
+    src, _ = hf_dir
+    megatron = src.parent / "megatron"
+    result = launch("convert", "hf-to-megatron", src, megatron, "--tensor", 2, "--pipeline", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return megatron
+
+
+def test_hf_to_megatron_writes_a_tp2_dist_checkpoint(megatron_dir):
+    meta = json.loads((megatron_dir / "keye_checkpoint.json").read_text())
+    assert (meta["tensor"], meta["pipeline"], meta["dtype"]) == (2, 1, "float32")
+    backend = json.loads((megatron_dir / "model" / "metadata.json").read_text())
+    assert backend["sharded_backend"] == "torch_dist"  # Megatron-Core's dist_checkpointing format
+    assert len(list((megatron_dir / "model").glob("*.distcp"))) >= 2  # both ranks wrote their shards
+
+
+@pytest.mark.parametrize("layout", [(), ("--pipeline", 2)], ids=["one_process", "pipeline2"])
+def test_back_to_hf_is_bit_exact(hf_dir, megatron_dir, tmp_path, layout):
+    """Read back in another layout than the one that wrote it (Megatron reshards): same bits."""
+    src, weights = hf_dir
+    back = tmp_path / "back"
+    result = launch("convert", "megatron-to-hf", megatron_dir, back, *layout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    restored = load_file(str(back / "model.safetensors"))
+    assert set(restored) == set(weights)
+    changed = [n for n in weights if restored[n].dtype != weights[n].dtype or not torch.equal(restored[n], weights[n])]
+    assert not changed, changed[:5]
+    config = json.loads((back / "config.json").read_text())
+    assert {k: v for k, v in config.items() if k != "vision_config"} == {
+        k: v for k, v in TINY_CONFIG.items() if k != "vision_config"
+    }
+    for name in ("tokenizer_config.json", "generation_config.json"):  # the assets travel along
+        assert json.loads((back / name).read_text()) == json.loads((src / name).read_text()), name
+
+
+def _bad_config(tmp_path: Path) -> Path:
+    path = tmp_path / "bad"
+    path.mkdir()
+    (path / "config.json").write_text("{not json")
+    return path
+
+
+@pytest.mark.parametrize("case, expect", [
+    ("missing", "not a directory"),
+    ("bad_config", "not valid JSON"),
+    ("layout", "--tensor 3 does not divide num_attention_heads = 4"),
+    ("not_converted", "no keye_checkpoint.json"),
+])
+def test_user_errors_exit_2_with_one_line(hf_dir, tmp_path, case, expect):
+    src, _ = hf_dir
+    args = {
+        "missing": ("hf-to-megatron", tmp_path / "nowhere", tmp_path / "out"),
+        "bad_config": ("hf-to-megatron", _bad_config(tmp_path) if case == "bad_config" else None, tmp_path / "out"),
+        "layout": ("hf-to-megatron", src, tmp_path / "out", "--tensor", 3),
+        "not_converted": ("megatron-to-hf", src, tmp_path / "out"),
+    }[case]
+    result = launch("convert", *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("keye-launch: error: ") and expect in lines[0], lines
+    assert not (tmp_path / "out").exists()  # nothing was started or written
