@@ -15,7 +15,9 @@ What is here, and why:
 * packing: NaViT puts every image/video of a batch in one sequence ``[sum N, 1, D]`` with block-diagonal
   attention. ``block_diagonal_mask`` is the boolean mask Megatron's local attention takes (True =
   masked); ``packed_seq_params`` is the ``thd`` form TE's fused attention takes (cu_seqlens). The TE
-  form is the one used on GPUs; only the mask form can run (and be tested) without TE.
+  form is the one used on GPUs; only the mask form can run (and be tested) without TE. Without TE the
+  core attention is ``keye.model.sdpa_attention.SDPAAttention`` (``attention: sdpa``, the default): it finds
+  the blocks in the mask and runs SDPA per block, instead of Megatron's dense ``[N, N]`` scores.
 * weights: Megatron fuses q, k, v into one ``linear_qkv`` whose output rows are interleaved per head
   group ``[q_h, k_h, v_h]`` (``fuse_qkv``/``split_qkv``), and HF encoder-layer names map 1:1 onto
   Megatron's (``hf_encoder_to_megatron``). ``load_full_state_dict``/``full_state_dict`` move full
@@ -75,8 +77,12 @@ def _backend(impl: str) -> Any:
     return LocalSpecProvider()
 
 
-def encoder_layer_spec(impl: str = "local") -> Any:
-    """A pre-LN bidirectional transformer layer: LN → self-attention (no causal mask) → LN → MLP."""
+def encoder_layer_spec(impl: str = "local", attention: str = "sdpa") -> Any:
+    """A pre-LN bidirectional transformer layer: LN → self-attention (no causal mask) → LN → MLP.
+
+    ``attention`` picks the local path's core attention: 'sdpa' (``keye.model.sdpa_attention``: per-block
+    SDPA on the packed block-diagonal mask) or 'megatron' (its unfused ``DotProductAttention``). TE ignores it.
+    """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
     from megatron.core.transformer.enums import AttnMaskType
@@ -84,7 +90,14 @@ def encoder_layer_spec(impl: str = "local") -> Any:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    backend = _backend(resolve_transformer_impl(impl))
+    from keye.model.sdpa_attention import local_core_attention
+
+    impl = resolve_transformer_impl(impl)
+    backend = _backend(impl)
+    # Local path only: SDPA (or Megatron's own) core attention; the TE spec keeps TE's fused attention.
+    core_attention = local_core_attention(attention)  # also checks the name on the TE path
+    if impl == "transformer_engine":
+        core_attention = backend.core_attention()
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -96,7 +109,7 @@ def encoder_layer_spec(impl: str = "local") -> Any:
                 params={"attn_mask_type": AttnMaskType.no_mask},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=backend.column_parallel_linear(),
-                    core_attention=backend.core_attention(),
+                    core_attention=core_attention,
                     linear_proj=backend.row_parallel_linear(),
                 ),
             ),
@@ -114,13 +127,13 @@ def encoder_layer_spec(impl: str = "local") -> Any:
     )
 
 
-def encoder_block_spec(num_layers: int, impl: str = "local") -> Any:
+def encoder_block_spec(num_layers: int, impl: str = "local", attention: str = "sdpa") -> Any:
     """``num_layers`` encoder layers and the final LayerNorm (SigLIP's post_layernorm / final_layer_norm)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     impl = resolve_transformer_impl(impl)
     return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(impl)] * num_layers, layer_norm=_backend(impl).layer_norm()
+        layer_specs=[encoder_layer_spec(impl, attention)] * num_layers, layer_norm=_backend(impl).layer_norm()
     )
 
 

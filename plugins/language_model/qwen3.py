@@ -55,11 +55,17 @@ class Qwen3LanguageModel(torch.nn.Module):
         )
         init_std: float = doc("Std of the normal weight initialisation.", 0.02)
         recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
+        attention: str = doc(
+            "Core attention of the local (non-TE) spec: sdpa (PyTorch SDPA, per block of a packed causal mask; "
+            "the default) or megatron (Megatron's unfused DotProductAttention).", "sdpa"
+        )
 
     def __init__(self, config: Config, ctx: BuildContext | None = None) -> None:
         super().__init__()
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from keye.model.sdpa_attention import local_core_attention
 
         ctx = ctx or BuildContext()
         if sum(config.mrope_section) * 2 != config.head_dim:
@@ -73,12 +79,15 @@ class Qwen3LanguageModel(torch.nn.Module):
         # enters TE's autocast from the fp8 fields of the config); 'torch': the local spec with keye's
         # scaled-FP8 linears; FP8 off: the local spec. Fails here, in one line, if the backend cannot run.
         fp8_backend = keye_fp8.fp8_backend(ctx.fp8)
+        core_attention = local_core_attention(config.attention)  # checks the name on the TE path too
         if fp8_backend == "te":
             from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
             spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
         else:
             spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+            # Local spec: core attention on SDPA (keye.model.sdpa_attention) unless attention=megatron.
+            spec.submodules.self_attention.submodules.core_attention = core_attention
             if fp8_backend == "torch":
                 from keye.model.fp8_linear import fp8_layer_spec
 

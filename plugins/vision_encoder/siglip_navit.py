@@ -80,6 +80,10 @@ class SiglipNaViT(nn.Module):
         transformer_impl: str = doc(
             "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
         )
+        attention: str = doc(
+            "Core attention of the local (non-TE) path: sdpa (PyTorch SDPA per packed block, the default) or "
+            "megatron (Megatron's unfused DotProductAttention).", "sdpa"
+        )
 
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()
@@ -116,7 +120,7 @@ class SiglipNaViT(nn.Module):
             self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
         self.decoder = TransformerBlock(
             config=self.transformer_config,
-            spec=mb.encoder_block_spec(config.num_layers, self.impl),
+            spec=mb.encoder_block_spec(config.num_layers, self.impl, config.attention),
             post_layer_norm=True,  # SigLIP's post_layernorm
             pre_process=True,
             post_process=True,
