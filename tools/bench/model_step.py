@@ -20,8 +20,8 @@ Two comparisons, in one process, on the same mixed batch (several image sizes, a
      off (every layer full attention per image, ``fullatt_block_indexes`` = all), as Keye's ViT.
    - Projector: both LayerNorm/RMSNorm → 2x2 merge → Linear → GELU → Linear, same widths.
    - Attention kernels: transformers runs SDPA, the ViT one image (or video) at a time (it splits the pack
-     at ``cu_seqlens``); ours runs Megatron's local attention (what runs without Transformer Engine), the ViT
-     as one packed sequence with a block-diagonal mask. On GPUs ours would use TE's varlen flash attention.
+     at ``cu_seqlens``); ours runs SDPA per packed block (keye's attention without Transformer Engine), the ViT
+     as one packed sequence whose blocks are the images and whole videos. On GPUs ours would use TE's varlen flash attention.
 
 2. **packed vs padded** vision encoding, our ViT alone (forward + backward, patches/s): *packed* is the NaViT
    way (every image and video in one sequence, block-diagonal attention, no padding); *padded* is the
@@ -33,14 +33,13 @@ Prints a table, then the two ratios (``ours/transformers``, ``packed/padded``). 
 CPU thread and the clock is this process's CPU time, so a busy machine (CI, a shared box) still gives the
 numbers an idle core would; ``--threads N`` (wall-clock) measures a whole machine.
 
-What it showed (2-core CPU box, one thread, full batch; November 2026): ours/transformers 0.55x and
-packed/padded 0.91x, both short of their targets (1.0x, 2.0x), for one reason: without Transformer Engine
-the attention is Megatron's unfused ``DotProductAttention``, which materialises every score and its mask.
-On the packed ViT that is ``N x N`` over the whole pack (N = 2736 here) though only the diagonal blocks are
-wanted, so the pack pays more attention work than the padded batch saves in its linears; transformers splits
-at ``cu_seqlens`` and runs SDPA per image. In the LLM, the same unfused attention (plus the causal mask)
-against SDPA costs about 1.4x. A prototype core attention on ``F.scaled_dot_product_attention`` (per block
-on a packed block-diagonal mask, causal SDPA in the LLM) measured 0.94x and 2.06x on the same batch.
+What it showed (2-core CPU box, one thread, full batch; November 2026), with keye's SDPA attention split per
+packed block (``keye/model/sdpa_attention.py``, the default without Transformer Engine): ours/transformers
+0.90-0.93x and packed/padded 2.07-2.08x. With Megatron's unfused local attention (``attention: megatron``)
+it was 0.56x and 0.93x. The remaining gap to transformers is the video: Keye attends across a whole video as
+one block (the released model and the spec), while Qwen2.5-VL with ``temporal_patch_size=1`` attends frame
+by frame (4 x 256 instead of 1024 patches here), so it does less attention work for the same batch; single
+SDPA calls of equal size cost the same in both.
 Note also that ``KeyeVLModel`` encodes a micro-batch's images and its videos as two packs, while the
 packed/padded comparison here puts all of them in one pack (the harder case for a dense mask).
 """
