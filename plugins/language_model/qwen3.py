@@ -55,6 +55,11 @@ class Qwen3LanguageModel(torch.nn.Module):
         )
         init_std: float = doc("Std of the normal weight initialisation.", 0.02)
         recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
+        pipeline_first_stage_layers: Optional[int] = doc(
+            "LLM layers on the first pipeline stage, which also runs the vision encoder and projector; the rest "
+            "split evenly. null: an even split. keye.model.pipeline_split.first_stage_layers suggests a value.",
+            None,
+        )
         attention: str = doc(
             "Core attention of the local (non-TE) spec: sdpa (PyTorch SDPA, per block of a packed causal mask; "
             "the default) or megatron (Megatron's unfused DotProductAttention).", "sdpa"
@@ -158,6 +163,9 @@ class Qwen3LanguageModel(torch.nn.Module):
             recompute_granularity="full" if config.recompute else None,
             recompute_method="uniform" if config.recompute else None,
             recompute_num_layers=1 if config.recompute else None,
+            num_layers_in_first_pipeline_stage=(
+                config.pipeline_first_stage_layers if ctx.parallel is not None and ctx.parallel.pp_size > 1 else None
+            ),
             **keye_fp8.megatron_fp8_kwargs(ctx.fp8),  # TE backend only: fp8="hybrid", delayed recipe, amax history
             **layout,
         )
