@@ -170,6 +170,16 @@ def encoder_transformer_config(
         add_qkv_bias=True,
         gated_linear_unit=False,
         activation_func=functools.partial(F.gelu, approximate="tanh"),  # HF gelu_pytorch_tanh
+        init_method_std=init_std,
+        **common_transformer_kwargs(ctx.dtype, recompute),
+        **layout,
+    )
+
+
+def common_transformer_kwargs(dtype: torch.dtype, recompute: bool) -> dict[str, Any]:
+    """TransformerConfig settings every keye tower shares: no dropout, no fused kernels (unfused paths are
+    exact and run everywhere; apply_rope_fusion would also mis-index packed RoPE), dtype and recompute."""
+    return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         bias_activation_fusion=False,
@@ -178,13 +188,11 @@ def encoder_transformer_config(
         persist_layer_norm=False,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
-        init_method_std=init_std,
-        bf16=ctx.dtype == torch.bfloat16,
-        params_dtype=ctx.dtype,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
-        **layout,
     )
 
 

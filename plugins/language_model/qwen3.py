@@ -133,6 +133,8 @@ class Qwen3LanguageModel(torch.nn.Module):
         import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
+        from keye.model.megatron_blocks import common_transformer_kwargs
+
         layout = ctx.parallel.model_parallel_kwargs(ctx.dtype) if ctx.parallel is not None else {}
         return TransformerConfig(
             num_layers=config.num_layers,
@@ -148,21 +150,9 @@ class Qwen3LanguageModel(torch.nn.Module):
             qk_layernorm=True,
             add_bias_linear=False,
             add_qkv_bias=False,
-            hidden_dropout=0.0,
-            attention_dropout=0.0,
-            bias_activation_fusion=False,
-            bias_dropout_fusion=False,
-            masked_softmax_fusion=False,
-            persist_layer_norm=False,
-            apply_rope_fusion=False,
-            gradient_accumulation_fusion=False,
             init_method_std=config.init_std,
             mrope_section=list(config.mrope_section) if config.position_embedding == "mrope" else None,
-            bf16=ctx.dtype == torch.bfloat16,
-            params_dtype=ctx.dtype,
-            recompute_granularity="full" if config.recompute else None,
-            recompute_method="uniform" if config.recompute else None,
-            recompute_num_layers=1 if config.recompute else None,
+            **common_transformer_kwargs(ctx.dtype, config.recompute),
             num_layers_in_first_pipeline_stage=(
                 config.pipeline_first_stage_layers if ctx.parallel is not None and ctx.parallel.pp_size > 1 else None
             ),
