@@ -176,6 +176,22 @@ def encoder_transformer_config(
     )
 
 
+def tower_transformer_config(config: Any, ctx: Any, name: str) -> Any:
+    """The TransformerConfig of a SigLIP-style tower from its Config (the fields both towers share)."""
+    if config.hidden_size % config.num_heads:
+        raise ValueError(f"{name}: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
+    return encoder_transformer_config(
+        hidden_size=config.hidden_size,
+        ffn_hidden_size=config.intermediate_size,
+        num_layers=config.num_layers,
+        num_heads=config.num_heads,
+        layer_norm_eps=config.layer_norm_eps,
+        init_std=config.init_std,
+        recompute=config.recompute,
+        ctx=ctx,
+    )
+
+
 def common_transformer_kwargs(dtype: torch.dtype, recompute: bool) -> dict[str, Any]:
     """TransformerConfig settings every keye tower shares: no dropout, no fused kernels (unfused paths are
     exact and run everywhere; apply_rope_fusion would also mis-index packed RoPE), dtype and recompute."""

@@ -85,22 +85,9 @@ class SiglipText(nn.Module):
 
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
-        if config.hidden_size % config.num_heads:
-            raise ValueError(
-                f"siglip_text: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}"
-            )
         self.out_dim = config.projection_size or config.hidden_size
         self.impl = mb.resolve_transformer_impl(config.transformer_impl)
-        self.transformer_config = mb.encoder_transformer_config(
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            layer_norm_eps=config.layer_norm_eps,
-            init_std=config.init_std,
-            recompute=config.recompute,
-            ctx=ctx,
-        )
+        self.transformer_config = mb.tower_transformer_config(config, ctx, "siglip_text")
         self.embedding = LanguageModelEmbedding(
             config=self.transformer_config,
             vocab_size=config.vocab_size,

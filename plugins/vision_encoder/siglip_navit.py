@@ -91,25 +91,12 @@ class SiglipNaViT(nn.Module):
 
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
-        if config.hidden_size % config.num_heads:
-            raise ValueError(
-                f"siglip_navit: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}"
-            )
         self.head_dim = config.hidden_size // config.num_heads
         self.out_dim = config.hidden_size
         self.table_side = config.image_size // config.patch_size
         self.impl = mb.resolve_transformer_impl(config.transformer_impl)
 
-        self.transformer_config = mb.encoder_transformer_config(
-            hidden_size=config.hidden_size,
-            ffn_hidden_size=config.intermediate_size,
-            num_layers=config.num_layers,
-            num_heads=config.num_heads,
-            layer_norm_eps=config.layer_norm_eps,
-            init_std=config.init_std,
-            recompute=config.recompute,
-            ctx=ctx,
-        )
+        self.transformer_config = mb.tower_transformer_config(config, ctx, "siglip_navit")
         device = mb.param_device(self.transformer_config)
         side, width = config.patch_size, config.hidden_size
         self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
