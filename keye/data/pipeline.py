@@ -109,7 +109,7 @@ def build_sources(ctx: Any, group: str, read_all: bool = False) -> dict[str, Any
 class MicroBatchStream:
     """An iterator of `MicroBatch` (or lists of `PairItem` for contrastive stages) with running stats."""
 
-    def __init__(self, ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False,
+    def __init__(self, ctx: Any, split: str = "train", pairs: bool = False,
                  pair_batch: int = 32, caption_length: int = 16) -> None:
         data = ctx.stage.data
         group = "sources" if split == "train" else "heldout"
@@ -127,7 +127,6 @@ class MicroBatchStream:
         self.pack_buffer = pair_batch if pairs else data.pack_buffer
         self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
         self.pairs = pairs
-        self.limit = limit
         self.produced = 0
         self.bad = BadInputCounter(f"stage {ctx.stage.name} processor", data.max_bad_fraction)
         self.real_tokens = 0
@@ -201,8 +200,6 @@ class MicroBatchStream:
         return self
 
     def __next__(self) -> MicroBatch | list[PairItem]:
-        if self.limit is not None and self.produced >= self.limit:
-            raise StopIteration
         while not self._ready:
             if self._exhausted:
                 raise StopIteration
@@ -262,7 +259,7 @@ class MicroBatchStream:
         return stats
 
 
-def micro_batches(ctx: Any, split: str = "train", limit: int | None = None, pairs: bool = False,
+def micro_batches(ctx: Any, split: str = "train", pairs: bool = False,
                   pair_batch: int = 32, caption_length: int = 16) -> MicroBatchStream:
     """Packed micro-batches of ``split``; with ``pairs``, lists of ``pair_batch`` image-text pairs instead."""
-    return MicroBatchStream(ctx, split, limit, pairs, pair_batch, caption_length)
+    return MicroBatchStream(ctx, split, pairs, pair_batch, caption_length)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,7 +41,6 @@ class StageContext:
     previous_output: Path | None
     resume: bool
     metrics: MetricsWriter
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def registry(self):

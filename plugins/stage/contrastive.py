@@ -13,7 +13,6 @@ The vision and text towers are whole on every pipeline rank, so this stage needs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Iterator
 
 import torch

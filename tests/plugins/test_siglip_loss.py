@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from keye.testing.distributed import run_distributed
 from keye_plugins.loss.siglip_sigmoid import SiglipSigmoidLoss, siglip_loss_reference
@@ -39,7 +38,7 @@ def _rank_loss():
 
 
 def test_hand_checkable_case():
-    # One pair, orthogonal... a single positive pair with x·y = 1, t = 1, b = 0: L = -log σ(1).
+    # A single positive pair with x·y = 1, t = 1, b = 0: L = -log σ(1).
     x = torch.tensor([[1.0, 0.0]])
     loss = siglip_loss_reference(x, x, torch.tensor(0.0), torch.tensor(0.0))
     assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1))))

@@ -6,7 +6,6 @@ from dataclasses import dataclass, field
 from typing import List
 
 import pytest
-import torch
 
 from keye import hookimpl
 from keye.testing import write_blueprint
