@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +29,6 @@ import torch
 from keye.data.processor import PairItem, Processor, SampleError
 from keye.data.sample import PairSample
 from keye.data.sources import LoadedSample
-from keye.errors import KeyeUserError
 from keye.model.composition import VisionInputs
 
 
@@ -66,23 +64,17 @@ class ContrastiveScorer(torch.nn.Module):
 
     def load_weights(self, path: str | Path) -> Path:
         """Load the towers and head from a contrastive stage's weights: its folder (``<run>/<stage>``), its
-        ``weights/`` folder or one of its files. Any saved tensor/pipeline layout works (resharded by
-        `keye.train.stage_weights`); the saved ``loss`` module is not part of the scorer and is left out."""
-        from keye.parallel import current_context
-        from keye.train.stage_weights import load_stage_weights
+        ``weights/`` folder or one of its files. Any saved tensor/pipeline layout works (a Megatron-Core
+        distributed checkpoint, see `keye.train.stage_weights`); the saved ``loss`` module is not part of the
+        scorer and is left out."""
+        from keye.train.stage_weights import load_weights_from
 
         folder = Path(path).resolve()
         if folder.is_file():
             folder = folder.parent
         if folder.name == "weights":
             folder = folder.parent
-        if not (folder / "weights").is_dir():
-            raise KeyeUserError(f"contrastive scorer: no weights folder at {folder / 'weights'}")
-        ctx = SimpleNamespace(  # the part of a StageContext that loading reads: "init_from this folder"
-            stage=SimpleNamespace(init_from=str(folder)), previous_output=None, index=0,
-            parallel=current_context(), blueprint=SimpleNamespace(run=SimpleNamespace(output_dir=str(folder.parent))),
-        )  # fmt: skip
-        return load_stage_weights(self, ctx)
+        return load_weights_from(self, folder)
 
     @torch.no_grad()
     def embed_images(self, images: VisionInputs) -> torch.Tensor:

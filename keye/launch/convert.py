@@ -25,8 +25,8 @@ their TP axes and PP layer offsets), plain parameters are replicated ``ShardedTe
 checkpoint into a model of any layout: ``load_megatron(DST)``, or ``dist_checkpointing.load(
 sharded_state_dict(model), DST / "model")`` for a ``KeyeVLModel`` built from a blueprint.
 
-Writing needs ``psutil`` for Megatron's own ``torch_dist`` writer; without it, the same format is written by
-``serial_torch_dist_strategy`` (see there why).
+The sharded state dict and the writer are `keye.parallel.dist_checkpoint`'s, shared with training
+checkpoints.
 
 User errors (missing directory, bad config.json, missing or misnamed weights, a layout the model cannot
 be split into, a non-empty destination) are found in the launching process before any worker starts.
@@ -37,10 +37,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any
 
 import torch
-from torch import nn
 
 from keye.errors import KeyeUserError
 from keye.hf.keye_vl import (
@@ -58,6 +56,7 @@ from keye.hf.keye_vl import (
     save_keye_vl,
     weight_files,
 )
+from keye.parallel.dist_checkpoint import save_strategy, sharded_state_dict
 
 META_NAME = "keye_checkpoint.json"
 FORMAT = "keye-vl/megatron-core-dist"
@@ -136,79 +135,6 @@ def prepare_megatron_to_hf(src: Path, dst: Path, tensor: int, pipeline: int) -> 
     _empty_destination(dst)
 
 
-# --- the sharded state dict of KeyeVLModel -------------------------------------------------------------
-
-
-def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | None = None) -> dict[str, Any]:
-    """Megatron-Core's sharded state dict for any mix of Megatron and plain modules.
-
-    A module with its own ``sharded_state_dict`` (Megatron's) says how its tensors are split over TP ranks
-    and where its layers sit among all PP stages. A plain module's own parameters and persistent buffers
-    are the same on every rank: replicated ``ShardedTensor``s (one main replica is written). Children are
-    visited the same way, so a plain module holding a Megatron block (the ViT) keeps the block's TP axes.
-    """
-    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
-
-    metadata = ensure_metadata_has_dp_cp_group(metadata)  # Megatron's layers read the data-parallel group here
-    if hasattr(module, "sharded_state_dict"):
-        return module.sharded_state_dict(prefix=prefix, metadata=metadata)
-    own: dict[str, Any] = {}
-    module._save_to_state_dict(own, "", keep_vars=True)  # this module's tensors, not its children's
-    out = make_sharded_tensors_for_checkpoint(own, prefix)
-    for name, child in module.named_children():
-        out.update(sharded_state_dict(child, f"{prefix}{name}.", metadata))
-    return out
-
-
-# --- writing the checkpoint ---------------------------------------------------------------------------
-
-
-def _save_strategy() -> Any:
-    """Megatron's default writer where it can run, else :func:`serial_torch_dist_strategy`."""
-    import importlib.util
-
-    return None if importlib.util.find_spec("psutil") is not None else serial_torch_dist_strategy()
-
-
-def serial_torch_dist_strategy() -> Any:
-    """Megatron's ``torch_dist`` format (v1), written in this process by torch DCP's ``FileSystemWriter``.
-
-    Why: Megatron-Core 0.16's own torch_dist writer forks one writer process per bucket, and each calls
-    ``psutil`` *before* its error handling. psutil is not a dependency of megatron-core; without it the
-    writer dies silently and ``dist_checkpointing.save`` waits forever. The files written here are what
-    Megatron's writer writes (same state-dict translation, same planner, same metadata), so
-    ``dist_checkpointing.load`` reads them with its default ``torch_dist`` strategy. Only main replicas
-    are written, as Megatron does.
-    """
-    from collections import defaultdict
-
-    import torch.distributed.checkpoint as dcp
-    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
-    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
-    from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner,
-        flatten_state_dict,
-        mcore_to_pyt_state_dict,
-    )
-
-    class SerialTorchDistSave(SaveShardedStrategy):
-        @property
-        def can_handle_sharded_objects(self) -> bool:
-            return True
-
-        def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
-            flat, _ = flatten_state_dict(sharded_state_dict)
-            by_key: dict[str, list] = defaultdict(list)  # global key → this rank's main-replica shards
-            for shard in flat.values():
-                if is_main_replica(shard.replica_id):
-                    by_key[shard.unique_key if isinstance(shard, ShardedObject) else shard.key].append(shard)
-            dcp.save(mcore_to_pyt_state_dict(dict(by_key), False),
-                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
-                     planner=MCoreSavePlanner(flatten_state_dict=False))
-
-    return SerialTorchDistSave("torch_dist", 1)
-
-
 # --- the work, on every rank ---------------------------------------------------------------------------
 
 
@@ -246,7 +172,7 @@ def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
         kept = {name: hf[name].contiguous() for name in unused}
         save_file(kept, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"), sharded_strategy=_save_strategy())
+    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"), sharded_strategy=save_strategy())
     if parallel.rank == 0:
         meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "tensor": tensor, "pipeline": pipeline,
                 "source": str(src.resolve())}

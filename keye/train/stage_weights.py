@@ -1,21 +1,21 @@
-"""Handing weights from one stage to the next, in any tensor/pipeline layout.
+"""Handing weights from one stage to the next, in any tensor/pipeline/data-parallel layout.
 
-Each stage writes its weights to ``<run.output_dir>/<stage>/weights/tp<T>_pp<P>.pt``, one file per
-tensor and pipeline rank (data-parallel replicas are equal: only data-parallel rank 0 writes), keyed by
-*global* parameter names (pipeline stages renumber their layers from 0; the files do not) and with each
-tensor's tensor-parallel split (``partition_dim``, ``partition_stride``). The next stage starts from the
-previous stage's folder, or from ``stages[i].init_from`` (an earlier stage's name, or a folder).
+Each stage writes its weights to ``<run.output_dir>/<stage>/weights/`` as a Megatron-Core distributed
+checkpoint (`keye.parallel.dist_checkpoint`): every tensor under its *global* name (pipeline stages
+renumber their layers from 0; the checkpoint does not) with the offsets of each rank's shard. Weights
+only: per-layer extra state (TE's FP8 scaling history) starts afresh in each stage. The next
+stage starts from the previous stage's folder, or from ``stages[i].init_from`` (an earlier stage's name,
+or a folder).
 
-Loading into the same layout reads one file. Loading into another layout reshards: every rank rebuilds,
-one tensor at a time, each full tensor it needs from the old shards and keeps its own slice, so no process
-ever holds the whole model. Stages hold different module sets (stage 0: vision + text towers; later:
-vision + projector + LLM), so loading goes by top-level module: a module in both must match exactly;
-the others are left as they are.
+Loading reads, on every rank, only this rank's slices, whatever layout wrote them: Megatron's loader
+reshards, so no process ever holds the whole model. Stages hold different module sets (stage 0: vision +
+text towers; later: vision + projector + LLM), so loading goes by top-level module: a module in both
+must match exactly (names and global shapes, checked before anything is read); the others are left as
+they are.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +23,17 @@ import torch
 import torch.distributed as dist
 
 from keye.errors import KeyeUserError
-from keye.parallel.init import global_name, tp_slice
-
-_FILE = re.compile(r"tp(\d+)_pp(\d+)\.pt$")
+from keye.parallel.dist_checkpoint import is_checkpoint, save, saved_tensors, sharded_state_dict, tensors_only
 
 
-def weights_file(folder: Path, parallel: Any) -> Path:
-    return Path(folder) / "weights" / f"tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"
-
-
-def _split(model: torch.nn.Module, name: str) -> tuple[int, int] | None:
-    """(partition_dim, stride) of a tensor-parallel parameter, None for a replicated tensor."""
-    try:
-        param = model.get_parameter(name)
-    except AttributeError:
-        return None  # a buffer
-    if not getattr(param, "tensor_model_parallel", False):
-        return None
-    return int(param.partition_dim), int(getattr(param, "partition_stride", 1))
+def weights_folder(stage_dir: Path) -> Path:
+    return Path(stage_dir) / "weights"
 
 
 def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
-    parallel = ctx.parallel
-    path = weights_file(ctx.output_dir, parallel)
-    if parallel.dp_rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state, splits = {}, {}
-        for name, tensor in model.state_dict().items():
-            if tensor is None:
-                continue
-            key = global_name(model, name)
-            state[key] = tensor.detach().cpu()
-            splits[key] = _split(model, name)
-        torch.save({"layout": (parallel.tp_size, parallel.pp_size), "model": state, "splits": splits}, path)
-    if dist.is_initialized():
-        dist.barrier()
-    return path
+    folder = weights_folder(ctx.output_dir)
+    save(tensors_only(sharded_state_dict(model)), folder)
+    return folder
 
 
 def _source_folder(ctx: Any) -> tuple[Path | None, bool]:
@@ -71,90 +46,61 @@ def _source_folder(ctx: Any) -> tuple[Path | None, bool]:
     return Path(source), explicit
 
 
-def _full_tensor(shards: list[torch.Tensor], split: tuple[int, int] | None) -> torch.Tensor:
-    """The unsharded tensor from the old TP ranks' slices (the inverse of `tp_slice`)."""
-    if split is None or len(shards) == 1:
-        return shards[0]
-    dim, stride = split
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [tp rank][stride piece]
-    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(len(shards))], dim=dim)
-
-
-def _resharded(folder: Path, wanted: set[str], parallel: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """Full tensors of ``wanted`` global names from another layout's files, sliced for this rank later."""
-    files = {}
-    for path in (folder / "weights").glob("tp*_pp*.pt"):
-        tp, pp = map(int, _FILE.search(path.name).groups())
-        files[(tp, pp)] = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    if not files:
-        raise KeyeUserError(f"{folder}/weights: no weight files")
-    tp_size = max(tp for tp, _ in files) + 1
-    where: dict[str, int] = {}
-    for (tp, pp), saved in files.items():
-        if tp == 0:
-            for name in saved["model"]:
-                where[name] = pp
-    full, splits = {}, {}
-    for name in wanted & set(where):
-        pp = where[name]
-        split = files[(0, pp)]["splits"].get(name)
-        full[name] = _full_tensor([files[(tp, pp)]["model"][name] for tp in range(tp_size)], split)
-        splits[name] = split
-    return full, splits
-
-
 def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
     """Load the previous stage's weights (or ``init_from``); a stage with none starts fresh (returns None)."""
-    folder, explicit = _source_folder(ctx)
-    if folder is None:
+    stage_dir, explicit = _source_folder(ctx)
+    if stage_dir is None:
         return None
-    if not (folder / "weights").is_dir():
+    if not is_checkpoint(weights_folder(stage_dir)):
         if explicit:
-            raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights at {folder / 'weights'}")
+            raise KeyeUserError(f"stages.{ctx.index}.init_from: no weights at {weights_folder(stage_dir)}")
         return None  # the previous stage did not run here (e.g. --stage): start fresh, said in the summary
-    return load_weights_from(model, folder, ctx.parallel)
+    return load_weights_from(model, stage_dir)
 
 
-def load_weights_from(model: torch.nn.Module, folder: Path, parallel: Any) -> Path:
-    """Load a stage folder's weights into ``model`` in this process's layout (resharding if it differs)."""
-    folder = Path(folder)
-    path = weights_file(folder, parallel)
-    local = {global_name(model, name): name for name, tensor in model.state_dict().items() if tensor is not None}
-    same_layout = path.is_file() and tuple(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["layout"]) == (
-        parallel.tp_size, parallel.pp_size)
-    if same_layout:
-        saved = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    else:
-        full, _ = _resharded(folder, set(local), parallel)
-        saved = {}
-        for name, tensor in full.items():
-            param = _param_or_none(model, local[name])
-            saved[name] = tensor if param is None else tp_slice(tensor, param, parallel.tp_rank, parallel.tp_size)
-    _load_shared_modules(model, saved, local, folder)
-    return path if same_layout else folder / "weights"
+def _module(key: str) -> str:
+    return key.split(".", 1)[0]
 
 
-def _param_or_none(model: torch.nn.Module, name: str):
-    try:
-        return model.get_parameter(name)
-    except AttributeError:
-        return None
+def _all_ranks(keys: set[str]) -> set[str]:
+    """The union of every rank's keys (a pipeline stage holds only its own part of the model)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return keys
+    gathered: list[set[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, keys)
+    return set().union(*gathered)
 
 
-def _module(name: str) -> str:
-    return name.split(".", 1)[0]
+def shared_module_state(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
+    """The part of ``model``'s sharded state dict that a checkpoint holds: the top-level modules both have.
 
+    Each shared module must match exactly (over all ranks together); a mismatch is one line naming the
+    first differing tensors.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-def _load_shared_modules(model: torch.nn.Module, saved: dict[str, torch.Tensor], local: dict[str, str], folder: Path) -> None:
-    """Load the top-level modules this model and the saved weights share; each must match exactly."""
-    shared = {_module(n) for n in saved} & {_module(n) for n in local}
-    missing = sorted(n for n in local if _module(n) in shared and n not in saved)
-    unexpected = sorted(n for n in saved if _module(n) in shared and n not in local)
+    saved = saved_tensors(folder)
+    saved_modules = {_module(k) for k in saved}
+    wanted = {name: sh for name, sh in tensors_only(sharded_state_dict(model)).items() if _module(sh.key) in saved_modules}
+    keys = _all_ranks({sh.key for sh in wanted.values()})
+    missing = sorted(keys - set(saved))
+    unexpected = sorted(k for k in saved if _module(k) in {_module(key) for key in keys} and k not in keys)
     if missing or unexpected:
         raise KeyeUserError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    state = {local[n]: tensor for n, tensor in saved.items() if _module(n) in shared}
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(model.state_dict()[name].shape):
-            raise KeyeUserError(f"{folder}: '{name}' has shape {tuple(tensor.shape)}, the model wants "
-                                f"{tuple(model.state_dict()[name].shape)}")
+    for sh in wanted.values():
+        if isinstance(sh, ShardedTensor) and tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
+            raise KeyeUserError(f"{folder}: '{sh.key}' has shape {tuple(saved[sh.key].global_shape)}, the model "
+                                f"wants {tuple(sh.global_shape)}")
+    return wanted
+
+
+def load_weights_from(model: torch.nn.Module, stage_dir: Path) -> Path:
+    """Load a stage folder's weights into ``model`` in this process's layout (resharding if it differs)."""
+    from megatron.core import dist_checkpointing
+
+    folder = weights_folder(stage_dir)
+    if not is_checkpoint(folder):
+        raise KeyeUserError(f"{folder}: no weights (a stage's weights/ folder with metadata.json)")
+    state = dist_checkpointing.load(shared_module_state(model, folder), str(folder))
     model.load_state_dict(state, strict=False)
+    return folder

@@ -1,8 +1,9 @@
 """``merge``: combine the weights of earlier stages (Keye-VL's stage-3 model merging).
 
-Options name the stages to merge, their weights and the merger component. Each rank merges its own
-tensor/pipeline shard (the layout the stages were trained with) and writes the result as this stage's
-weights, so the next stage or an export reads it like any other stage's output.
+Options name the stages to merge, their weights and the merger component. The stages' weights are
+Megatron-Core distributed checkpoints; each rank reads only its share of every tensor from each input,
+merges it and writes it, so no process holds a whole model, and the result is this stage's weights, read
+by the next stage or an export like any other stage's output.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from keye import hookimpl
 from keye.config import component, doc
 from keye.config.validate import build_component_config
 from keye.errors import KeyeUserError
-from keye.train.stage_weights import weights_file
+from keye.parallel.dist_checkpoint import is_checkpoint, save, saved_tensors
+from keye.train.stage_weights import weights_folder
 
 
 class MergeStage:
@@ -44,19 +46,71 @@ class MergeStage:
         merger = cls(merger_config, None)
         weights = list(self.config.weights) or [1.0] * len(self.config.inputs)
         run_dir = Path(ctx.blueprint.run.output_dir)
-        files = [weights_file(run_dir / name, ctx.parallel) for name in self.config.inputs]
-        missing = [str(path) for path in files if not path.is_file()]
+        folders = [weights_folder(run_dir / name) for name in self.config.inputs]
+        missing = [str(path) for path in folders if not is_checkpoint(path)]
         if missing:
             raise KeyeUserError(f"stages.{ctx.index}: merge inputs have no weights yet: {', '.join(missing)}")
-        saved = [torch.load(path, map_location="cpu", weights_only=True) for path in files]
-        merged = merger([s["model"] for s in saved], weights)
-        out = weights_file(ctx.output_dir, ctx.parallel)
-        if ctx.parallel.dp_rank == 0:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"layout": saved[0]["layout"], "model": merged, "splits": saved[0]["splits"]}, out)
-        if dist.is_initialized():
-            dist.barrier()
-        return {"inputs": list(self.config.inputs), "weights": weights, "tensors": len(merged)}
+        count = merge_checkpoints(folders, weights, merger, weights_folder(ctx.output_dir))
+        return {"inputs": list(self.config.inputs), "weights": weights, "tensors": count}
+
+
+def _shares(metadata: dict[str, Any], world: int) -> dict[str, tuple[int | None, int | None]]:
+    """How each tensor is shared out among ``world`` ranks: ``(axis, None)``, cut into ``world`` equal
+    pieces along ``axis``, or ``(None, owner)``, whole on rank ``owner``.
+
+    A tensor is cut along its first axis that ``world`` divides; one that cannot be cut evenly goes whole to
+    the rank with the fewest elements so far (the small ones: norms, biases, the temperature).
+    """
+    shares, load = {}, [0] * world
+    for key in sorted(metadata):
+        shape = tuple(metadata[key].global_shape)
+        axis = next((a for a, size in enumerate(shape) if size >= world and size % world == 0), None)
+        owner = None
+        if axis is None:
+            owner = min(range(world), key=load.__getitem__)
+            load[owner] += max(1, torch.Size(shape).numel())
+        shares[key] = (axis, owner)
+    return shares
+
+
+def merge_checkpoints(folders: list[Path], weights: list[float], merger: Any, out: Path) -> int:
+    """Merge distributed checkpoints into ``out``, each rank reading and averaging only its share.
+
+    Works from the checkpoints' metadata alone, so it needs no model and no layout: the inputs may have
+    been written by any TP/PP/DP layout and the merge runs in any number of processes. Every input must
+    hold the same tensors with the same shapes (one line names the first that differs).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    metadata = saved_tensors(folders[0])
+    for folder in folders[1:]:
+        other = saved_tensors(folder)
+        differ = sorted(set(metadata).symmetric_difference(other)) or sorted(
+            k for k in metadata if tuple(metadata[k].global_shape) != tuple(other[k].global_shape))
+        if differ:
+            raise KeyeUserError(f"{folder}: cannot be merged with {folders[0]}: tensors differ (e.g. {differ[:3]})")
+
+    def template(data: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """This rank's share as ShardedTensors (fresh buffers to load into, or ``data`` to save)."""
+        out = {}
+        for key, (axis, owner) in _shares(metadata, world).items():
+            if axis is None and owner != rank:
+                continue
+            shape = list(metadata[key].global_shape)
+            if axis is not None:
+                shape[axis] //= world
+            tensor = data[key] if data is not None else torch.empty(shape, dtype=metadata[key].dtype)
+            offsets = [(axis, rank, world)] if axis is not None else []
+            out[key] = ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=0)
+        return out
+
+    states = [dist_checkpointing.load(template(), str(folder)) for folder in folders]
+    merged = merger(states, weights)
+    save(template(merged), out)
+    return len(metadata)
 
 
 @hookimpl

@@ -7,6 +7,7 @@ import sys
 
 import torch
 
+from keye.parallel.dist_checkpoint import read_full_tensors
 from keye.testing import write_blueprint
 from keye.testing.distributed import run_distributed
 
@@ -20,10 +21,6 @@ def _export_and_reload(blueprint: str, destination: str) -> dict:
     export_stage(blueprint, "warm", destination)
     loaded = load_keye_vl(destination)
     return {name: tensor.clone() for name, tensor in loaded.model.state_dict().items() if tensor is not None}
-
-
-def _stage_weights(run, rank_files):
-    return [torch.load(run / "warm" / "weights" / f, weights_only=True) for f in rank_files]
 
 
 def test_stage_export_round_trips_through_the_hf_format(tmp_path):
@@ -46,9 +43,9 @@ def test_stage_export_round_trips_through_the_hf_format(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "Keye" and config["vision_config"]["hidden_size"] == 32
     assert (out / "tokenizer.json").is_file()
-    shards = _stage_weights(tmp_path / "run", ["tp00_pp00.pt", "tp01_pp00.pt"])
-    # A replicated tensor and a tensor-parallel one, against the TP=2 shards.
+    saved = read_full_tensors(tmp_path / "run" / "warm" / "weights")  # the TP=2 run's checkpoint, whole
+    # A replicated tensor and a tensor-parallel one (row-parallel: saved from two column halves).
     norm = "language_model.gpt.decoder.final_layernorm.weight"
-    assert torch.equal(reloaded[norm], shards[0]["model"][norm])
-    fc2 = "language_model.gpt.decoder.layers.1.mlp.linear_fc2.weight"  # row-parallel: split along columns
-    assert torch.equal(reloaded[fc2], torch.cat([s["model"][fc2] for s in shards], dim=1))
+    assert torch.equal(reloaded[norm], saved[norm])
+    fc2 = "language_model.gpt.decoder.layers.mlp.linear_fc2.weight"  # layers stacked along a leading axis
+    assert torch.equal(reloaded[fc2.replace("layers.", "layers.1.")], saved[fc2][1])

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from keye.parallel.dist_checkpoint import read_full_tensors
 from keye.testing import write_blueprint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,8 +39,9 @@ def launch(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return result
 
 
-def weights(run: Path, stage: str, rank_file: str = "tp00_pp00.pt") -> dict:
-    return torch.load(run / stage / "weights" / rank_file, weights_only=True)["model"]
+def weights(run: Path, stage: str) -> dict:
+    """A stage's weights, whole, by global name (its Megatron-Core distributed checkpoint, read here)."""
+    return read_full_tensors(run / stage / "weights")
 
 
 def test_frozen_modules_stay_bit_identical(tmp_path):
@@ -57,7 +59,7 @@ def test_frozen_modules_stay_bit_identical(tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["align"]
     assert summary["trainable_parameters"]["vision_encoder"] == 0 and summary["trainable_parameters"]["language_model"] == 0
     assert summary["trainable_parameters"]["projector"] > 0
-    assert summary["initialised_from"].endswith("warm/weights/tp00_pp00.pt")
+    assert summary["initialised_from"].endswith("warm/weights")
 
 
 def _losses(run: Path) -> list[float]:
@@ -91,7 +93,7 @@ def test_tiny_pretrain_blueprint_end_to_end_shortened(tmp_path):
     assert list(summary) == ["stage0_vit", "stage1_align", "stage2_multitask", "stage3_anneal_image",
                              "stage3_anneal_video", "stage3_merge", "stage3_eval"]
     assert summary["stage0_vit"]["eval_after"]["pairs"] == 8
-    assert summary["stage3_eval"]["initialised_from"].endswith("stage3_merge/weights/tp00_pp00.pt")
+    assert summary["stage3_eval"]["initialised_from"].endswith("stage3_merge/weights")
     merged = weights(out, "stage3_merge")
     a, b = weights(out, "stage3_anneal_image"), weights(out, "stage3_anneal_video")
     for name in merged:

@@ -1,0 +1,140 @@
+"""Megatron-Core distributed checkpoints (``torch_dist``) for keye's models: one format for everything.
+
+Stage weights, resumable training state and ``keye-launch convert`` all write Megatron-Core's
+``dist_checkpointing`` format: *global* tensors stored with their shard offsets, so a checkpoint is not
+tied to the tensor/pipeline/data-parallel layout that wrote it, and Megatron-LM tools read it.
+
+keye's models are plain ``nn.Module`` s holding Megatron modules (the ViT's transformer block, the GPT
+model) and plain ones (the patch embedding, the projector, a loss's temperature), so their sharded state
+dict is assembled here by :func:`sharded_state_dict`. Megatron's local layer spec maps its layer-norm
+names onto Transformer Engine's fused ones (``input_layernorm.weight`` →
+``self_attention.linear_qkv.layer_norm_weight``) in the sharded state dict, so a checkpoint written
+without TE loads into a TE model and back.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | None = None) -> dict[str, Any]:
+    """Megatron-Core's sharded state dict for any mix of Megatron and plain modules.
+
+    A module with its own ``sharded_state_dict`` (Megatron's) says how its tensors are split over TP ranks
+    and where its layers sit among all PP stages. A plain module's own parameters and persistent buffers
+    are the same on every rank: replicated ``ShardedTensor``s (one main replica is written). Children are
+    visited the same way, so a plain module holding a Megatron block (the ViT) keeps the block's TP axes.
+    """
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)  # Megatron's layers read the data-parallel group here
+    if hasattr(module, "sharded_state_dict"):
+        return module.sharded_state_dict(prefix=prefix, metadata=metadata)
+    own: dict[str, Any] = {}
+    module._save_to_state_dict(own, "", keep_vars=True)  # this module's tensors, not its children's
+    out = make_sharded_tensors_for_checkpoint(own, prefix)
+    for name, child in module.named_children():
+        out.update(sharded_state_dict(child, f"{prefix}{name}.", metadata))
+    return out
+
+
+def save_strategy() -> Any:
+    """Megatron's default writer where it can run, else :func:`serial_torch_dist_strategy`."""
+    return None if importlib.util.find_spec("psutil") is not None else serial_torch_dist_strategy()
+
+
+def serial_torch_dist_strategy() -> Any:
+    """Megatron's ``torch_dist`` format (v1), written in this process by torch DCP's ``FileSystemWriter``.
+
+    Why: Megatron-Core 0.16's own torch_dist writer forks one writer process per bucket, and each calls
+    ``psutil`` *before* its error handling. psutil is not a dependency of megatron-core; without it the
+    writer dies silently and ``dist_checkpointing.save`` waits forever. The files written here are what
+    Megatron's writer writes (same state-dict translation, same planner, same metadata), so
+    ``dist_checkpointing.load`` reads them with its default ``torch_dist`` strategy. Only main replicas
+    are written, as Megatron does.
+    """
+    from collections import defaultdict
+
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, is_main_replica
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        flatten_state_dict,
+        mcore_to_pyt_state_dict,
+    )
+
+    class SerialTorchDistSave(SaveShardedStrategy):
+        @property
+        def can_handle_sharded_objects(self) -> bool:
+            return True
+
+        def save(self, sharded_state_dict: dict, checkpoint_dir: str | Path) -> None:
+            flat, _ = flatten_state_dict(sharded_state_dict)
+            by_key: dict[str, list] = defaultdict(list)  # global key → this rank's main-replica shards
+            for shard in flat.values():
+                if is_main_replica(shard.replica_id):
+                    by_key[shard.unique_key if isinstance(shard, ShardedObject) else shard.key].append(shard)
+            dcp.save(mcore_to_pyt_state_dict(dict(by_key), False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(flatten_state_dict=False))
+
+    return SerialTorchDistSave("torch_dist", 1)
+
+
+def save(state: dict[str, Any], folder: str | Path) -> None:
+    """``dist_checkpointing.save`` of a sharded state dict into ``folder`` (made here), on every rank."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    folder = Path(folder)
+    if dist.get_rank() == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(state, str(folder), sharded_strategy=save_strategy())
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A complete Megatron-Core distributed checkpoint (``metadata.json`` is written last)."""
+    return (Path(folder) / "metadata.json").is_file()
+
+
+def saved_tensors(folder: str | Path) -> dict[str, Any]:
+    """Global key → a ``ShardedTensor`` describing the saved tensor (global shape, dtype; no data)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_tensors_metadata(str(folder))
+
+
+def tensors_only(state: dict[str, Any]) -> dict[str, Any]:
+    """A sharded state dict without its ``ShardedObject`` s (per-layer ``_extra_state``: TE's FP8 scaling
+    history, None in the local spec): the weights alone, as stages hand them on."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {name: value for name, value in state.items() if not isinstance(value, ShardedObject)}
+
+
+def read_full_tensors(folder: str | Path) -> dict[str, Any]:
+    """Every tensor of a checkpoint, whole, keyed by its global key, in any process (no process group).
+
+    Read with torch DCP's own reader, which is what ``torch_dist`` is underneath: for tests, tools and
+    small models (it holds the whole model). Layers are stacked along a leading axis, as Megatron saves them.
+    """
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(folder))
+    stored = reader.read_metadata().state_dict_metadata
+    state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in stored.items() if isinstance(meta, TensorStorageMetadata)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")  # intended: one process
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return state
