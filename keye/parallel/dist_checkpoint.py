@@ -87,13 +87,20 @@ def serial_torch_dist_strategy() -> Any:
 
 
 def save(state: dict[str, Any], folder: str | Path) -> None:
-    """``dist_checkpointing.save`` of a sharded state dict into ``folder`` (made here), on every rank."""
+    """``dist_checkpointing.save`` of a sharded state dict into ``folder``, on every rank.
+
+    The folder is replaced whole: a checkpoint written before by another layout leaves no stale shards.
+    """
+    import shutil
+
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     folder = Path(folder)
     if dist.get_rank() == 0:
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
     dist.barrier()
     dist_checkpointing.save(state, str(folder), sharded_strategy=save_strategy())
 

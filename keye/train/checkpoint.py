@@ -1,7 +1,28 @@
-"""Resumable training state within a stage (weights handed between stages: `keye.train.stage_weights`)."""
+"""Resumable training state within a stage (weights handed between stages: `keye.train.stage_weights`).
+
+A checkpoint is one Megatron-Core distributed checkpoint (`keye.parallel.dist_checkpoint`) holding
+everything a killed run needs to continue exactly:
+
+- ``model``: the weights with per-layer extra state, as global tensors;
+- ``optimizer``: Megatron's own sharded optimizer state (Adam moments per parameter as global tensors;
+  the distributed optimizer in its ``fully_reshardable`` format), so it is not tied to the layout either;
+- ``rng``: this rank's CPU and model-parallel RNG states, one object per (pipeline, tensor, data) rank;
+- ``data``: the data stream's position, one object per data-parallel rank (its tensor/pipeline ranks
+  read the same samples);
+- common values (written once): the step, the LR schedule, the non-finite guard's counters, the layout.
+
+``<stage>/checkpoints/latest`` names the newest complete checkpoint; it is written by rank 0 after every
+rank finished, so a run killed while saving resumes from the one before.
+
+Resuming in another tensor/pipeline layout works (model, optimiser, schedule and data position reshard;
+the RNG streams and per-layer extra state such as FP8 scaling history cannot, so they restart, which is
+said on the terminal). The data-parallel size must stay
+the same, because the data position is per data-parallel rank.
+"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -9,51 +30,100 @@ import torch
 import torch.distributed as dist
 
 from keye.errors import KeyeUserError
+from keye.parallel.dist_checkpoint import is_checkpoint, save, sharded_state_dict, tensors_only
 
-
-# --- resumable training state ----------------------------------------------------------------------
+#: Megatron's layout-independent format for the distributed optimizer's state.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def _checkpoint_root(ctx: Any) -> Path:
     return Path(ctx.output_dir) / "checkpoints"
 
 
-def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any, stream: Any, keep: int = 1) -> Path:
-    """Everything a killed run needs to continue exactly: weights, optimiser, schedule, RNG, data position.
+def _layout(parallel: Any) -> dict[str, int]:
+    return {"tensor": parallel.tp_size, "pipeline": parallel.pp_size, "data": parallel.dp_size}
 
-    One file per rank (each holds its own shards and RNG streams); with the distributed optimiser its
-    parameter state goes through Megatron's own gather to the first data-parallel rank. A ``latest`` file,
-    written last by rank 0 after every rank finished, marks the checkpoint complete.
+
+def _rng_object(parallel: Any, state: Any = None) -> Any:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", state, (parallel.pp_size, parallel.tp_size, parallel.dp_size),
+                         (parallel.pp_rank, parallel.tp_rank, parallel.dp_rank), replica_id=0)
+
+
+def _data_object(parallel: Any, state: Any = None) -> Any:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("data_position", state, (parallel.dp_size,), (parallel.dp_rank,),
+                         replica_id=(parallel.pp_rank, parallel.tp_rank))
+
+
+def _sharded_training_state(model: torch.nn.Module, engine: Any, parallel: Any, is_loading: bool) -> dict[str, Any]:
+    model_state = sharded_state_dict(model)
+    optimizer = engine.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return {"model": model_state, "optimizer": optimizer}
+
+
+def _give_fresh_optimizer_state(optimizer: Any) -> None:
+    """Megatron's distributed optimizer describes its sharded state from its existing Adam state, which a
+    freshly built optimizer (resuming before its first step) does not have yet. Megatron's own placeholder
+    state (one step on zero gradients) gives it the right structure; loading then overwrites all of it,
+    the fp32 main parameters included."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer_state(optimizer: Any, state: Any) -> None:
+    """Megatron's ``load_state_dict``, with two bridges for the distributed optimizer on its plain-PyTorch
+    Adam path (no apex/TE; both are no-ops where they do not apply).
+
+    Megatron gives every parameter the *same* ``step`` tensor, which torch's Adam then increments in place
+    once per parameter, corrupting the bias correction: each parameter gets its own copy. And it copies the
+    saved moments into every entry of a parameter's Adam state, torch's ``step`` included, which the saved
+    state does not have: ``step`` is set aside during that copy (it was restored just before).
     """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = list(getattr(optimizer, "chained_optimizers", [optimizer]))
+    states = [state] if len(inner) == 1 else [state[index] for index in sorted(state)]
+    for opt, opt_state in zip(inner, states):
+        param_state = opt_state.pop("param_state", None) if isinstance(opt, DistributedOptimizer) else None
+        opt_state.pop("param_state_sharding_type", None)
+        opt.load_state_dict(opt_state)
+        steps = [(entry, entry.pop("step")) for entry in opt.optimizer.state.values() if "step" in entry]
+        try:
+            if param_state is not None:
+                with torch.no_grad():
+                    opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            for entry, step in steps:
+                entry["step"] = step.clone()
+
+
+def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any, stream: Any, keep: int = 1) -> Path:
+    """Write the checkpoint of ``step`` (every rank) and mark it complete; older ones beyond ``keep`` go."""
     from megatron.core import tensor_parallel
 
     parallel = ctx.parallel
     folder = _checkpoint_root(ctx) / f"step_{step:08d}"
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {
-        "step": step,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items() if v is not None},
-        "optimizer": engine.optimizer.state_dict(),
-        "scheduler": engine.scheduler.state_dict(),
-        "engine": {"bad_in_a_row": engine.bad_in_a_row, "skipped_steps": engine.skipped_steps},
-        "rng": torch.get_rng_state(),
-        "rng_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-        "data": stream.state_dict(),
-    }
-    torch.save(state, folder / f"rank{parallel.rank:05d}.pt")
-    if hasattr(engine.optimizer, "save_parameter_state") and engine.distributed_optimizer:
-        engine.optimizer.save_parameter_state(str(folder / f"optimizer_tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"))
-    if dist.is_initialized():
-        dist.barrier()
+    state = _sharded_training_state(model, engine, parallel, is_loading=False)
+    rng = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    state.update(
+        rng=_rng_object(parallel, rng),
+        data=_data_object(parallel, stream.state_dict()),
+        step=step,
+        scheduler=engine.scheduler.state_dict(),
+        engine={"bad_in_a_row": engine.bad_in_a_row, "skipped_steps": engine.skipped_steps},
+        layout=_layout(parallel),
+    )
+    save(state, folder)
     if parallel.rank == 0:
         (_checkpoint_root(ctx) / "latest").write_text(f"{folder.name}\n")
         older = sorted(p for p in _checkpoint_root(ctx).glob("step_*") if p != folder)
         for stale in older[: max(0, len(older) - (keep - 1))]:
-            for file in stale.iterdir():
-                file.unlink()
-            stale.rmdir()
-    if dist.is_initialized():
-        dist.barrier()
+            shutil.rmtree(stale)
+    dist.barrier()
     return folder
 
 
@@ -62,51 +132,44 @@ def latest_checkpoint(ctx: Any) -> Path | None:
     if not marker.is_file():
         return None
     folder = _checkpoint_root(ctx) / marker.read_text().strip()
-    return folder if folder.is_dir() else None
-
-
-def _load_distributed_optimizer_state(optimizer: Any, path: Path) -> None:
-    """Megatron's ``load_parameter_state``, with two bridges for its plain-PyTorch Adam path (no apex/TE).
-
-    It copies into views of the main parameters in place (needs no_grad), and it expects only param /
-    exp_avg / exp_avg_sq per parameter, while torch's Adam also keeps a per-parameter ``step`` (restored
-    already by ``load_state_dict``): set ``step`` aside during the copy. And ``load_state_dict`` gives every
-    parameter the *same* step tensor, which torch's Adam then increments in place once per parameter,
-    corrupting the bias correction: give each parameter its own copy.
-    """
-    inner = [chained.optimizer for chained in getattr(optimizer, "chained_optimizers", [optimizer])]
-    steps = [(state, state.pop("step")) for opt in inner for state in opt.state.values() if "step" in state]
-    try:
-        with torch.no_grad():
-            optimizer.load_parameter_state(str(path))
-    finally:
-        for state, step in steps:
-            state["step"] = step.clone()
+    return folder if is_checkpoint(folder) else None
 
 
 def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: Any) -> int:
     """Restore the latest complete checkpoint of this stage; returns its step (0 when there is none)."""
-    from megatron.core import tensor_parallel
+    from megatron.core import dist_checkpointing, tensor_parallel
 
     folder = latest_checkpoint(ctx)
     if folder is None:
         return 0
     parallel = ctx.parallel
-    path = folder / f"rank{parallel.rank:05d}.pt"
-    if not path.is_file():
-        raise KeyeUserError(f"{folder}: no state for rank {parallel.rank}; resume with the layout the run was saved with")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"], strict=False)
-    engine.optimizer.load_state_dict(state["optimizer"])
-    if engine.distributed_optimizer:
-        _load_distributed_optimizer_state(
-            engine.optimizer, folder / f"optimizer_tp{parallel.tp_rank:02d}_pp{parallel.pp_rank:02d}.pt"
-        )
+    common = dist_checkpointing.load_common_state_dict(str(folder))
+    saved_layout, layout = common["layout"], _layout(parallel)
+    if saved_layout["data"] != layout["data"]:
+        raise KeyeUserError(f"{folder}: saved with data-parallel size {saved_layout['data']}, resumed with "
+                            f"{layout['data']}; resume with the same data-parallel size")
+    same_layout = saved_layout == layout
+    _give_fresh_optimizer_state(engine.optimizer)
+    template = _sharded_training_state(model, engine, parallel, is_loading=True)
+    template["data"] = _data_object(parallel)
+    if same_layout:
+        template["rng"] = _rng_object(parallel)
+    else:  # per-layer extra state (TE's FP8 history) is kept per TP shard: it restarts, like the RNG
+        template["model"] = tensors_only(template["model"])
+    state = dist_checkpointing.load(template, str(folder))  # a tensor missing from the checkpoint fails here
+
+    model.load_state_dict(state["model"], strict=same_layout)
+    _load_optimizer_state(engine.optimizer, state["optimizer"])
     engine.scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
     engine.scheduler.load_state_dict(state["scheduler"])
     engine.bad_in_a_row = state["engine"]["bad_in_a_row"]
     engine.skipped_steps = state["engine"]["skipped_steps"]
-    torch.set_rng_state(state["rng"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker"])
     stream.load_state_dict(state["data"])
+    if same_layout:
+        torch.set_rng_state(state["rng"]["cpu"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["rng"]["tracker"])
+    elif parallel.rank == 0:
+        print(f"keye: {folder} was saved with layout {saved_layout}, resuming with {layout}: "
+              "weights, optimiser, schedule and data position restored; random streams (and FP8 scaling "
+              "history) restart")
     return int(state["step"])

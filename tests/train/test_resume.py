@@ -1,16 +1,20 @@
 """Exact resume: a run killed (SIGKILL) mid-stage and resumed with --resume ends with bit-identical weights
-to an uninterrupted run, and metrics.jsonl has each step once."""
+to an uninterrupted run, and metrics.jsonl has each step once. And a checkpoint resumes in another
+tensor-parallel layout (a Megatron-Core distributed checkpoint reshards)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
+from keye.parallel.dist_checkpoint import read_full_tensors
 from keye.testing import write_blueprint
 
 LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
@@ -37,13 +41,27 @@ def blueprint(tmp_path: Path, name: str) -> Path:
 
 
 def final_weights(run_dir: Path) -> dict:
-    return torch.load(run_dir / "stage2" / "weights" / "tp00_pp00.pt", weights_only=True)["model"]
+    return read_full_tensors(run_dir / "stage2" / "weights")
 
 
-def test_killed_run_resumes_exactly(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([*LAUNCH, str(blueprint(tmp_path, "straight"))], env=env, capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-2000:]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted run (it leaves its last checkpoint, step 25, behind)."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    done = subprocess.run([*LAUNCH, str(blueprint(tmp_path, "straight"))], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return tmp_path / "straight"
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_run_resumes_exactly(tmp_path, straight):
+    env = ENV
 
     killed_bp = blueprint(tmp_path, "killed")
     process = subprocess.Popen([*LAUNCH, str(killed_bp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -61,12 +79,31 @@ def test_killed_run_resumes_exactly(tmp_path):
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["stages"]["stage2"]
     assert summary["resumed_from_step"] >= EVERY
 
-    expected, got = final_weights(tmp_path / "straight"), final_weights(tmp_path / "killed")
+    expected, got = final_weights(straight), final_weights(tmp_path / "killed")
     assert expected.keys() == got.keys()
     different = [name for name in expected if not torch.equal(expected[name], got[name])]
     assert not different, f"weights differ after resume: {different[:5]}"
 
     steps = [json.loads(line)["step"] for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, STEPS + 1))
-    losses = lambda run: [json.loads(l)["loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-    assert losses("killed") == losses("straight")
+    assert losses(tmp_path / "killed") == losses(straight)
+
+
+def test_resumes_in_another_tensor_parallel_layout(tmp_path, straight):
+    """The straight run's last checkpoint (step 25, one process) resumed with TP=2 for the last 5 steps."""
+    run = tmp_path / "straight"
+    shutil.copytree(straight, run)
+    (run / "stage2" / "done.json").unlink()  # as if it had been killed after its last checkpoint
+    bp = blueprint(tmp_path, "straight")  # the same blueprint, writing to the copy
+    resumed = subprocess.run([*LAUNCH, str(bp), "--resume", "--nproc", "2", "parallel.tensor=2"], env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "position restored; random streams" in resumed.stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["stages"]["stage2"]["resumed_from_step"] == STEPS - EVERY
+    # TP=2 sums its matmuls in another order: the same run up to float rounding, Adam state included
+    assert losses(run) == pytest.approx(losses(straight), rel=1e-5, abs=1e-6)
+    expected, got = final_weights(straight), final_weights(run)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-5, msg=name)
