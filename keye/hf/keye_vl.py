@@ -22,6 +22,7 @@ loaded but kept on the wrapper (``KeyeVL.unused``) and written back: load → sa
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -320,12 +321,34 @@ def build_keye_vl_model(configs: KeyeVLConfigs, dtype: torch.dtype = torch.float
                        image_token_id=configs.mrope.image_token_id, video_token_id=configs.mrope.video_token_id)
 
 
+@functools.cache
+def _fused_norm_names() -> dict[str, str]:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return dict(get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm").submodules.sharded_state_dict_keys_map)
+
+
+def unfused_name(name: str) -> str:
+    """A parameter name in the local layer spec's naming, which the HF mapping speaks.
+
+    Transformer Engine's GPT layer spec fuses the norm before attention and before the MLP into the
+    linear that follows (``self_attention.linear_qkv.layer_norm_weight``); the local spec keeps them as
+    modules (``input_layernorm.weight``). Megatron's local spec declares this correspondence itself (its
+    ``sharded_state_dict_keys_map``, which is also why distributed checkpoints of either spec load into
+    the other); here it is read backwards.
+    """
+    for local, fused in _fused_norm_names().items():
+        if f".{fused}" in name:
+            return name.replace(f".{fused}", f".{local}")
+    return name
+
+
 def load_hf_into(model: nn.Module, keye_state: dict[str, Tensor]) -> None:
     """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers."""
     from keye.model.megatron_blocks import load_full_state_dict
     from keye.parallel.init import global_name
 
-    local = {name: keye_state[global_name(model, name)] for name, _ in model.named_parameters()}
+    local = {name: keye_state[unfused_name(global_name(model, name))] for name, _ in model.named_parameters()}
     load_full_state_dict(model, local)
 
 
@@ -337,7 +360,7 @@ def gather_full_state(model: nn.Module) -> dict[str, Tensor] | None:
     from keye.model.megatron_blocks import full_state_dict
     from keye.parallel.init import global_name
 
-    state = {global_name(model, name): t for name, t in full_state_dict(model).items()}
+    state = {unfused_name(global_name(model, name)): t for name, t in full_state_dict(model).items()}
     if mpu.get_pipeline_model_parallel_world_size() == 1:
         return state
     group = mpu.get_pipeline_model_parallel_group()

@@ -51,6 +51,23 @@ def test_hf_to_megatron_writes_a_tp2_dist_checkpoint(megatron_dir):
     assert len(list((megatron_dir / "model").glob("*.distcp"))) >= 2  # both ranks wrote their shards
 
 
+def test_llm_norms_are_saved_under_transformer_engine_names(megatron_dir):
+    """Megatron's local spec saves the pre-attention and pre-MLP RMSNorms under TE's fused names, so a
+    model built with the TE spec (GPU) loads checkpoints written without TE; `unfused_name` maps a TE
+    model's parameter names back to the names the HF mapping uses."""
+    from keye.hf.keye_vl import unfused_name
+    from keye.parallel.dist_checkpoint import read_full_tensors
+
+    keys = set(read_full_tensors(megatron_dir / "model"))
+    layers = "language_model.gpt.decoder.layers."
+    assert {layers + "self_attention.linear_qkv.layer_norm_weight", layers + "mlp.linear_fc1.layer_norm_weight"} <= keys
+    assert not any(key.startswith(layers) and "input_layernorm" in key for key in keys)
+    assert unfused_name(layers + "3.self_attention.linear_qkv.layer_norm_weight") == layers + "3.input_layernorm.weight"
+    assert unfused_name(layers + "0.mlp.linear_fc1.layer_norm_weight") == layers + "0.pre_mlp_layernorm.weight"
+    for unchanged in (layers + "0.mlp.linear_fc1.weight", "vision_encoder.decoder.layers.0.input_layernorm.bias"):
+        assert unfused_name(unchanged) == unchanged
+
+
 @pytest.mark.parametrize("layout", [(), ("--pipeline", 2)], ids=["one_process", "pipeline2"])
 def test_back_to_hf_is_bit_exact(hf_dir, megatron_dir, tmp_path, layout):
     """Read back in another layout than the one that wrote it (Megatron reshards): same bits."""
