@@ -30,8 +30,6 @@ The amax history is not saved in checkpoints (a resumed run re-warms it in one s
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -275,21 +273,9 @@ def fp8_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     linear_fc1, linear_fc2) is swapped; norms, attention and the model's output layer (built outside
     the layer spec) stay in high precision, as with Transformer Engine.
     """
-    swapped: list[type] = []
+    from keye.model.megatron_blocks import swap_spec_modules
 
-    def swap(node: Any) -> Any:
-        if isinstance(node, type) and node in _SWAPS:
-            swapped.append(node)
-            return _SWAPS[node]
-        if isinstance(node, ModuleSpec):
-            node.module = swap(node.module)
-            node.submodules = swap(node.submodules)
-        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-            for field in dataclasses.fields(node):
-                setattr(node, field.name, swap(getattr(node, field.name)))
-        return node
-
-    spec = swap(copy.deepcopy(spec))
+    spec, swapped = swap_spec_modules(spec, _SWAPS)
     if not swapped:
         raise ValueError("fp8_layer_spec: the spec has no local Column/RowParallelLinear to swap (a TE spec?)")
     return spec

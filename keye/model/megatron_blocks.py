@@ -13,11 +13,14 @@ What is here, and why:
   stage (Megatron's LLaVA does the same), so under PP=2 the LLM is split but the tower is not (the block
   spec lists every layer, and with PP=1 in its config Megatron numbers them 1..n on any stage).
 * packing: NaViT puts every image/video of a batch in one sequence ``[sum N, 1, D]`` with block-diagonal
-  attention. ``block_diagonal_mask`` is the boolean mask Megatron's local attention takes (True =
-  masked); ``packed_seq_params`` is the ``thd`` form TE's fused attention takes (cu_seqlens). The TE
-  form is the one used on GPUs; only the mask form can run (and be tested) without TE. Without TE the
-  core attention is ``keye.model.sdpa_attention.SDPAAttention`` (``attention: sdpa``, the default): it finds
-  the blocks in the mask and runs SDPA per block, instead of Megatron's dense ``[N, N]`` scores.
+  attention. ``packed_seq_params`` is the ``thd`` form (cu_seqlens) that TE's fused attention and, without
+  TE, ``keye.model.sdpa_attention.SDPAAttention`` (``attention: sdpa``, the default: SDPA per block, the
+  RoPE applied inside it by ``KeyeSelfAttention``) take; ``block_diagonal_mask`` is the boolean mask
+  (True = masked) for Megatron's own dense attention (``attention: megatron``), which SDPAAttention also
+  reads (it finds the blocks in the mask).
+* linears: on the local path Megatron's column/row-parallel linears run their fp32 CPU matmuls on oneDNN
+  (``keye.model.onednn_linear``: same parameters, faster GEMMs); ``swap_spec_modules`` swaps such classes
+  in a spec.
 * weights: Megatron fuses q, k, v into one ``linear_qkv`` whose output rows are interleaved per head
   group ``[q_h, k_h, v_h]`` (``fuse_qkv``/``split_qkv``), and HF encoder-layer names map 1:1 onto
   Megatron's (``hf_encoder_to_megatron``). ``load_full_state_dict``/``full_state_dict`` move full
@@ -90,20 +93,21 @@ def encoder_layer_spec(impl: str = "local", attention: str = "sdpa") -> Any:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-    from keye.model.sdpa_attention import local_core_attention
+    from keye.model.sdpa_attention import local_core_attention, local_self_attention
 
     impl = resolve_transformer_impl(impl)
     backend = _backend(impl)
-    # Local path only: SDPA (or Megatron's own) core attention; the TE spec keeps TE's fused attention.
-    core_attention = local_core_attention(attention)  # also checks the name on the TE path
+    # Local path only: SDPA (or Megatron's own) core attention, which with SDPA also applies the RoPE
+    # (KeyeSelfAttention); the TE spec keeps TE's fused attention and Megatron's SelfAttention.
+    core_attention, self_attention = local_core_attention(attention), local_self_attention(attention)
     if impl == "transformer_engine":
-        core_attention = backend.core_attention()
-    return ModuleSpec(
+        core_attention, self_attention = backend.core_attention(), SelfAttention
+    spec = ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=backend.layer_norm(),
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                module=self_attention,
                 # no_mask: nothing causal. The local attention still applies a mask passed to it
                 # (packing); TE turns no_mask into "padding" when it gets thd PackedSeqParams.
                 params={"attn_mask_type": AttnMaskType.no_mask},
@@ -125,6 +129,11 @@ def encoder_layer_spec(impl: str = "local", attention: str = "sdpa") -> Any:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+    if impl == "transformer_engine":
+        return spec
+    from keye.model.onednn_linear import onednn_layer_spec
+
+    return onednn_layer_spec(spec)  # local linears: fp32 CPU matmuls on oneDNN (keye.model.onednn_linear)
 
 
 def encoder_block_spec(num_layers: int, impl: str = "local", attention: str = "sdpa") -> Any:
@@ -210,6 +219,33 @@ def common_transformer_kwargs(dtype: torch.dtype, recompute: bool) -> dict[str, 
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
     )
+
+
+def swap_spec_modules(spec: Any, swaps: dict[type, type]) -> tuple[Any, list[type]]:
+    """A deep copy of a ``ModuleSpec`` tree with each module class in ``swaps`` replaced (e.g. Megatron's
+    local linears by subclasses with the same parameters), and the classes that were found."""
+    import copy
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    swapped: list[type] = []
+
+    def swap(node: Any) -> Any:
+        if isinstance(node, type) and node in swaps:
+            swapped.append(node)
+            return swaps[node]
+        if isinstance(node, ModuleSpec):
+            node.module = swap(node.module)
+            node.submodules = swap(node.submodules)
+        elif dataclasses.is_dataclass(node) and not isinstance(node, type):
+            for field in dataclasses.fields(node):
+                setattr(node, field.name, swap(getattr(node, field.name)))
+        elif isinstance(node, list):
+            node[:] = [swap(item) for item in node]
+        return node
+
+    return swap(copy.deepcopy(spec)), swapped
 
 
 def param_device(transformer_config: Any) -> torch.device:

@@ -70,7 +70,7 @@ class Qwen3LanguageModel(torch.nn.Module):
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-        from keye.model.sdpa_attention import local_core_attention
+        from keye.model.sdpa_attention import local_core_attention, local_self_attention
 
         ctx = ctx or BuildContext()
         if sum(config.mrope_section) * 2 != config.head_dim:
@@ -91,12 +91,18 @@ class Qwen3LanguageModel(torch.nn.Module):
             spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
         else:
             spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-            # Local spec: core attention on SDPA (keye.model.sdpa_attention) unless attention=megatron.
+            # Local spec: core attention on SDPA (keye.model.sdpa_attention), which also applies the RoPE
+            # (KeyeSelfAttention: same submodules and state dict), unless attention=megatron.
+            spec.submodules.self_attention.module = local_self_attention(config.attention)
             spec.submodules.self_attention.submodules.core_attention = core_attention
             if fp8_backend == "torch":
                 from keye.model.fp8_linear import fp8_layer_spec
 
                 spec = fp8_layer_spec(spec)
+            else:  # fp32 CPU matmuls on oneDNN (keye.model.onednn_linear; same parameters, elsewhere Megatron's)
+                from keye.model.onednn_linear import onednn_layer_spec
+
+                spec = onednn_layer_spec(spec)
         self.gpt = GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=spec,
@@ -110,6 +116,10 @@ class Qwen3LanguageModel(torch.nn.Module):
             parallel_output=True,
             vp_stage=ctx.vp_stage,
         )
+        if self.gpt.post_process:
+            from keye.model.onednn_linear import to_onednn
+
+            to_onednn(self.gpt.output_layer)  # fp32 CPU matmuls on oneDNN, like the layers' linears
         if ctx.parallel is not None:
             self._layout_invariant_init(config, ctx)
 

@@ -140,7 +140,12 @@ class PatchMergeMLP(nn.Module):
 
     @staticmethod
     def _linear(layer: nn.Module, x: Tensor) -> Tensor:
-        """Megatron's parallel linears return ``(output, bias)``; the bias is already added here."""
+        """Megatron's parallel linears return ``(output, bias)``; the bias is already added here. A plain
+        ``nn.Linear`` runs on oneDNN for fp32 CPU tensors (``keye.model.onednn_linear``: faster, same math)."""
+        if type(layer) is nn.Linear:
+            from keye.model.onednn_linear import linear  # imports Megatron: not at plugin load
+
+            return linear(x, layer.weight, layer.bias)
         out = layer(x)
         return out[0] if isinstance(out, tuple) else out
 

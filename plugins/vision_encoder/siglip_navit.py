@@ -4,8 +4,9 @@
 the patches came (raster order ``(t, h, w)`` per image/video, images/videos one after another).
 
 1. **Patch embedding**: ``Conv2d(3, D, 14, stride 14)`` on each ``[3, 14, 14]`` patch. A convolution
-   whose kernel is its whole input is a matmul, so it runs as ``F.linear`` over the flattened patch; the
-   parameter keeps the Conv2d shape ``[D, 3, 14, 14]`` so SigLIP/Keye weights load unchanged.
+   whose kernel is its whole input is a matmul, so it runs as a linear layer over the flattened patch (on
+   oneDNN for fp32 CPU tensors, ``keye.model.onednn_linear``); the parameter keeps the Conv2d shape
+   ``[D, 3, 14, 14]`` so SigLIP/Keye weights load unchanged.
 2. **Absolute position embedding**: the learned ``S x S`` table (S = image_size // patch_size: 27 for
    384/14) is bilinearly interpolated (``align_corners=False``) to each grid's ``(h, w)`` and repeated
    ``t`` times (every frame of a video gets the same table). A grid of exactly ``S x S`` gets the table
@@ -25,11 +26,12 @@ the patches came (raster order ``(t, h, w)`` per image/video, images/videos one 
    difference: Megatron casts cos/sin to the activation dtype before rotating, flash-attn rotates in
    float32; in bf16 that can move a value by about one bf16 ulp (identical in fp32).
 5. **Packing**: the whole batch is one sequence ``[sum N, 1, D]`` with block-diagonal attention, one block
-   per image or per *whole video* (all frames of a video see each other). With Megatron's local attention
-   (CPU, or GPU without TE) the block structure is a boolean mask ``[1, 1, N, N]`` (True = masked); with
-   Transformer Engine it is ``PackedSeqParams`` (``thd``, cu_seqlens) for varlen flash attention, which
-   also feeds RoPE per token (Megatron maps freqs of length ``cu_seqlens[-1]`` token by token). The TE path
-   cannot run on a CPU machine and is untested here.
+   per image or per *whole video* (all frames of a video see each other). The block structure is
+   ``PackedSeqParams`` (``thd``, cu_seqlens) for Transformer Engine's varlen flash attention and for the
+   local path's SDPA attention (``keye.model.sdpa_attention``, one SDPA call per block), which also feeds
+   RoPE per token (freqs of length ``cu_seqlens[-1]``, token by token); with Megatron's own local attention
+   (``attention: megatron``) it is a boolean mask ``[1, 1, N, N]`` (True = masked). The TE path cannot run
+   on a CPU machine and is untested here.
 
 Not built: the SigLIP attention-pooling ``head`` and the ``packing_position_embedding`` table, which the
 released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
@@ -117,8 +119,10 @@ class SiglipNaViT(nn.Module):
 
     def embed_patches(self, patches: Tensor) -> Tensor:
         """``[N, 3, P, P]`` → ``[N, D]``: the Conv2d as a matmul over each flattened patch."""
+        from keye.model.onednn_linear import linear  # imports Megatron: not at plugin load
+
         weight = self.patch_embedding.weight  # (D, 3, P, P)
-        return F.linear(patches.to(weight.dtype).flatten(1), weight.flatten(1), self.patch_embedding.bias)
+        return linear(patches.to(weight.dtype).flatten(1), weight.flatten(1), self.patch_embedding.bias)
 
     def position_embeddings(self, grid_thw: Tensor) -> Tensor:
         """``[N, D]``: the table interpolated to each grid (bilinear, align_corners=False), repeated t times."""
@@ -140,11 +144,11 @@ class SiglipNaViT(nn.Module):
 
     def attention_layout(self, seqlens: list[int], device: torch.device) -> tuple[Tensor | None, object | None]:
         """(mask, packed_seq_params) that make attention block-diagonal over ``seqlens``."""
-        if self.impl == "transformer_engine":
-            return None, mb.packed_seq_params(seqlens, device)
-        if len(seqlens) == 1:
+        if len(seqlens) == 1 and self.impl != "transformer_engine":
             return None, None  # one block: full attention, no mask needed
-        return mb.block_diagonal_mask(seqlens, device), None
+        if self.impl == "transformer_engine" or self.config.attention == "sdpa":
+            return None, mb.packed_seq_params(seqlens, device)  # cu_seqlens: no [N, N] mask to build or scan
+        return mb.block_diagonal_mask(seqlens, device), None  # Megatron's DotProductAttention
 
     # --- forward -------------------------------------------------------------------------------
 

@@ -33,13 +33,21 @@ Prints a table, then the two ratios (``ours/transformers``, ``packed/padded``). 
 CPU thread and the clock is this process's CPU time, so a busy machine (CI, a shared box) still gives the
 numbers an idle core would; ``--threads N`` (wall-clock) measures a whole machine.
 
-What it showed (2-core CPU box, one thread, full batch; November 2026), with keye's SDPA attention split per
-packed block (``keye/model/sdpa_attention.py``, the default without Transformer Engine): ours/transformers
-0.90-0.93x and packed/padded 2.07-2.08x. With Megatron's unfused local attention (``attention: megatron``)
-it was 0.56x and 0.93x. The remaining gap to transformers is the video: Keye attends across a whole video as
-one block (the released model and the spec), while Qwen2.5-VL with ``temporal_patch_size=1`` attends frame
-by frame (4 x 256 instead of 1024 patches here), so it does less attention work for the same batch; single
-SDPA calls of equal size cost the same in both.
+What it showed (2-core CPU box, AMD EPYC with AVX-512, one thread, full batch; November 2026), with keye's
+SDPA attention split per packed block (``keye/model/sdpa_attention.py``, the default without Transformer
+Engine): ours/transformers 0.96-0.97x (two runs; 0.91-0.92x before the changes below, measured alongside)
+and packed/padded 2.06-2.12x. With Megatron's unfused local attention (``attention: megatron``) it was 0.56x
+and 0.93x. What made ours faster, same math: the local linears (and the patch embedding, the projector, the
+LLM's output layer) run their fp32 CPU GEMMs on oneDNN instead of MKL (``keye/model/onednn_linear.py``:
+10-15% faster on these shapes, about 85 ms a step); the RoPE is applied inside the SDPA core attention with
+cos/sin computed once per forward (``KeyeSelfAttention``, about 15 ms); GQA without copying k/v, the ViT's
+blocks passed as cu_seqlens (no ``[N, N]`` mask to build and scan) and cut with one split (no zero-filled
+gradient per block slice). The remaining gap is the model, not the implementation: Keye attends across a
+whole video as one block (the released model and the spec), while Qwen2.5-VL with ``temporal_patch_size=1``
+attends frame by frame (4 x 256 instead of 1024 patches here), so it does less attention work for the same
+batch (single SDPA calls of equal size cost the same in both): fed the video as four one-frame grids (for
+measurement only; not Keye's semantics) ours ran at 1.04-1.06x. SigLIP's GELU-tanh MLP also costs about
+2% more than Qwen's SiLU-gated one at equal FLOPs (torch's tanh is slow on this CPU).
 Note also that ``KeyeVLModel`` encodes a micro-batch's images and its videos as two packs, while the
 packed/padded comparison here puts all of them in one pack (the harder case for a dense mask).
 """
