@@ -1,8 +1,8 @@
 """``linear_soup``: a weighted average of N checkpoints of the same architecture ("model soup").
 
 Keye-VL's stage 3 averages models annealed on different data mixtures; the number of models and the
-weights are unknown, so both are settings. Works shard by shard: every rank averages only the tensors
-of its own tensor/pipeline shard, so no process ever holds the whole model, for any TP/PP layout.
+weights are unknown, so both are settings. Works shard by shard: the merge stage hands every rank only its
+share of each checkpoint's tensors (`keye_plugins.stage.merge`), so no process ever holds the whole model.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class LinearSoup:
         self.config = config
 
     def __call__(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
-        """Average ``states`` (state dicts of one shard) with ``weights``; math in fp64, result in each tensor's dtype."""
+        """Average ``states`` (one share of each checkpoint, by tensor name) with ``weights``; math in fp64, result in each tensor's dtype."""
         if len(states) != len(weights) or not states:
             raise ValueError(f"linear_soup: {len(states)} checkpoints but {len(weights)} weights")
         if any(w < 0 for w in weights) or sum(weights) <= 0:
