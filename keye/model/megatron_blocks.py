@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import Any, Iterable
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from keye.config import doc
 
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 
@@ -185,7 +188,29 @@ def encoder_transformer_config(
     )
 
 
-def tower_transformer_config(config: Any, ctx: Any, name: str) -> Any:
+@dataclass
+class SiglipTowerConfig:
+    """The settings both SigLIP towers (``siglip_navit``, ``siglip_text``) share; each tower's ``Config``
+    extends it with its own (patches and RoPE; vocabulary and positions)."""
+
+    size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
+    hidden_size: int = doc("Width of the residual stream (SigLIP-so400m: 1152).", 1152)
+    intermediate_size: int = doc("MLP inner width (fc1 → GELU-tanh → fc2).", 4304)
+    num_layers: int = doc("Transformer layers.", 27)
+    num_heads: int = doc("Attention heads.", 16)
+    layer_norm_eps: float = doc("LayerNorm epsilon (layers and the final norm).", 1e-6)
+    init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
+    recompute: bool = doc("Recompute each layer's activations in backward (saves memory on long sequences).", False)
+    transformer_impl: str = doc(
+        "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
+    )
+    attention: str = doc(
+        "Core attention of the local (non-TE) path: sdpa (PyTorch SDPA per packed block, the default) or "
+        "megatron (Megatron's unfused DotProductAttention).", "sdpa"
+    )
+
+
+def tower_transformer_config(config: SiglipTowerConfig, ctx: Any, name: str) -> Any:
     """The TransformerConfig of a SigLIP-style tower from its Config (the fields both towers share)."""
     if config.hidden_size % config.num_heads:
         raise ValueError(f"{name}: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")

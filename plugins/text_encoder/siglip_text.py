@@ -58,25 +58,10 @@ class SiglipText(nn.Module):
     }
 
     @dataclass
-    class Config:
-        size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
-        hidden_size: int = doc("Width of the residual stream (so400m: 1152).", 1152)
-        intermediate_size: int = doc("MLP inner width (fc1 → GELU-tanh → fc2).", 4304)
-        num_layers: int = doc("Transformer layers.", 27)
-        num_heads: int = doc("Attention heads.", 16)
+    class Config(mb.SiglipTowerConfig):
         vocab_size: int = doc("Token vocabulary (so400m: 32000); divisible by the tensor-parallel size.", 32000)
         max_position_embeddings: int = doc("Rows of the learned position table: the longest (padded) text.", 64)
         projection_size: Optional[int] = doc("Output width of ``head``; null: hidden_size (as SigLIP).", None)
-        layer_norm_eps: float = doc("LayerNorm epsilon (layers and the final norm).", 1e-6)
-        init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
-        recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
-        transformer_impl: str = doc(
-            "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
-        )
-        attention: str = doc(
-            "Core attention of the local (non-TE) path: sdpa (PyTorch SDPA per packed block, the default) or "
-            "megatron (Megatron's unfused DotProductAttention).", "sdpa"
-        )
 
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()

@@ -40,7 +40,6 @@ released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,26 +65,12 @@ class SiglipNaViT(nn.Module):
     }
 
     @dataclass
-    class Config:
-        size: Optional[str] = doc("Named size preset (tiny, small, keye_vl_8b); keys set beside it win.", None)
-        hidden_size: int = doc("Width of the residual stream (SigLIP-so400m: 1152).", 1152)
-        intermediate_size: int = doc("MLP inner width (fc1 → GELU-tanh → fc2).", 4304)
-        num_layers: int = doc("Transformer layers.", 27)
+    class Config(mb.SiglipTowerConfig):
         num_heads: int = doc("Attention heads; head_dim = hidden_size / num_heads must divide by 4 (2D RoPE).", 16)
         patch_size: int = doc("Side of a square patch in pixels.", 14)
         image_size: int = doc("Pre-training resolution: the position table is (image_size // patch_size)².", 384)
-        layer_norm_eps: float = doc("LayerNorm epsilon (layers and post_layernorm).", 1e-6)
         use_rope: bool = doc("Apply the 2D RoPE (rows, cols) to q and k in every layer (Keye: true).", True)
         rope_theta: float = doc("Base of the 2D RoPE inverse frequencies.", 10000.0)
-        init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
-        recompute: bool = doc("Recompute each layer's activations in backward (saves memory on long packs).", False)
-        transformer_impl: str = doc(
-            "auto | local | transformer_engine. auto: Transformer Engine where it and CUDA exist, else local.", "auto"
-        )
-        attention: str = doc(
-            "Core attention of the local (non-TE) path: sdpa (PyTorch SDPA per packed block, the default) or "
-            "megatron (Megatron's unfused DotProductAttention).", "sdpa"
-        )
 
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()
