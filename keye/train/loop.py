@@ -49,3 +49,19 @@ def train_steps(
             save_training_state(ctx, step, model, engine, stream)
     progress.close()
     return last, start
+
+
+def stage_summary(ctx: Any, engine: TrainEngine, last: StepResult | None, *, resumed_from: int, initialised_from: Any,
+                  trainable: dict[str, int], before: dict, after: dict, data: dict) -> dict[str, Any]:
+    """What every training stage reports in ``summary.json`` (a stage may add its own fields)."""
+    return {
+        "steps": ctx.stage.steps,
+        "final_loss": last.loss if last else None,
+        "skipped_steps": engine.skipped_steps,
+        "initialised_from": str(initialised_from) if initialised_from else "fresh",
+        "resumed_from_step": resumed_from,
+        "trainable_parameters": trainable,
+        "eval_before": before,
+        "eval_after": after,
+        "data": data,
+    }

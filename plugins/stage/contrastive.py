@@ -26,7 +26,7 @@ from keye.model.composition import VisionInputs, build_component
 from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
-from keye.train.loop import train_steps
+from keye.train.loop import stage_summary, train_steps
 
 def _mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """(N, D) patch features → (K, D): the mean over each image's patches."""
@@ -121,17 +121,8 @@ class ContrastiveStage:
                                          seq_length=1, micro_batch_size=config.batch_size, fields=fields)
         after = self._evaluate(model)
         save_stage_weights(model, ctx)
-        return {
-            "steps": stage.steps,
-            "final_loss": last.loss if last else None,
-            "skipped_steps": engine.skipped_steps,
-            "initialised_from": str(initialised_from) if initialised_from else "fresh",
-            "resumed_from_step": resumed_from,
-            "trainable_parameters": trainable,
-            "eval_before": before,
-            "eval_after": after,
-            "data": train.stats(),
-        }
+        return stage_summary(ctx, engine, last, resumed_from=resumed_from, initialised_from=initialised_from,
+                             trainable=trainable, before=before, after=after, data=train.stats())
 
     @torch.no_grad()
     def _evaluate(self, model: ContrastiveModel) -> dict[str, float]:

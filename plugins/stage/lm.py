@@ -23,7 +23,7 @@ from keye.model.composition import KeyeVLModel, build_component
 from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
-from keye.train.loop import train_steps
+from keye.train.loop import stage_summary, train_steps
 
 def _loss_func(loss: Any, batch: MicroBatch, output: torch.Tensor):
     return loss(output, batch.loss_mask)
@@ -109,17 +109,8 @@ class LMStage:
                                          seq_length=seq_len, micro_batch_size=1, fields=fields)
         after = self._evaluate(engine, ctx, seq_len)
         save_stage_weights(model, ctx)
-        return {
-            "steps": stage.steps,
-            "final_loss": last.loss if last else None,
-            "skipped_steps": engine.skipped_steps,
-            "initialised_from": str(initialised_from) if initialised_from else "fresh",
-            "resumed_from_step": resumed_from,
-            "trainable_parameters": trainable,
-            "eval_before": before,
-            "eval_after": after,
-            "data": train.stats(),
-        }
+        return stage_summary(ctx, engine, last, resumed_from=resumed_from, initialised_from=initialised_from,
+                             trainable=trainable, before=before, after=after, data=train.stats())
 
     def _evaluate(self, engine: TrainEngine, ctx: Any, seq_len: int) -> dict[str, float]:
         from keye.data.pipeline import micro_batches
