@@ -58,7 +58,7 @@ def _data_object(parallel: Any, state: Any = None) -> Any:
                          replica_id=(parallel.pp_rank, parallel.tp_rank))
 
 
-def _sharded_training_state(model: torch.nn.Module, engine: Any, parallel: Any, is_loading: bool) -> dict[str, Any]:
+def _sharded_training_state(model: torch.nn.Module, engine: Any, is_loading: bool) -> dict[str, Any]:
     model_state = sharded_state_dict(model)
     optimizer = engine.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
     return {"model": model_state, "optimizer": optimizer}
@@ -107,7 +107,7 @@ def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any
 
     parallel = ctx.parallel
     folder = _checkpoint_root(ctx) / f"step_{step:08d}"
-    state = _sharded_training_state(model, engine, parallel, is_loading=False)
+    state = _sharded_training_state(model, engine, is_loading=False)
     rng = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     state.update(
         rng=_rng_object(parallel, rng),
@@ -150,7 +150,7 @@ def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: A
                             f"{layout['data']}; resume with the same data-parallel size")
     same_layout = saved_layout == layout
     _give_fresh_optimizer_state(engine.optimizer)
-    template = _sharded_training_state(model, engine, parallel, is_loading=True)
+    template = _sharded_training_state(model, engine, is_loading=True)
     template["data"] = _data_object(parallel)
     if same_layout:
         template["rng"] = _rng_object(parallel)

@@ -84,7 +84,8 @@ def shared_module_state(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
     wanted = {name: sh for name, sh in tensors_only(sharded_state_dict(model)).items() if _module(sh.key) in saved_modules}
     keys = _all_ranks({sh.key for sh in wanted.values()})
     missing = sorted(keys - set(saved))
-    unexpected = sorted(k for k in saved if _module(k) in {_module(key) for key in keys} and k not in keys)
+    shared_modules = {_module(key) for key in keys}
+    unexpected = sorted(k for k in saved if _module(k) in shared_modules and k not in keys)
     if missing or unexpected:
         raise KeyeUserError(f"{folder}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for sh in wanted.values():

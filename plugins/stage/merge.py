@@ -93,10 +93,12 @@ def merge_checkpoints(folders: list[Path], weights: list[float], merger: Any, ou
         if differ:
             raise KeyeUserError(f"{folder}: cannot be merged with {folders[0]}: tensors differ (e.g. {differ[:3]})")
 
+    shares = _shares(metadata, world)
+
     def template(data: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """This rank's share as ShardedTensors (fresh buffers to load into, or ``data`` to save)."""
         out = {}
-        for key, (axis, owner) in _shares(metadata, world).items():
+        for key, (axis, owner) in shares.items():
             if axis is None and owner != rank:
                 continue
             shape = list(metadata[key].global_shape)
