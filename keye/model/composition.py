@@ -116,9 +116,12 @@ class KeyeVLModel(torch.nn.Module):
         labels: torch.Tensor | None = None,
         images: VisionInputs | None = None,
         videos: VisionInputs | None = None,
+        loss_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ``(B, L, V/TP)``, or the per-token loss ``(B, L)`` with ``labels``."""
+        """Logits ``(B, L, V/TP)``, or the per-token loss ``(B, L)`` with ``labels``. A ``loss_mask``
+        ``(B, L)`` lets the language model skip the output layer where the loss does not count (0 there)."""
         decoder_input = self.embed(input_ids, images, videos) if self.pre_process else None
+        extra = {} if loss_mask is None else {"loss_mask": loss_mask}
         return self.language_model(
-            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **extra
         )

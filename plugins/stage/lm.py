@@ -32,7 +32,8 @@ def _loss_func(loss: Any, batch: MicroBatch, output: torch.Tensor):
 def _train_forward(loss: Any, data: Iterator[MicroBatch], model: torch.nn.Module):
     batch = next(data)
     output = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
-                   images=batch.images, videos=batch.videos)  # last stage: per-token loss (1, T)
+                   images=batch.images, videos=batch.videos,
+                   loss_mask=batch.loss_mask)  # last stage: per-token loss (1, T), 0 where the mask is
     return output, partial(_loss_func, loss, batch)
 
 

@@ -153,7 +153,7 @@ def _loss_step(data: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torc
 
     batch = next(data)
     per_token = model(batch.input_ids, batch.position_ids, batch.attention_mask, labels=batch.labels,
-                      images=batch.images, videos=batch.videos)  # last stage: (1, T)
+                      images=batch.images, videos=batch.videos, loss_mask=batch.loss_mask)  # last stage: (1, T)
     return per_token, lambda output: NextTokenLoss(NextTokenLoss.Config())(output, batch.loss_mask)
 
 

@@ -215,12 +215,12 @@ def build_transformers(model_cfg: Any) -> torch.nn.Module:
 def keye_step(model: torch.nn.Module, batch: Batch, positions: torch.Tensor) -> None:
     from keye.model.composition import VisionInputs
 
+    mask = (batch.labels >= 0).float()
     per_token = model(
         batch.input_ids, positions, None, labels=batch.labels.clamp(min=0),
         images=VisionInputs(batch.image_patches, batch.image_grids),
-        videos=VisionInputs(batch.video_patches, batch.video_grids),
-    )  # (1, L): causal attention over the one sequence
-    mask = (batch.labels >= 0).float()
+        videos=VisionInputs(batch.video_patches, batch.video_grids), loss_mask=mask,
+    )  # (1, L): causal attention over the one sequence; output layer only where the loss counts
     ((per_token * mask).sum() / mask.sum()).backward()
 
 
