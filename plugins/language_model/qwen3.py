@@ -70,6 +70,7 @@ class Qwen3LanguageModel(torch.nn.Module):
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
+        from keye.model.loss_rows import LossRowsTransformerLayer
         from keye.model.sdpa_attention import local_core_attention, local_self_attention
 
         ctx = ctx or BuildContext()
@@ -103,6 +104,7 @@ class Qwen3LanguageModel(torch.nn.Module):
                 from keye.model.onednn_linear import onednn_layer_spec
 
                 spec = onednn_layer_spec(spec)
+        spec.module = LossRowsTransformerLayer  # its MLP can skip rows without a loss (keye.model.loss_rows)
         self.gpt = GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=spec,
@@ -117,11 +119,11 @@ class Qwen3LanguageModel(torch.nn.Module):
             vp_stage=ctx.vp_stage,
         )
         if self.gpt.post_process:
+            from keye.model.loss_rows import install_output_rows_hook
             from keye.model.onednn_linear import to_onednn
 
             to_onednn(self.gpt.output_layer)  # fp32 CPU matmuls on oneDNN, like the layers' linears
-            self.gpt.output_layer.register_forward_pre_hook(self._keep_loss_rows, with_kwargs=True)
-        self._loss_rows: torch.Tensor | None = None  # (B, L) bool while a forward computes only these rows
+            install_output_rows_hook(self.gpt.output_layer)  # for only_loss_rows
         if ctx.parallel is not None:
             self._layout_invariant_init(config, ctx)
 
@@ -191,34 +193,24 @@ class Qwen3LanguageModel(torch.nn.Module):
     ) -> torch.Tensor:
         """Logits ``[B, L, V/TP]``, or the per-token loss ``[B, L]`` when ``labels`` are given.
 
-        With ``loss_mask`` (``[B, L]``, nonzero where the loss counts) as well, the output layer and the
-        cross-entropy run only at those positions and the loss is 0 elsewhere. The counted losses and all
-        gradients are the same; the work skipped is the ``H x V`` output GEMMs (forward and both backward
-        ones) and the softmax over the vocabulary at every position without a label: image/video pads in
-        pre-training, prompts in SFT. With sequence parallelism the output layer gathers the sequence
-        itself, so every position is computed there.
+        With ``loss_mask`` (``[B, L]``, nonzero where the loss counts) as well, the last layer's MLP, the
+        final norm, the output layer and the cross-entropy run only at those positions
+        (``keye.model.loss_rows``) and the loss is 0 elsewhere. The counted losses and all gradients are
+        the same; the work skipped is everything after the last attention at every position without a
+        label: image/video pads in pre-training, prompts in SFT. With sequence parallelism the output
+        layer gathers the sequence itself, so every position is computed there.
         """
+        from keye.model.loss_rows import only_loss_rows
+
         gpt = self.gpt
         if labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel:
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, labels=labels)
         keep = loss_mask != 0  # (B, L)
-        self._loss_rows = keep
-        try:  # the output layer sees only the kept rows (_keep_loss_rows), batch-major as labels[keep]
+        with only_loss_rows(gpt, keep):  # the output is the kept rows, batch-major as labels[keep]
             kept_loss = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                             decoder_input=decoder_input, labels=labels[keep][None])  # (1, K)
-        finally:
-            self._loss_rows = None
         return kept_loss.new_zeros(labels.shape).masked_scatter(keep, kept_loss)  # (B, L)
-
-    def _keep_loss_rows(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Forward pre-hook of the output layer: the final hidden states ``(L, B, H)`` → ``(K, 1, H)``,
-        the rows where the loss counts, when ``forward`` was given a loss mask."""
-        if self._loss_rows is None:
-            return None
-        hidden, *rest = args
-        rows = hidden.transpose(0, 1)[self._loss_rows]  # (K, H), batch-major
-        return (rows[:, None, :], *rest), kwargs
 
 
 @hookimpl

@@ -5,6 +5,7 @@ equal (t, h, w) ids must equal 1D RoPE: text-only Keye is plain Qwen3. Runs in a
 Megatron's parallel state is per process.
 """
 
+import pytest
 import torch
 
 from keye.testing.distributed import run_distributed
@@ -65,42 +66,59 @@ def test_qwen3_matches_transformers_and_mrope_reduces_to_rope():
 
 
 def _masked_and_full_loss() -> dict:
-    """Per-token loss and gradients with and without a loss mask (which skips the output layer where it
-    is 0), on a batch of two sequences and on one where no position counts."""
+    """Per-token loss and gradients with and without a loss mask (which skips the last layer's MLP and the
+    output layer where it is 0, or the output layer only when layers are recomputed), on a batch of two
+    sequences and on one where no position counts."""
+    from keye.model.loss_rows import only_loss_rows
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
     ctx = init_parallel(seed=5)
-    config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], position_embedding="rope")
-    model = Qwen3LanguageModel(config, BuildContext(ctx))
     generator = torch.Generator().manual_seed(2)
-    ids = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
-    labels = torch.randint(0, config.vocab_size, (2, 16), generator=generator)
+    vocab = Qwen3LanguageModel.SIZES["tiny"]["vocab_size"]
+    ids = torch.randint(0, vocab, (2, 16), generator=generator)
+    labels = torch.randint(0, vocab, (2, 16), generator=generator)
     positions = torch.arange(16).expand(2, 16)
+    masks = {"some": (torch.rand(2, 16, generator=generator) > 0.6).float(), "none": torch.zeros(2, 16)}
     results = {}
-    for name, mask in (("some", (torch.rand(2, 16, generator=generator) > 0.6).float()), ("none", torch.zeros(2, 16))):
-        runs = []
-        for loss_mask in (None, mask):
-            model.zero_grad(set_to_none=True)
-            per_token = model(ids, positions, None, labels=labels, loss_mask=loss_mask)  # (B, L)
-            (per_token * mask).sum().backward()
-            grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in model.named_parameters()}
-            runs.append((per_token.detach(), grads))
-        (full, full_grads), (masked, masked_grads) = runs
-        results[name] = {
-            "kept": int(mask.sum()),
-            "loss_difference": (full * mask - masked).abs().max().item(),
-            "loss_outside_mask": masked[mask == 0].abs().max().item(),
-            "grad_difference": max((full_grads[n] - masked_grads[n]).abs().max().item() for n in full_grads),
-            "grad_norm": sum(g.norm() ** 2 for g in full_grads.values()).item() ** 0.5,
-        }
+    for recompute in (False, True):
+        config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], position_embedding="rope",
+                                           recompute=recompute)
+        model = Qwen3LanguageModel(config, BuildContext(ctx))
+        with only_loss_rows(model.gpt, masks["some"].bool()) as where:
+            pass
+        for name, mask in masks.items():
+            runs = []
+            for loss_mask in (None, mask):
+                model.zero_grad(set_to_none=True)
+                per_token = model(ids, positions, None, labels=labels, loss_mask=loss_mask)  # (B, L)
+                (per_token * mask).sum().backward()
+                grads = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                         for n, p in model.named_parameters()}
+                runs.append((per_token.detach(), grads))
+            (full, full_grads), (masked, masked_grads) = runs
+            results[where, name] = {
+                "kept": int(mask.sum()),
+                "loss_difference": (full * mask - masked).abs().max().item(),
+                "loss_outside_mask": masked[mask == 0].abs().max().item(),
+                "grad_difference": max((full_grads[n] - masked_grads[n]).abs().max().item() for n in full_grads),
+                "grad_norm": sum(g.norm() ** 2 for g in full_grads.values()).item() ** 0.5,
+            }
     return results
 
 
-def test_loss_mask_skips_the_output_layer_and_changes_nothing_counted():
+@pytest.fixture(scope="module")
+def masked_and_full() -> dict:
     [result] = run_distributed(_masked_and_full_loss, 1)
-    some, none = result["some"], result["none"]
+    return result
+
+
+@pytest.mark.parametrize("where", ["last_layer", "output_layer"])
+def test_loss_mask_skips_rows_and_changes_nothing_counted(masked_and_full, where):
+    result = masked_and_full
+    assert sorted(result) == sorted((w, n) for w in ("last_layer", "output_layer") for n in ("some", "none"))
+    some, none = result[where, "some"], result[where, "none"]
     assert 0 < some["kept"] < 32 and some["grad_norm"] > 0
     assert some["loss_difference"] < 1e-6 and some["loss_outside_mask"] == 0
     assert some["grad_difference"] < 1e-6  # the GEMMs block a smaller matrix differently: rounding only
