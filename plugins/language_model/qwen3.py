@@ -69,6 +69,7 @@ class Qwen3LanguageModel(torch.nn.Module):
         super().__init__()
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_layer import TransformerLayer
 
         from keye.model.loss_rows import LossRowsTransformerLayer
         from keye.model.sdpa_attention import local_core_attention, local_self_attention
@@ -104,7 +105,8 @@ class Qwen3LanguageModel(torch.nn.Module):
                 from keye.model.onednn_linear import onednn_layer_spec
 
                 spec = onednn_layer_spec(spec)
-        spec.module = LossRowsTransformerLayer  # its MLP can skip rows without a loss (keye.model.loss_rows)
+        if spec.module is TransformerLayer:  # same layer; its MLP can skip rows without a loss (keye.model.loss_rows)
+            spec.module = LossRowsTransformerLayer
         self.gpt = GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=spec,
