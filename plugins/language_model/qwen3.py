@@ -120,6 +120,10 @@ class Qwen3LanguageModel(torch.nn.Module):
             parallel_output=True,
             vp_stage=ctx.vp_stage,
         )
+        if fp8_backend != "te":  # torch's RMSNorms of the local spec: fp32 CPU gradients in closed form
+            from keye.model.rms_norm import to_keye_rms_norm
+
+            to_keye_rms_norm(self.gpt)
         if self.gpt.post_process:
             from keye.model.loss_rows import install_output_rows_hook
             from keye.model.onednn_linear import to_onednn
