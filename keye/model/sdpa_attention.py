@@ -162,24 +162,29 @@ def rotary_tables(freqs: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return tables
 
 
-def _swap_halves(x: Tensor) -> Tensor:
-    """``[x1, x2] -> [x2, x1]`` over the last dim (its own inverse and transpose)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x2, x1), dim=-1)
+def _add_swapped(out: Tensor, x: Tensor, sin: Tensor, transpose: bool = False) -> Tensor:
+    """``out += swap(x) * sin`` in place (``swap([x1, x2]) = [x2, x1]`` over the last dim), without building
+    ``swap(x)``; with ``transpose``, ``out += swap(x * sin)``, its transpose."""
+    half = x.shape[-1] // 2
+    first, second = (sin[..., half:], sin[..., :half]) if transpose else (sin[..., :half], sin[..., half:])
+    out[..., :half].addcmul_(x[..., half:], first)
+    out[..., half:].addcmul_(x[..., :half], second)
+    return out
 
 
 class _Rotate(torch.autograd.Function):
-    """``y = x * cos + swap(x) * sin``; backward ``dx = dy * cos + swap(dy * sin)`` (cos/sin are constants)."""
+    """``y = x * cos + swap(x) * sin``; backward ``dx = dy * cos + swap(dy * sin)`` (cos/sin are constants).
+    Each is one product and two in-place halves (no ``cat`` of swapped halves)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         ctx.save_for_backward(cos, sin)
-        return torch.addcmul(x * cos, _swap_halves(x), sin)
+        return _add_swapped(x * cos, x, sin)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
         cos, sin = ctx.saved_tensors
-        return torch.addcmul(_swap_halves(grad * sin), grad, cos), None, None
+        return _add_swapped(grad * cos, grad, sin, transpose=True), None, None
 
 
 def rotate(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
@@ -284,12 +289,15 @@ class SDPAAttention(DotProductAttention):
         backward is one ``cat`` and free views, where slicing block by block would zero-fill a full-size
         gradient per slice).
         """
+        if len(blocks) == 1:  # no split: its backward would copy each gradient once more
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            return self._sdpa(q, k, v, is_causal=blocks[0][2]).permute(2, 0, 1, 3)
         sizes = [end - start for start, end, _ in blocks]
         outputs = [
             self._sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), is_causal=causal).permute(2, 0, 1, 3)
             for q, k, v, (_, _, causal) in zip(query.split(sizes), key.split(sizes), value.split(sizes), blocks)
         ]
-        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+        return torch.cat(outputs)
 
     def _sdpa(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               is_causal: bool = False) -> Tensor:
