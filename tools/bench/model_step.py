@@ -46,23 +46,31 @@ numbers an idle core would; ``--threads N`` (wall-clock) measures a whole machin
 
 What it showed (2-core CPU box, AMD EPYC with AVX-512, one thread, full batch; November 2026), with keye's
 SDPA attention split per packed block (``keye/model/sdpa_attention.py``, the default without Transformer
-Engine): ours/transformers **1.01x** (two runs; 0.96-0.97x before the loss rows were skipped, 0.91-0.92x
-before the changes below) and packed/padded 2.10-2.11x; on equal attention work (case 3) 1.10-1.11x.
-With Megatron's unfused local attention (``attention: megatron``) it was 0.56x and 0.93x. What made ours
-faster, same math: the local linears (and the patch embedding, the projector, the LLM's output layer) run
-their fp32 CPU GEMMs on oneDNN instead of MKL (``keye/model/onednn_linear.py``: 10-15% faster on these
-shapes, about 85 ms a step); the RoPE is applied inside the SDPA core attention with cos/sin computed once
-per forward (``KeyeSelfAttention``, about 15 ms); GQA without copying k/v, the ViT's blocks passed as
-cu_seqlens (no ``[N, N]`` mask to build and scan) and cut with one split (no zero-filled gradient per block
-slice); no last-layer MLP, output layer or cross-entropy at the 685 positions without a label (6.7 of
-88.1 GFLOP of GEMMs, about 65 ms). What keeps the ratio near 1 is the model, not the implementation:
-Keye attends across a whole video as one block (the released model and the spec), while Qwen2.5-VL with
-``temporal_patch_size=1`` attends frame by frame (4 x 256 instead of 1024 patches here), so it does less
-attention work for the same batch (about 145 ms of the step here; single SDPA calls of equal size cost
-the same in both). The GEMMs run at 96-107 GFLOP/s of this core's ~110 and SDPA's flash kernels near
-their own speed, so there is little left to take from the implementation at fp32 on one core. SigLIP's
-GELU-tanh MLP also costs about 2% more than Qwen's SiLU-gated one at equal FLOPs (torch's tanh is slow on
-this CPU).
+Engine): ours/transformers **1.04-1.05x** (two runs; 0.96-0.97x before this session's changes, 0.91-0.92x
+before the ones before) and packed/padded 2.11-2.13x; on equal attention work (case 3) 1.13-1.14x. With
+Megatron's unfused local attention (``attention: megatron``) it was 0.56x and 0.93x. What made ours
+faster, same math:
+
+- the local linears (and the patch embedding, the projector, the LLM's output layer) run their fp32 CPU
+  GEMMs on oneDNN instead of MKL (``keye/model/onednn_linear.py``: 10-15% faster on these shapes, about
+  85 ms a step);
+- no last-layer MLP, output layer or cross-entropy at the 685 positions without a label
+  (``keye/model/loss_rows.py``: 6.7 of 88.1 GFLOP of GEMMs, about 65 ms);
+- the RoPE is applied inside the SDPA core attention with cos/sin computed once per forward
+  (``KeyeSelfAttention``, about 15 ms), adding the swapped halves in place;
+- the RMSNorms (Qwen3's per-head q/k norms above all) take their gradient in closed form on 2-D views
+  (``keye/model/rms_norm.py``, about 10 ms);
+- GQA without copying k/v, the ViT's blocks passed as cu_seqlens (no ``[N, N]`` mask to build and scan)
+  and cut with one split (no zero-filled gradient per block slice).
+
+What keeps the ratio near 1 is the model, not the implementation: Keye attends across a whole video as one
+block (the released model and the spec), while Qwen2.5-VL with ``temporal_patch_size=1`` attends frame by
+frame (4 x 256 instead of 1024 patches here), so it does less attention work for the same batch (about
+145 ms of the step here; single SDPA calls of equal size cost the same in both). The GEMMs run at 96-107
+GFLOP/s of this core's ~110 and SDPA's flash kernels near their own speed. SigLIP's GELU-tanh MLP also
+costs about 2% more than Qwen's SiLU-gated one at equal FLOPs (torch's tanh is slow on this CPU; a
+sigmoid form was 30% faster alone but not inside the step). Timings on this shared box drift by a few
+percent between runs; the ratios, from cases taking turns, move by about 0.01.
 Note also that ``KeyeVLModel`` encodes a micro-batch's images and its videos as two packs, while the
 packed/padded comparison here puts all of them in one pack (the harder case for a dense mask).
 """
