@@ -61,7 +61,10 @@ class LanguageModel(Protocol):
     """A decoder LM on Megatron-Core: embeddings in (or token ids), logits or per-token loss out.
 
     ``forward(input_ids [B, L], position_ids [3, B, L] or [B, L], attention_mask, decoder_input=None,
-    labels=None)``; with labels it returns the per-token loss ``[B, L]`` (Megatron's convention).
+    labels=None)``; with labels it returns the per-token loss ``[B, L]`` (Megatron's convention). Training
+    also passes ``loss_mask=[B, L]`` (nonzero where the loss counts) with the labels: a model may skip the
+    work that only feeds positions where it is 0 and return 0 there (``qwen3`` does,
+    ``keye.model.loss_rows``), or accept and ignore it.
     """
 
     vocab_size: int
