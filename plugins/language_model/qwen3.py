@@ -69,10 +69,12 @@ class Qwen3LanguageModel(torch.nn.Module):
         super().__init__()
         from megatron.core.models.gpt import GPTModel
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.mlp import MLP
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
         from keye.model.loss_rows import LossRowsTransformerLayer
         from keye.model.sdpa_attention import local_core_attention, local_self_attention
+        from keye.model.swiglu import SwiGLUMLP
 
         ctx = ctx or BuildContext()
         if sum(config.mrope_section) * 2 != config.head_dim:
@@ -97,6 +99,8 @@ class Qwen3LanguageModel(torch.nn.Module):
             # (KeyeSelfAttention: same submodules and state dict), unless attention=megatron.
             spec.submodules.self_attention.module = local_self_attention(config.attention)
             spec.submodules.self_attention.submodules.core_attention = core_attention
+            if spec.submodules.mlp.module is MLP:  # SwiGLU as one autograd function (keye.model.swiglu)
+                spec.submodules.mlp.module = SwiGLUMLP
             if fp8_backend == "torch":
                 from keye.model.fp8_linear import fp8_layer_spec
 
