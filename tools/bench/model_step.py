@@ -46,10 +46,11 @@ numbers an idle core would; ``--threads N`` (wall-clock) measures a whole machin
 
 What it showed (2-core CPU box, AMD EPYC with AVX-512, one thread, full batch; November 2026), with keye's
 SDPA attention split per packed block (``keye/model/sdpa_attention.py``, the default without Transformer
-Engine): ours/transformers **1.04-1.05x** (two runs; 0.96-0.97x before this session's changes, 0.91-0.92x
-before the ones before) and packed/padded 2.11-2.13x; on equal attention work (case 3) 1.13-1.14x. With
-Megatron's unfused local attention (``attention: megatron``) it was 0.56x and 0.93x. What made ours
-faster, same math:
+Engine): ours/transformers **1.01-1.05x** (seven runs; 0.96-0.97x before the changes of November 29,
+0.91-0.92x before the ones before) and packed/padded 2.10-2.13x; on equal attention work (case 3)
+1.11-1.14x. With two threads (``--threads 2``, wall clock) 1.00x in two runs, 1.04x when the two models
+alone take turns. With Megatron's unfused local attention (``attention: megatron``) it was 0.56x and
+0.93x. What made ours faster, same math:
 
 - the local linears (and the patch embedding, the projector, the LLM's output layer) run their fp32 CPU
   GEMMs on oneDNN instead of MKL (``keye/model/onednn_linear.py``: 10-15% faster on these shapes, about
@@ -60,6 +61,8 @@ faster, same math:
   (``KeyeSelfAttention``, about 15 ms), adding the swapped halves in place;
 - the RMSNorms (Qwen3's per-head q/k norms above all) take their gradient in closed form on 2-D views
   (``keye/model/rms_norm.py``, about 10 ms);
+- SwiGLU as one autograd function writing both halves' gradients into one buffer
+  (``keye/model/swiglu.py``, about 20 ms);
 - GQA without copying k/v, the ViT's blocks passed as cu_seqlens (no ``[N, N]`` mask to build and scan)
   and cut with one split (no zero-filled gradient per block slice).
 
@@ -70,7 +73,7 @@ frame (4 x 256 instead of 1024 patches here), so it does less attention work for
 GFLOP/s of this core's ~110 and SDPA's flash kernels near their own speed. SigLIP's GELU-tanh MLP also
 costs about 2% more than Qwen's SiLU-gated one at equal FLOPs (torch's tanh is slow on this CPU; a
 sigmoid form was 30% faster alone but not inside the step). Timings on this shared box drift by a few
-percent between runs; the ratios, from cases taking turns, move by about 0.01.
+percent between runs; the ratios, from cases taking turns, move by a few hundredths.
 Note also that ``KeyeVLModel`` encodes a micro-batch's images and its videos as two packs, while the
 packed/padded comparison here puts all of them in one pack (the harder case for a dense mask).
 """
