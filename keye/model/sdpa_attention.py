@@ -289,12 +289,14 @@ class SDPAAttention(DotProductAttention):
         backward is one ``cat`` and free views, where slicing block by block would zero-fill a full-size
         gradient per slice).
         """
+        def attend(q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:  # [s, b, n, hn] in and out
+            return self._sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), is_causal=causal).permute(2, 0, 1, 3)
+
         if len(blocks) == 1:  # no split: its backward would copy each gradient once more
-            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
-            return self._sdpa(q, k, v, is_causal=blocks[0][2]).permute(2, 0, 1, 3)
+            return attend(query, key, value, blocks[0][2])
         sizes = [end - start for start, end, _ in blocks]
         outputs = [
-            self._sdpa(*(x.permute(1, 2, 0, 3) for x in (q, k, v)), is_causal=causal).permute(2, 0, 1, 3)
+            attend(q, k, v, causal)
             for q, k, v, (_, _, causal) in zip(query.split(sizes), key.split(sizes), value.split(sizes), blocks)
         ]
         return torch.cat(outputs)
