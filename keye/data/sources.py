@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Iterable, Iterator
 
 import torch
@@ -58,6 +61,7 @@ BAD_KINDS = (
     "corrupt_image",  # image bytes that do not decode
     "unreadable_video",  # video bytes without a decodable video stream
     "over_budget",  # media too large (bytes) or too elongated to resize into the token budget
+    "refused_media",  # a media path outside the data set's root, or not a regular file (device, FIFO, socket)
 )
 MIN_SEEN_BEFORE_FAILING = 100
 
@@ -155,6 +159,63 @@ def media_refs(sample: Sample) -> list[ImageRef | VideoRef]:
 def media_name(ref: ImageRef | VideoRef) -> str:
     """The name a reference's bytes go by in `LoadedSample.media`."""
     return ref.key if ref.key is not None else ref.path  # type: ignore[return-value]
+
+
+class MediaRefused(Exception):
+    """A media file that `read_media_file` will not read; ``kind`` is a `BAD_KINDS` entry."""
+
+    def __init__(self, kind: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind = kind
+
+
+_FILE_TYPES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def special_file_kind(mode: int) -> str | None:
+    """What a file of this ``st_mode`` is ("a FIFO", ...) when it is not a regular file, else None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((name for test, name in _FILE_TYPES if test(mode)), "not a plain file")
+
+
+def read_media_file(path: str, root: Path, max_bytes: int) -> bytes:
+    """The bytes of the media file ``path`` names (relative paths from ``root``), read safely.
+
+    A data set's media paths are data, so a JSONL line must not read the machine: the path is resolved
+    (symlinks and ``..`` followed) *before* it is checked to lie inside ``root``, which is resolved too;
+    the file must be a regular file (``/dev/zero`` never ends, a FIFO without a writer blocks ``open``
+    forever, a socket or device is never an image); and at most ``max_bytes`` are read, so a file that
+    grows while it is read cannot take memory either. The type is checked with ``stat`` before opening (opening
+    some devices has side effects) and again on the open descriptor, which is opened non-blocking (a file swapped
+    for a FIFO in between cannot block).
+
+    Raises `MediaRefused`: ``refused_media`` (outside ``root``, not a regular file), ``over_budget``
+    (more than ``max_bytes``) or ``missing_media`` (not there, unreadable).
+    """
+    root = Path(root).resolve()
+    try:
+        target = (root / path).resolve()  # an absolute `path` replaces root here
+    except (OSError, RuntimeError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise MediaRefused("missing_media", f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not target.is_relative_to(root):  # before any stat: whether a file outside exists is not for data to probe
+        raise MediaRefused("refused_media", f"{path!r} resolves to {target}, outside the media root {root}")
+    try:
+        kind = special_file_kind(os.stat(target).st_mode)
+        if kind is not None:
+            raise MediaRefused("refused_media", f"{target} is not a regular file ({kind})")
+        fd = os.open(target, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as handle:
+            kind = special_file_kind(os.fstat(fd).st_mode)
+            if kind is not None:
+                raise MediaRefused("refused_media", f"{target} is not a regular file ({kind})")
+            data = handle.read(max_bytes + 1)
+    except OSError as e:
+        raise MediaRefused("missing_media", f"cannot read {target}: {e.strerror or e}") from None
+    if len(data) > max_bytes:
+        raise MediaRefused("over_budget", f"{target} has more than {max_bytes} bytes, over max_media_bytes {max_bytes}")
+    return data
 
 
 def check_image(data: bytes) -> tuple[str, str] | None:

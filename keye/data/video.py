@@ -37,6 +37,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from keye.data.sources import special_file_kind
 from keye.data.vision import IMAGE_FACTOR, PIXELS_PER_TOKEN, normalize, patchify, resize_frames, smart_resize
 
 FPS = 2.0
@@ -159,12 +160,28 @@ class VideoDecoder(Protocol):
 
     ``read`` samples with `sample_frame_indices` (``fps`` and ``limits`` are passed to it) and decodes only
     those frames. ``probe`` reads the header only. Both raise ``ValueError("cannot read video <path>: ...")``
-    for a missing, truncated or otherwise unreadable file, so a data loader can skip and count the sample.
+    for a missing, truncated or otherwise unreadable file, so a data loader can skip and count the sample,
+    and call `check_video_file` before opening anything (no FIFO, device or socket is ever opened).
     """
 
     def read(self, path: str | os.PathLike, fps: float = FPS, **limits: int | None) -> DecodedVideo: ...
 
     def probe(self, path: str | os.PathLike) -> VideoInfo: ...
+
+
+def check_video_file(path: str | os.PathLike) -> None:
+    """Raise the decoders' ``ValueError`` unless ``path`` is a regular file (symlinks followed).
+
+    Decoders open paths with FFmpeg, which would block forever on a FIFO without a writer and read
+    ``/dev/zero`` without end; every decoder calls this before it opens anything.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise ValueError(f"cannot read video {path}: {e.strerror or 'no such file'}") from None
+    what = special_file_kind(mode)
+    if what is not None:
+        raise ValueError(f"cannot read video {path}: not a regular file ({what})")
 
 
 @dataclass

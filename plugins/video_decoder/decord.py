@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from keye import hookimpl
 from keye.config import doc
-from keye.data.video import FPS, DecodedVideo, VideoInfo, sample_frame_indices
+from keye.data.video import FPS, DecodedVideo, VideoInfo, check_video_file, sample_frame_indices
 
 
 def _reason(exc: BaseException) -> str:
@@ -37,8 +37,7 @@ class DecordVideoDecoder:
     def _open(self, path: str | os.PathLike):
         import decord
 
-        if not os.path.isfile(path):
-            raise ValueError(f"cannot read video {path}: no such file")
+        check_video_file(path)  # before FFmpeg opens it: a FIFO would block, /dev/zero never ends
         try:
             return decord.VideoReader(os.fspath(path), ctx=decord.cpu(0), num_threads=self.config.num_threads)
         except Exception as e:  # decord raises DECORDError / RuntimeError with a multi-line message

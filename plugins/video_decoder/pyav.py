@@ -18,7 +18,7 @@ import numpy as np
 
 from keye import hookimpl
 from keye.config import doc
-from keye.data.video import FPS, DecodedVideo, VideoInfo, sample_frame_indices
+from keye.data.video import FPS, DecodedVideo, VideoInfo, check_video_file, sample_frame_indices
 
 
 class PyAVVideoDecoder:
@@ -35,8 +35,7 @@ class PyAVVideoDecoder:
         """The open container and its first video stream, with the stream's frame count and rate."""
         import av
 
-        if not os.path.isfile(path):
-            raise ValueError(f"cannot read video {path}: no such file")
+        check_video_file(path)  # before FFmpeg opens it: a FIFO would block, /dev/zero never ends
         try:
             container = av.open(os.fspath(path))
         except Exception as e:  # av.error.FFmpegError and friends

@@ -4,6 +4,7 @@ Each test video shows a white square that moves 2 px right per frame, so the pix
 decoder returned, independently of its own index bookkeeping.
 """
 
+import os
 from pathlib import Path
 
 import av
@@ -115,6 +116,20 @@ def test_unreadable_files_raise_a_clear_error(tmp_path, videos, decoder_cls):
         assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match=f"^cannot read video {garbage}"):
         decoder.probe(garbage)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("decoder_cls", DECODERS)
+def test_special_files_are_refused_without_reading(tmp_path, decoder_cls):
+    """A FIFO without a writer would block the decoder's open forever; /dev/zero never ends."""
+    fifo = tmp_path / "pipe.mp4"
+    os.mkfifo(fifo)
+    link = tmp_path / "zero.mp4"
+    link.symlink_to("/dev/zero")
+    for path, what in [(fifo, "a FIFO"), (Path("/dev/zero"), "a character device"), (link, "a character device")]:
+        for call in (decoder_cls().read, decoder_cls().probe):
+            with pytest.raises(ValueError, match=f"^cannot read video {path}: not a regular file \\({what}\\)$"):
+                call(path)
 
 
 def test_too_short_video_raises(tmp_path):
