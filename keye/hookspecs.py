@@ -113,6 +113,20 @@ def keye_register_mergers(register: Register) -> None:
 
 
 @hookspec
+def keye_register_generators(register: Register) -> None:
+    """Register generators: sample continuations of prompts from a model (rollouts, CoT building,
+    rejection sampling, chat, evaluation).
+
+    Contract (`keye.generate.contract.Generator`): built as ``Cls(config, ctx)``; ``generate(requests,
+    settings) -> results`` takes `GenerationRequest`s (prompt ids, vision inputs, M-RoPE ids, n samples)
+    and `SamplingSettings`, and returns per sample the generated ids, each token's log-probability under
+    the sampling distribution actually used, and the finish reason (``stop`` or ``length``).
+    ``sync_weights(...)`` refreshes an engine outside the training process (a no-op in process).
+    Built-in: ``megatron`` (KV cache on the composed model in the training layout).
+    """
+
+
+@hookspec
 def keye_register_video_decoders(register: Register) -> None:
     """Register video decoders: a file → frames and their timestamps (decord, PyAV).
 

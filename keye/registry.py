@@ -26,6 +26,7 @@ KINDS: tuple[str, ...] = (
     "loss",
     "reward_model",
     "merger",
+    "generator",
     "video_decoder",
     "stage",
 )
@@ -59,11 +60,15 @@ class Registry:
     def __init__(self) -> None:
         self._components: dict[str, dict[str, Component]] = {kind: {} for kind in KINDS}
 
-    def register(self, kind: str, name: str, cls: type, provenance: Provenance) -> Component:
-        """Add one component; the host calls this on behalf of a plugin's register callback."""
+    def register(self, kind: str, name: str, cls: type, provenance: Provenance, *, replace: bool = False) -> Component:
+        """Add one component; the host calls this on behalf of a plugin's register callback.
+
+        A name already taken is an error naming both providers, unless ``replace``: the host passes it only
+        for an override the user asked for (``KEYE_OVERRIDE``, see `keye.plugins`).
+        """
         check_component(kind, name, cls)
         existing = self._components[kind].get(name)
-        if existing is not None:
+        if existing is not None and not replace:
             raise DuplicateComponentError(
                 f"{kind} '{name}' is registered twice: by {existing.provenance} and by {provenance}"
             )
@@ -74,6 +79,10 @@ class Registry:
     def unregister(self, kind: str, name: str) -> None:
         """Remove one entry (used to roll back a plugin whose registration hook failed half-way)."""
         self._components[kind].pop(name, None)
+
+    def find(self, kind: str, name: str) -> Component | None:
+        """The component registered as ``name``, or None (also for a name that is not even a string)."""
+        return self._components[kind].get(name) if isinstance(name, str) else None
 
     def get(self, kind: str, name: str) -> Component:
         if kind not in self._components:

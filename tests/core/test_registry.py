@@ -77,5 +77,5 @@ def test_bad_registrations_are_refused(kind, name, cls, error):
 def test_kinds_match_the_design():
     assert KINDS == (
         "vision_encoder", "projector", "language_model", "text_encoder", "position_encoding", "data_source",
-        "data_mixer", "loss", "reward_model", "merger", "video_decoder", "stage",
+        "data_mixer", "loss", "reward_model", "merger", "generator", "video_decoder", "stage",
     )
