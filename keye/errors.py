@@ -22,3 +22,7 @@ class DuplicateComponentError(KeyeUserError):
 
 class BlueprintError(KeyeUserError):
     """A blueprint (or an override) does not match the schema or a component's Config."""
+
+
+class PluginOverrideError(KeyeUserError):
+    """``KEYE_OVERRIDE`` (the user's request to replace a registered component on purpose) is malformed."""

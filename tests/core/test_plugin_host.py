@@ -62,8 +62,8 @@ def test_a_failing_plugin_is_recorded_warned_once_and_isolated():
     host.add_plugin(good, "good")
     assert [w.category for w in caught] == [PluginLoadWarning]
     assert "bad" in str(caught[0].message) and "boom" in str(caught[0].message)
-    assert host.records["bad"].status == "failed"
-    assert host.records["bad"].error == "RuntimeError: boom"
+    assert host.records[("(local)", "bad")].status == "failed"
+    assert host.records[("(local)", "bad")].error == "RuntimeError: boom"
     # Nothing of the failed plugin stays registered, everything else works.
     assert host.registry.names("loss") == ["fine"]
 
@@ -82,13 +82,42 @@ def test_duplicate_across_plugins_names_both(keye_empty_host):
         keye_empty_host.add_plugin(make_plugin("b", keye_register_stages=registers("s", "lm")), "b", distribution="dist-b")
 
 
+def test_an_override_is_rolled_back_with_the_plugin_that_fails_half_way():
+    host = PluginHost(strict=False, overrides={("loss", "fine"): "dist-b"})
+    host.add_plugin(make_plugin("a", keye_register_losses=registers("l", "fine")), "a", distribution="dist-a")
+
+    def replaces_then_breaks(register):
+        register("fine", Toy)
+        raise RuntimeError("boom")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = host.add_plugin(make_plugin("b", keye_register_losses=replaces_then_breaks), "b", distribution="dist-b")
+    assert record.status == "failed"
+    assert host.registry.get("loss", "fine").provenance.distribution == "dist-a"
+    assert host.records[("dist-a", "a")].overridden == {}
+
+
+def test_a_module_registered_twice_fails_the_second_and_keeps_the_first():
+    host = PluginHost(strict=False)
+    seen = []
+    plugin = make_plugin("life", keye_configure=lambda blueprint: seen.append(blueprint))
+    host.add_plugin(plugin, "life", distribution="dist-a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = host.add_plugin(plugin, "life", distribution="dist-b")
+    assert again.status == "failed" and "already registered" in again.error
+    host.hook.keye_configure(blueprint="bp")
+    assert seen == ["bp"]
+
+
 def test_a_hook_with_a_typo_fails_that_plugin_only():
     host = PluginHost(strict=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         host.add_plugin(make_plugin("typo", keye_register_projector=registers("p", "x")), "typo")
-    assert host.records["typo"].status == "failed"
-    assert "keye_register_projector" in host.records["typo"].error
+    assert host.records[("(local)", "typo")].status == "failed"
+    assert "keye_register_projector" in host.records[("(local)", "typo")].error
 
 
 def test_lifecycle_hooks_are_called(keye_empty_host):
