@@ -26,9 +26,20 @@ from keye.registry import Registry
 Origin = Callable[[str], str]
 
 
-def omegaconf_reason(exc: OmegaConfBaseException) -> str:
-    """The first line of an OmegaConf error, without its trailing "full_key/object_type" block."""
-    return str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
+#: Longest quoted value in an error line: a value can be a whole file (a bad ``extends:``), never echo it.
+MAX_QUOTE = 120
+
+
+def short(value: Any, limit: int = MAX_QUOTE) -> str:
+    """``value`` as text on one line, cut to ``limit`` characters."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def omegaconf_reason(exc: BaseException) -> str:
+    """The first line of an OmegaConf error, without its trailing "full_key/object_type" block, cut short."""
+    text = str(getattr(exc, "msg", None) or exc).strip()
+    return short(text.splitlines()[0] if text else type(exc).__name__, 3 * MAX_QUOTE)
 
 
 def dotted(key: str) -> str:
@@ -36,8 +47,10 @@ def dotted(key: str) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", key)
 
 
-def validate_blueprint(cfg: DictConfig, registry: Registry, origin: Origin) -> None:
-    """Check every component node in ``cfg`` (in place: nodes are completed with their defaults)."""
+def validate_blueprint(cfg: DictConfig, registry: Registry, origin: Origin, *, nproc: int | None = None) -> None:
+    """Check every component node in ``cfg`` (in place: nodes are completed with their defaults), then
+    everything a run would check after building (`keye.config.semantics`; the layout against ``nproc``
+    processes when given)."""
     dtypes = ("fp32", "bf16")
     if cfg.precision.dtype not in dtypes:
         raise BlueprintError(f"{origin('precision.dtype')}: precision.dtype: '{cfg.precision.dtype}' is not one of {', '.join(dtypes)}")
@@ -77,6 +90,9 @@ def validate_blueprint(cfg: DictConfig, registry: Registry, origin: Origin) -> N
         data.video_decoder = validate_component(
             "video_decoder", data.video_decoder, f"{path}.data.video_decoder", registry, origin
         )
+    from keye.config.semantics import check_blueprint
+
+    check_blueprint(cfg, registry, origin, nproc=nproc)
 
 
 def validate_component(
@@ -92,7 +108,7 @@ def validate_component(
     try:
         cls = registry.cls(kind, node["name"])
     except UnknownComponentError as exc:
-        raise BlueprintError(f"{origin(name_path)}: {name_path}: {exc}") from None
+        raise BlueprintError(f"{origin(name_path)}: {name_path}: {short(exc, 3 * MAX_QUOTE)}") from None
     body = with_size_preset(kind, cls, {key: value for key, value in node.items() if key != "name"}, path, origin)
     schema = OmegaConf.structured(cls.Config)
     field_names = [field.name for field in dataclasses.fields(cls.Config)]
@@ -104,7 +120,7 @@ def validate_component(
             )
     try:
         merged = OmegaConf.merge(schema, body)
-    except OmegaConfBaseException as exc:
+    except (OmegaConfBaseException, TypeError, ValueError, KeyError, AttributeError) as exc:
         key = f"{path}.{dotted(exc.full_key)}" if getattr(exc, "full_key", None) else path
         raise BlueprintError(f"{origin(key)}: {key}: {omegaconf_reason(exc)} ({kind} '{node['name']}')") from None
     missing = sorted(OmegaConf.missing_keys(merged))
