@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from keye.errors import KeyeUserError
+from keye.quiet import install as filter_known_warnings
 
 EXIT_USER_ERROR = 2
 
@@ -150,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    filter_known_warnings()  # exact, harmless ones only (keye.quiet)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may also come after options (`run bp.yaml --stage s2 stages.1.steps=5`).

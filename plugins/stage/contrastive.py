@@ -115,7 +115,8 @@ class ContrastiveStage:
 
         def fields(result, seconds):
             return {"pairs_per_s": result.extras["tokens"] / seconds, "skipped_samples": train.stats()["skipped"],
-                    "temperature": float(model.loss.logit_scale.exp()), "bias": float(model.loss.logit_bias)}
+                    "temperature": float(model.loss.logit_scale.detach().exp()),
+                    "bias": float(model.loss.logit_bias.detach())}  # reported, not differentiated
 
         last, resumed_from = train_steps(ctx, model, engine, train, _forward, num_microbatches=config.num_microbatches,
                                          seq_length=1, micro_batch_size=config.batch_size, fields=fields)

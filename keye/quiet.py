@@ -1,0 +1,77 @@
+"""Known, harmless warnings kept out of keye's output: exact texts from exact places, all in this module.
+
+A run's stderr should hold only news: a warning the user can act on, or one nobody has looked at yet.
+Megatron-Core and torch print a few that keye has looked at and that need nothing from the user; they
+repeat on every run (some once per layer), and bury the lines that matter. ``install()`` filters exactly
+those: each filter names the message *and* the module or logger it comes from, with a comment saying why
+it is safe, so the same text from anywhere else, and every other warning, still shows.
+
+``keye-launch`` calls ``install()`` at process start (every rank runs the CLI's ``main``). Python started
+with ``-W`` options or ``PYTHONWARNINGS`` (``sys.warnoptions``) filters nothing here: whoever asks for
+warnings their own way (``PYTHONWARNINGS=default keye-launch run ...``) sees them all.
+
+Warnings that keye's own code caused are fixed where they arise, not filtered here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import warnings
+
+#: Megatron-Core's TransformerLayer logs this (once per layer, on rank 0) for any MLP class other than its own
+#: ``MLP``, ``TEFusedMLP`` and the MoE ones, which it recognises by identity.
+UNKNOWN_MLP = "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. Using default kwargs."
+MEGATRON_LAYER = "megatron.core.transformer.transformer_layer"
+
+_installed = False
+
+
+def install() -> None:
+    """Filter the known warnings in this process (idempotent); nothing when the user gave warning options."""
+    global _installed
+    if _installed or sys.warnoptions:
+        return
+    _installed = True
+    # Megatron-Core 0.16.1 loads distributed checkpoints through torch's ``load_state_dict``, a deprecated alias
+    # of ``torch.distributed.checkpoint.load`` (same function, same result). The call is Megatron's, not
+    # keye's nor the user's: nothing to act on until a Megatron release changes it.
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape("`load_state_dict` is deprecated and will be removed in future versions. Please use `load` instead.") + "$",
+        category=FutureWarning,
+        module=r"megatron\.core\.dist_checkpointing\.strategies\.torch$",
+    )
+    # Megatron-Core's checkpoint format holds its shards as ``ShardedTensor``, which torch plans to replace by
+    # DTensor; torch's checkpoint planner warns each time it reads one. Reading them is fully supported by the
+    # pinned torch; the deprecation is addressed to Megatron's format, not to a keye user.
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape("Please use DTensor instead and we are deprecating ShardedTensor.") + "$",
+        category=FutureWarning,
+        module=r"torch\.distributed\.checkpoint\.(planner_helpers|default_planner)$",
+    )
+    logging.getLogger(MEGATRON_LAYER).addFilter(_known_mlp_subclass)
+
+
+def _known_mlp_subclass(record: logging.LogRecord) -> bool:
+    """Drop Megatron's "Unknown MLP type" line when the layer it is building uses a subclass of Megatron's MLP.
+
+    keye's qwen3 builds ``keye.model.swiglu.SwiGLUMLP``, a subclass of ``MLP``. Megatron passes ``tp_group``
+    only to ``MLP`` itself, so it builds ours with ``tp_group=None``, which ``MLP`` (and its linears) resolve to
+    the model-parallel tensor group: the group keye always uses (it never passes its own ``pg_collection``).
+    The line's text does not name the class, so the filter looks at the layer being built (the caller's
+    ``submodules.mlp.module``): for any other class, a third party's MLP included, the line still shows.
+    """
+    if record.getMessage() != UNKNOWN_MLP:
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__init__" and frame.f_globals.get("__name__") == MEGATRON_LAYER:
+            from megatron.core.transformer.mlp import MLP
+
+            module = getattr(getattr(frame.f_locals.get("submodules"), "mlp", None), "module", None)
+            return not (isinstance(module, type) and issubclass(module, MLP))
+        frame = frame.f_back
+    return True
