@@ -4,6 +4,13 @@
 optimiser state), with one parameter group per module whose ``lr_scale`` differs, and Megatron's
 ``OptimizerParamScheduler`` drives warmup + cosine, WSD (warmup-stable-decay, i.e. the final low-LR
 anneal) or a constant rate, per group.
+
+A scaled group's peak rate is its ``max_lr`` (what Megatron 0.16's scheduler reads); its ``lr_mult`` is
+set to the scale too, but only as the group's *name*: Megatron matches a checkpoint's parameter groups
+to the optimiser's by ``(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)`` when it loads them, so
+groups that differed only in ``max_lr`` collapsed into one there and ``--resume`` failed ("a parameter
+group that doesn't match the size of optimizer's group"). Megatron 0.16 no longer multiplies the rate
+by ``lr_mult`` (the scheduler sets each group's ``lr`` from its own ``max_lr``/``min_lr``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ SCHEDULES = {"constant": "constant", "cosine": "cosine", "wsd": "WSD", "linear":
 
 def build_optimizer(chunks: Sequence[torch.nn.Module], optim_cfg: Any, dtype: torch.dtype, *, distributed: bool = False):
     """A Megatron optimizer over the trainable parameters of ``chunks`` (DDP-wrapped modules)."""
-    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, get_megatron_optimizer, get_standard_config_overrides
 
     config = OptimizerConfig(
         optimizer="adam",
@@ -32,12 +39,13 @@ def build_optimizer(chunks: Sequence[torch.nn.Module], optim_cfg: Any, dtype: to
         params_dtype=dtype,
         use_distributed_optimizer=distributed,
     )
-    overrides = {
-        ParamKey(name=f"*{module}.*"): {"max_lr": optim_cfg.lr * scale}
-        for module, scale in dict(optim_cfg.lr_scale).items()
-        if scale != 1.0
-    }
-    return get_megatron_optimizer(config, list(chunks), config_overrides=overrides or None)
+    # Megatron's standard groups (no weight decay on biases and 1-D parameters) apply only when no
+    # overrides are passed; they are kept explicitly, so lr_scale does not change what is decayed.
+    overrides = get_standard_config_overrides(config)
+    for module, scale in dict(optim_cfg.lr_scale).items():
+        if scale != 1.0:
+            overrides[ParamKey(name=f"*{module}.*")] = {"max_lr": optim_cfg.lr * scale, "lr_mult": scale}
+    return get_megatron_optimizer(config, list(chunks), config_overrides=overrides)
 
 
 def build_scheduler(optimizer: Any, optim_cfg: Any, schedule_cfg: Any, steps: int):

@@ -1,5 +1,6 @@
 """Exact resume: a run killed (SIGKILL) mid-stage and resumed with --resume ends with bit-identical weights
-to an uninterrupted run, and metrics.jsonl has each step once. And a checkpoint resumes in another
+to an uninterrupted run, and metrics.jsonl has each step once, with and without per-module learning rates
+(``optimizer.lr_scale`` gives the optimiser several parameter groups). And a checkpoint resumes in another
 tensor-parallel layout (a Megatron-Core distributed checkpoint reshards)."""
 
 import json
@@ -21,7 +22,11 @@ LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
 STEPS, EVERY = 30, 5
 
 
-def blueprint(tmp_path: Path, name: str) -> Path:
+#: Per-module learning rates as stage 2 and the anneals of blueprints/tiny/pretrain.yaml set them.
+LR_SCALES = {"one_lr": {}, "lr_scale": {"vision_encoder": 0.3, "projector": 0.5}}
+
+
+def blueprint(tmp_path: Path, name: str, lr_scale: dict | None = None) -> Path:
     return write_blueprint(tmp_path / f"{name}.yaml", {
         "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 3, "checkpoint_every": EVERY},
         "model": {
@@ -31,7 +36,7 @@ def blueprint(tmp_path: Path, name: str) -> Path:
         },
         "stages": [{
             "name": "stage2", "kind": "lm", "train": ["vision_encoder", "projector", "language_model"], "steps": STEPS,
-            "optimizer": {"lr": 3e-3}, "schedule": {"kind": "cosine", "warmup_steps": 2},
+            "optimizer": {"lr": 3e-3, "lr_scale": dict(lr_scale or {})}, "schedule": {"kind": "cosine", "warmup_steps": 2},
             "data": {"max_tokens": 256, "pack_buffer": 8, "image_max_tokens": 16,
                      "sources": {"a": {"name": "synthetic", "tasks": ["color", "count"], "num_samples": 500},
                                  "b": {"name": "synthetic", "tasks": ["caption"], "num_samples": 500, "seed": 5}},
@@ -48,22 +53,37 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """An uninterrupted run (it leaves its last checkpoint, step 25, behind)."""
-    tmp_path = tmp_path_factory.mktemp("straight")
-    done = subprocess.run([*LAUNCH, str(blueprint(tmp_path, "straight"))], env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return tmp_path / "straight"
+def straight_runs(tmp_path_factory):
+    """Uninterrupted runs, one per ``LR_SCALES`` entry, made when first asked for (each leaves its last
+    checkpoint, step 25, behind)."""
+    runs = {}
+
+    def get(case: str) -> Path:
+        if case not in runs:
+            tmp_path = tmp_path_factory.mktemp(f"straight_{case}")
+            bp = blueprint(tmp_path, "straight", LR_SCALES[case])
+            done = subprocess.run([*LAUNCH, str(bp)], env=ENV, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-2000:]
+            runs[case] = tmp_path / "straight"
+        return runs[case]
+
+    return get
+
+
+@pytest.fixture
+def straight(straight_runs):
+    return straight_runs("one_lr")
 
 
 def losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_killed_run_resumes_exactly(tmp_path, straight):
-    env = ENV
+@pytest.mark.parametrize("case", LR_SCALES)
+def test_killed_run_resumes_exactly(tmp_path, straight_runs, case):
+    env, straight = ENV, straight_runs(case)
 
-    killed_bp = blueprint(tmp_path, "killed")
+    killed_bp = blueprint(tmp_path, "killed", LR_SCALES[case])
     process = subprocess.Popen([*LAUNCH, str(killed_bp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "killed" / "stage2" / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
