@@ -200,8 +200,13 @@ class Qwen3LanguageModel(torch.nn.Module):
         decoder_input: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
+        inference_context: Any = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, V/TP]``, or the per-token loss ``[B, L]`` when ``labels`` are given.
+
+        With ``inference_context`` (Megatron's ``StaticInferenceContext``: the KV cache of the ``megatron``
+        generator), Megatron's inference path runs: keys and values are cached, the logits are those of the
+        last position only, gathered over TP: ``[B, 1, V]``.
 
         With ``loss_mask`` (``[B, L]``, nonzero where the loss counts) as well, the last layer's MLP, the
         final norm, the output layer and the cross-entropy run only at those positions
@@ -213,6 +218,9 @@ class Qwen3LanguageModel(torch.nn.Module):
         from keye.model.loss_rows import only_loss_rows
 
         gpt = self.gpt
+        if inference_context is not None:
+            return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                       decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
         if labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel:
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, labels=labels)

@@ -1,0 +1,350 @@
+"""``megatron``: the built-in generator, decoding in process on the composed model in its training layout.
+
+No weight copy and no second model: it runs the live ``KeyeVLModel`` (the parameters the trainer updates)
+through Megatron-Core's inference path, with Megatron's ``StaticInferenceContext`` as the KV cache.
+
+One batch (requests whose samples fit ``max_batch_size``) goes like this:
+
+1. **Prefill, once per prompt, all prompts in one pass.** Prompts are left-padded to the longest; the
+   attention mask ``[B, 1, L, L]`` is causal over each row's real tokens, and each padding position sees
+   only itself (no fully masked row; nothing real sees padding). Images and videos of every prompt are
+   encoded in that one pass (``KeyeVLModel.embed``), never again. Only the last position's logits are
+   computed (Megatron's ``materialize_only_last_token_logits``); with left padding it is every row's last
+   prompt token.
+2. **Samples share the prefill.** The cache rows of prompt b are repeated ``n_b`` times in place
+   (``StaticInferenceContext.swap_key_value_dict``) and so are its last logits: the ``n`` samples of a
+   prompt cost one prompt forward.
+3. **Decode**, one token per sample per step, against the cache. M-RoPE: the k-th generated token (from 0)
+   of a prompt with ids up to ``P`` sits at ``P + 1 + k`` on all three axes, which is the released
+   ``get_rope_index`` + ``rope_deltas`` rule (slot ``L + k`` plus ``delta = P + 1 - L``) for any padding.
+
+Why the static context rather than a cache of our own (measured, see the report in ``tests/generate``): it
+is Megatron's own, so it serves the TE layer spec on GPU as well as the local spec, and TP (each rank
+caches its own heads) and PP (each stage its own layers) come with it. It stores keys *before* RoPE and
+rotates the whole cached prefix again at every step, so every step is given the position ids of the whole
+prefix ``[3, S, L + t]`` (Megatron's M-RoPE table is built from the ids passed in). That re-rotation is
+elementwise work on the cached keys, small next to the attention over them.
+
+Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
+tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).
+Finished samples stay in the static batch until every sample is done (their tokens are discarded).
+
+Parallel layouts: every rank of the model-parallel group calls ``generate`` with the same requests. Under
+TP the logits are gathered (every rank samples the same token from the same numbers and seed). Under PP the
+first stage embeds, each stage sends its hidden states to the next, and the last stage samples and
+broadcasts the tokens to all stages (``torch.distributed`` point-to-point and broadcast over the
+pipeline group; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from keye import hookimpl
+from keye.config import doc
+from keye.errors import KeyeUserError
+from keye.generate.contract import (
+    GenerationOutput,
+    GenerationRequest,
+    GeneratorContext,
+    SampleOutput,
+    SamplingSettings,
+)
+from keye.generate.sampling import sample, sample_generator
+from keye.model.composition import VisionInputs
+
+
+@dataclass
+class _Batch:
+    """Requests decoded together, with their index in the ``generate`` call (for the seeds)."""
+
+    requests: list[GenerationRequest]
+    indices: list[int]
+
+    @property
+    def samples(self) -> int:
+        return sum(r.n for r in self.requests)
+
+
+class MegatronGenerator:
+    """KV-cache decoding on the live ``KeyeVLModel`` (module docstring)."""
+
+    @dataclass
+    class Config:
+        max_batch_size: int = doc(
+            "Samples (prompts x n) decoded together; further requests run in later batches. A request with more "
+            "samples than this runs alone.", 32
+        )
+        tokens_per_second: float = doc(
+            "M-RoPE temporal ids per second of video, for requests that come without position ids (Keye: 2).", 2.0
+        )
+        pad_token_id: int = doc("Id written into left padding (never attended; any id in the vocabulary).", 0)
+        stop_string_window: int = doc(
+            "Stop strings are looked for in the decoded last (4 x longest stop string + this) tokens.", 8
+        )
+
+    def __init__(self, config: Config, ctx: GeneratorContext) -> None:
+        if ctx is None or ctx.model is None:
+            raise ValueError("megatron generator: GeneratorContext.model is required (the composed KeyeVLModel)")
+        self.config = config
+        self.model = ctx.model
+        self.tokenizer = ctx.tokenizer
+        self.parallel = ctx.parallel
+
+    def sync_weights(self, weights: Iterable[tuple[str, Tensor]] | None = None) -> None:
+        """Nothing to do: this generator decodes from the live training parameters."""
+
+    # --- entry point ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> list[GenerationOutput]:
+        if settings.stop_strings and self.tokenizer is None:
+            raise ValueError("megatron generator: stop strings need a tokenizer (GeneratorContext.tokenizer)")
+        outputs: list[GenerationOutput] = []
+        was_training = self.model.training
+        self.model.eval()  # Megatron's inference path runs only in eval mode (and no dropout)
+        try:
+            for batch in self._batches(list(requests)):
+                samples = self._generate_batch(batch, settings)
+                for request in batch.requests:
+                    outputs.append(GenerationOutput(samples[: request.n], request.thinking_mode))
+                    samples = samples[request.n:]
+        finally:
+            self.model.train(was_training)
+        return outputs
+
+    def _batches(self, requests: list[GenerationRequest]) -> list[_Batch]:
+        batches: list[_Batch] = []
+        for index, request in enumerate(requests):
+            if batches and batches[-1].samples + request.n <= self.config.max_batch_size:
+                batches[-1].requests.append(request)
+                batches[-1].indices.append(index)
+            else:
+                batches.append(_Batch([request], [index]))
+        return batches
+
+    # --- one batch ------------------------------------------------------------------------------------
+
+    def _generate_batch(self, batch: _Batch, settings: SamplingSettings) -> list[SampleOutput]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        requests = batch.requests
+        lengths = [int(r.prompt_ids.numel()) for r in requests]
+        length = max(lengths)
+        self._check_window(length, settings.max_new_tokens)
+        device = self._device()
+        positions = [self._prompt_positions(r) for r in requests]  # each (3, L_b)
+        ids, pos, keep = _left_pad([r.prompt_ids for r in requests], positions, length, self.config.pad_token_id)
+
+        # prefill: every prompt once, vision encoded here only
+        total = batch.samples
+        cache = StaticInferenceContext(max_batch_size=total, max_sequence_length=length + settings.max_new_tokens)
+        images = _join([r.images for r in requests])
+        videos = _join([r.videos for r in requests])
+        logits = self._forward(ids.to(device), pos.to(device), _prefill_mask(keep).to(device), cache,
+                               images=images, videos=videos)  # (B, 1, V) on the last stage
+        cache.sequence_len_offset = length
+        cache.enable_decode_mode()
+
+        # the samples of a prompt share its prefill: repeat its cache rows and logits
+        rows = torch.tensor([b for b, r in enumerate(requests) for _ in range(r.n)])  # (S,)
+        if total != len(requests):
+            cache.swap_key_value_dict(rows.to(device))
+        if logits is not None:
+            logits = logits[rows.to(logits.device), -1]  # (S, V)
+        pos, keep = pos[:, rows], keep[rows]  # (3, S, L), (S, L)
+        next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
+        generators = [sample_generator(settings.seed, index, j)
+                      for index, r in zip(batch.indices, requests) for j in range(r.n)]
+
+        tokens_out: list[list[int]] = [[] for _ in range(total)]
+        logprobs_out: list[list[float]] = [[] for _ in range(total)]
+        finish: list[tuple[str, Any] | None] = [None] * total
+        for step in range(settings.max_new_tokens):
+            tokens, logprobs = self._sample(logits, generators, settings, total)  # (S,), (S,)
+            for s, (token, logprob) in enumerate(zip(tokens.tolist(), logprobs.tolist())):
+                if finish[s] is None:
+                    tokens_out[s].append(token)
+                    logprobs_out[s].append(logprob)
+                    finish[s] = self._stopped(tokens_out[s], settings)
+            if all(f is not None for f in finish) or step == settings.max_new_tokens - 1:
+                break
+            pos = torch.cat([pos, (next_pos + step).expand(3, -1)[:, :, None]], dim=2)  # (3, S, L + t + 1)
+            keep = torch.cat([keep, torch.ones(total, 1, dtype=torch.bool)], dim=1)
+            decode_mask = ~keep[:, None, None, :]  # (S, 1, 1, L + t + 1): True = masked (left padding)
+            logits = self._forward(tokens[:, None].to(device), pos.to(device), decode_mask.to(device), cache)
+            if logits is not None:
+                logits = logits[:, -1]  # (S, V)
+            cache.sequence_len_offset += 1
+
+        return [
+            SampleOutput(tokens_out[s], logprobs_out[s], *(finish[s] or ("length", None)))
+            for s in range(total)
+        ]
+
+    # --- pieces ---------------------------------------------------------------------------------------
+
+    def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: Any, images: VisionInputs | None = None,
+                 videos: VisionInputs | None = None) -> Tensor | None:
+        """One forward of this stage on ``ids [B, s]``; the last stage returns logits ``[B, 1, V]``."""
+        model = self.model
+        pipeline = _pipeline_group(self.parallel)
+        if model.pre_process:
+            if cache.sequence_len_offset == 0:
+                decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
+            else:  # generated ids are plain tokens, whatever they are
+                decoder_input = model.language_model.embed(ids)
+        else:
+            decoder_input = None
+            model.set_input_tensor(_recv_prev(pipeline, ids.shape, model))
+        output = model.language_model(ids, pos, mask, decoder_input=decoder_input, inference_context=cache)
+        if not model.post_process:
+            _send_next(pipeline, output)
+            return None
+        return output
+
+    def _sample(self, logits: Tensor | None, generators: list[torch.Generator], settings: SamplingSettings,
+                total: int) -> tuple[Tensor, Tensor]:
+        """Tokens and log-probs of every sample, the same on every rank (sampled on the last PP stage)."""
+        if logits is not None:
+            tokens, logprobs = sample(logits, generators, settings.temperature, settings.top_k, settings.top_p,
+                                      settings.min_p)
+            tokens, logprobs = tokens.cpu(), logprobs.cpu()
+        else:
+            tokens, logprobs = torch.zeros(total, dtype=torch.long), torch.zeros(total, dtype=torch.float32)
+        return _broadcast_from_last(_pipeline_group(self.parallel), tokens, logprobs)
+
+    def _stopped(self, ids: list[int], settings: SamplingSettings) -> tuple[str, Any] | None:
+        """``("stop", why)`` if the continuation ``ids`` ends here; None to go on."""
+        if ids[-1] in settings.stop_token_ids:
+            return "stop", ids[-1]
+        if settings.stop_strings:
+            window = 4 * max(len(s) for s in settings.stop_strings) + self.config.stop_string_window
+            tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=False)
+            for text in settings.stop_strings:
+                if text in tail:
+                    return "stop", text
+        return None
+
+    def _prompt_positions(self, request: GenerationRequest) -> Tensor:
+        """The request's M-RoPE ids ``(3, L)``, computed from its grids as the data pipeline does if not given."""
+        if request.position_ids is not None:
+            return request.position_ids.long().cpu()
+        from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, packed_position_ids
+
+        model = self.model
+        projector = getattr(model, "projector", None)
+        merge = getattr(getattr(projector, "config", None), "merge", 2)
+        config = MRopeTimeAligned.Config(tokens_per_second=self.config.tokens_per_second, spatial_merge_size=merge,
+                                         image_token_id=model.image_token_id, video_token_id=model.video_token_id)
+        ids = request.prompt_ids
+        return packed_position_ids(
+            ids, [0, len(ids)],
+            request.images.grid_thw if request.images is not None else None,
+            request.videos.grid_thw if request.videos is not None else None,
+            request.video_seconds, config,
+        )
+
+    def _check_window(self, length: int, max_new_tokens: int) -> None:
+        window = getattr(getattr(self.model.language_model, "config", None), "max_position_embeddings", None)
+        if window is not None and length + max_new_tokens > window:
+            raise KeyeUserError(
+                f"megatron generator: prompt of {length} tokens + max_new_tokens {max_new_tokens} exceeds the "
+                f"model's window of {window} positions"
+            )
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+# --- batch assembly --------------------------------------------------------------------------------------
+
+
+def _left_pad(prompts: list[Tensor], positions: list[Tensor], length: int, pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Ids ``[B, L]``, M-RoPE ids ``[3, B, L]`` (padding: 1, as the released code) and the real-token mask
+    ``[B, L]``, every prompt ending at slot ``L - 1``."""
+    from keye_plugins.position_encoding.mrope_time_aligned import PAD_POSITION
+
+    batch = len(prompts)
+    ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    pos = torch.full((3, batch, length), PAD_POSITION, dtype=torch.long)
+    keep = torch.zeros(batch, length, dtype=torch.bool)
+    for b, (prompt, p) in enumerate(zip(prompts, positions)):
+        start = length - prompt.numel()
+        ids[b, start:] = prompt
+        pos[:, b, start:] = p
+        keep[b, start:] = True
+    return ids, pos, keep
+
+
+def _prefill_mask(keep: Tensor) -> Tensor:
+    """``[B, 1, L, L]`` bool, True = masked: causal over real tokens, padded keys hidden, each position
+    sees itself (a padding row attends to itself alone instead of to nothing)."""
+    batch, length = keep.shape
+    causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # (L, L)
+    mask = causal | ~keep[:, None, None, :]  # (B, 1, L, L)
+    return mask & ~torch.eye(length, dtype=torch.bool)
+
+
+def _join(parts: list[VisionInputs | None]) -> VisionInputs | None:
+    """The vision inputs of several prompts as one pack, in batch reading order."""
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return VisionInputs(torch.cat([p.patches for p in parts]), torch.cat([p.grid_thw.reshape(-1, 3) for p in parts]))
+
+
+# --- pipeline parallel -------------------------------------------------------------------------------------
+
+
+def _pipeline_group(parallel: Any) -> Any:
+    """The pipeline group when PP > 1, else None."""
+    from megatron.core import parallel_state as mpu
+
+    if not mpu.model_parallel_is_initialized() or mpu.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    return mpu.get_pipeline_model_parallel_group()
+
+
+def _recv_prev(group: Any, ids_shape: torch.Size, model: Any) -> Tensor:
+    """The hidden states ``[s, B, H]`` of the previous stage."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    batch, seq = ids_shape
+    config = model.config
+    buffer = torch.empty(seq, batch, config.hidden_size, dtype=config.params_dtype, device=_device_of(model))
+    dist.recv(buffer, src=mpu.get_pipeline_model_parallel_prev_rank(), group=group)
+    return buffer
+
+
+def _send_next(group: Any, hidden: Tensor) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    dist.send(hidden.contiguous(), dst=mpu.get_pipeline_model_parallel_next_rank(), group=group)
+
+
+def _broadcast_from_last(group: Any, tokens: Tensor, logprobs: Tensor) -> tuple[Tensor, Tensor]:
+    if group is None:
+        return tokens, logprobs
+    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
+
+    last = mpu.get_pipeline_model_parallel_last_rank()
+    dist.broadcast(tokens, src=last, group=group)
+    dist.broadcast(logprobs, src=last, group=group)
+    return tokens, logprobs
+
+
+def _device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+@hookimpl
+def keye_register_generators(register) -> None:
+    register("megatron", MegatronGenerator)
