@@ -1,20 +1,25 @@
 """``keye-launch``: run, check and inspect blueprints; list plugins.
 
-    keye-launch run BLUEPRINT [KEY=VALUE ...] [--stage NAME] [--nproc N] [--resume]
+    keye-launch run BLUEPRINT [KEY=VALUE ...] [--stage NAME] [--nproc N] [--resume | --overwrite]
     keye-launch validate BLUEPRINT [BLUEPRINT ...]
     keye-launch print-config BLUEPRINT [KEY=VALUE ...]
     keye-launch plugins [--json]
     keye-launch export BLUEPRINT STAGE DST [KEY=VALUE ...]
     keye-launch convert {hf-to-megatron,megatron-to-hf} SRC DST [--tensor T] [--pipeline P]
 
-A user error (bad blueprint, unknown component, bad override) prints one line and exits 2.
+A user error (bad blueprint, unknown component, bad override) prints one line and exits 2 (once per run:
+with ``--nproc N`` the launcher prints what its ranks report, see `keye.launch.spawn`). ``run`` refuses an
+output directory that a live run holds, or that an earlier run filled unless ``--resume`` or ``--overwrite``
+says what to do with it (`keye.train.output_dir`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from keye.errors import KeyeUserError
@@ -31,7 +36,8 @@ def _host():
 
 def cmd_run(args: argparse.Namespace) -> int:
     from keye.config import load_blueprint
-    from keye.launch.spawn import spawn_local, under_launcher
+    from keye.launch.spawn import spawn_local, spawned_by_keye, under_launcher
+    from keye.train.output_dir import claim_output_dir
 
     host = _host()
     cfg = load_blueprint(args.blueprint, args.overrides, host.registry)
@@ -41,13 +47,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from keye.parallel.fp8 import check_fp8_available
 
     check_fp8_available(cfg.precision)  # before any process starts
+    lock = None  # held until this process ends; our own ranks run under their launcher's lock
+    if not spawned_by_keye():
+        stages = [args.stage] if args.stage else [stage.name for stage in cfg.stages]
+        lock = claim_output_dir(Path(cfg.run.output_dir), stages, whole_run=args.stage is None, resume=args.resume,
+                                overwrite=args.overwrite, leader=os.environ.get("RANK", "0") == "0")
     if args.nproc > 1 and not under_launcher():
         argv = ["run", args.blueprint, *args.overrides]
         if args.stage:
             argv += ["--stage", args.stage]
         if args.resume:
             argv.append("--resume")
-        return spawn_local(args.nproc, argv)
+        return spawn_local(args.nproc, argv, pass_fds=[lock.fileno()])  # the lock lasts as long as the last rank
     from keye.train.runner import run_blueprint
 
     run_blueprint(cfg, host, only_stage=args.stage, resume=args.resume)
@@ -117,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. stages.0.steps=5")
     run.add_argument("--stage", help="run only this stage (by name)")
     run.add_argument("--nproc", type=int, default=1, help="local processes to start (torch.distributed)")
-    run.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    again = run.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run.output_dir")
+    again.add_argument("--overwrite", action="store_true",
+                       help="start over: remove the outputs an earlier run left in run.output_dir first")
     run.set_defaults(func=cmd_run)
 
     validate = commands.add_parser("validate", help="check blueprints against the schema and the registry")
@@ -165,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyeUserError as exc:
-        print(f"keye-launch: error: {exc}", file=sys.stderr)
+        from keye.launch.spawn import report_user_error
+
+        report_user_error(f"keye-launch: error: {exc}")  # once per run, not once per rank
         return EXIT_USER_ERROR
 
 
