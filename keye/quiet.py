@@ -52,6 +52,26 @@ def install() -> None:
         category=FutureWarning,
         module=r"torch\.distributed\.checkpoint\.(planner_helpers|default_planner)$",
     )
+    # With data parallelism, Megatron-Core's gradient buffers call torch's collectives by their old names, which
+    # torch 2.13 keeps as aliases of the new ones (same collective). torch's logging wrapper re-raises the
+    # warning from its own frame, so the module is c10d_logger whoever called; keye itself calls neither name.
+    for old, new in (("reduce_scatter_tensor", "reduce_scatter_single"), ("all_gather_into_tensor", "all_gather_single")):
+        warnings.filterwarnings(
+            "ignore",
+            message=re.escape(f"`torch.distributed.{old}` is deprecated. Please use `torch.distributed.{new}` instead.") + "$",
+            category=FutureWarning,
+            module=r"torch\.distributed\.c10d_logger$",
+        )
+    # Megatron-Core's distributed optimizer keeps each fp32 parameter's shard as a view of the parameter (by
+    # design: ``model_param.view(-1)[start:end]``, a non-leaf tensor) and sets its ``.grad`` itself; its
+    # ``zero_grad`` helper reads that ``.grad``, and torch warns about reading .grad of a non-leaf. Nothing is
+    # lost: Megatron never relies on autograd to fill it. (The rest of torch's text names its build folder.)
+    warnings.filterwarnings(
+        "ignore",
+        message=re.escape("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed."),
+        category=UserWarning,
+        module=r"megatron\.core\.optimizer\.optimizer$",
+    )
     logging.getLogger(MEGATRON_LAYER).addFilter(_known_mlp_subclass)
 
 

@@ -71,7 +71,7 @@ def _warnings(stderr: str) -> list[str]:
 def test_a_tiny_run_prints_no_known_noise_but_new_warnings_still_show(tmp_path):
     site = tmp_path / "site"
     write_distribution(site, "keye-noisy", "0.1", {"noisy": "keye_noisy"}, {"keye_noisy.py": NOISY})
-    result = launch(site, "run", str(_blueprint(tmp_path)))
+    result = launch(site, "run", str(_blueprint(tmp_path)), PYTHONWARNINGS="")  # "": as if unset
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "lm" / "done.json").exists()  # the lm stage loaded the contrastive stage's weights
     warned = _warnings(result.stderr)
@@ -86,6 +86,24 @@ def test_a_tiny_run_prints_no_known_noise_but_new_warnings_still_show(tmp_path):
         "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. Using default kwargs.",
         "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. Using default kwargs.",
     ]
+
+
+def test_a_data_parallel_run_prints_no_warning(tmp_path):
+    """Two ranks add Megatron's gradient-buffer collectives and its distributed optimizer's shard views."""
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "quiet-dp", "output_dir": str(tmp_path / "run"), "seed": 1},
+        "model": {"vision_encoder": {"name": "siglip_navit", "size": "tiny"},
+                  "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
+                  "language_model": {"name": "qwen3", "size": "tiny"}},
+        "stages": [{"name": "lm", "kind": "lm", "train": ["projector", "language_model"], "steps": 2,
+                    "optimizer": {"lr": 3e-3}, "schedule": {"kind": "constant"}, "options": {"eval_batches": 0},
+                    "data": {**DATA, "max_tokens": 128,
+                             "sources": {"qa": {"name": "synthetic", "tasks": ["color"], "num_samples": 16}}}}],
+    })
+    result = launch(None, "run", str(path), "--nproc", "2", PYTHONWARNINGS="")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "lm" / "done.json").exists()
+    assert _warnings(result.stderr) == []
 
 
 # Two warnings as torch's checkpoint planner makes them (warn_explicit names the module), then one with the
@@ -104,7 +122,8 @@ print(len(caught))
 
 
 def test_filters_match_module_and_step_aside_when_the_user_sets_warning_options():
-    quiet = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=launch_env(), check=True)
+    quiet = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True,
+                           env=launch_env(PYTHONWARNINGS=""), check=True)
     assert quiet.stdout.strip() == "1"  # only the one from a module the filter does not name
     own = subprocess.run([sys.executable, "-W", "default", "-c", PROBE], capture_output=True, text=True,
                          env=launch_env(), check=True)
