@@ -3,7 +3,8 @@
 Enable the fixtures in a plugin's test suite with ``-p keye.testing.pytest_plugin`` (or
 ``pytest_plugins = ["keye.testing.pytest_plugin"]`` in a conftest.py). They give every test a fresh
 plugin host and registry, a way to write small blueprints, and `run_distributed` to run a function in
-N real gloo processes.
+N real gloo processes. ``keye.testing.third_party`` lays out throwaway installed distributions and runs
+``keye-launch`` in a fresh process that sees them (tests of plugin loading and precedence).
 """
 
 from keye.testing.blueprints import tiny_blueprint, write_blueprint

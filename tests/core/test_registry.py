@@ -49,6 +49,14 @@ def test_duplicate_name_names_both_distributions():
     assert "keye-test 1.0 (plugin here)" in message and "keye-other 2.3 (plugin there)" in message
 
 
+def test_replace_is_explicit_and_find_does_not_raise():
+    registry = Registry()
+    assert registry.find("loss", "next_token") is None and registry.find("loss", ["not", "a", "name"]) is None
+    registry.register("loss", "next_token", Good, HERE)
+    registry.register("loss", "next_token", Good, THERE, replace=True)  # only for an override the user asked for
+    assert registry.find("loss", "next_token").provenance == THERE
+
+
 def test_same_name_in_two_kinds_is_fine():
     registry = Registry()
     registry.register("loss", "x", Good, HERE)
