@@ -160,24 +160,32 @@ def recomputed_logprobs(keye, request, tokens: list[int], settings: dict | None)
     return scores.float().log_softmax(-1).gather(-1, torch.tensor(tokens)[:, None])[:, 0].tolist()
 
 
-def _generate_all(root: str) -> dict:
-    from keye.data.tokenizer import SpecialTokens
-    from keye.generate.contract import GeneratorContext, SamplingSettings
-    from keye.hf import hf_configs, load_keye_vl, save_keye_vl
+def write_checkpoint(path: Path, tokenizer) -> None:
+    """A released-format tiny checkpoint with O(1) activations and well-separated logits (not Megatron's
+    0.02 init, whose near-flat logits would make greedy choices near-ties). Needs one Megatron process."""
+    from keye.hf import hf_configs, save_keye_vl
     from keye.hf.keye_vl import build_keye_vl_model
-    from keye.plugins import get_registry
 
-    tokenizer = tiny_tokenizer()
-    special = SpecialTokens.from_tokenizer(tokenizer)
     torch.manual_seed(0)
     built = build_keye_vl_model(hf_configs(tiny_config(tokenizer)))
-    with torch.no_grad():  # O(1) activations and well-separated logits, not Megatron's 0.02 init
+    with torch.no_grad():
         for name, param in built.named_parameters():
             if "word_embeddings" in name:
                 param.normal_(0.0, 1.0)
             elif param.dim() >= 2:
                 param.normal_(0.0, param[0].numel() ** -0.5)
-    save_keye_vl(built, Path(root) / "ckpt")
+    save_keye_vl(built, path)
+
+
+def _generate_all(root: str) -> dict:
+    from keye.data.tokenizer import SpecialTokens
+    from keye.generate.contract import GeneratorContext, SamplingSettings
+    from keye.hf import load_keye_vl
+    from keye.plugins import get_registry
+
+    tokenizer = tiny_tokenizer()
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    write_checkpoint(Path(root) / "ckpt", tokenizer)
     keye = load_keye_vl(Path(root) / "ckpt")
     reqs = requests(tokenizer, special)
     Generator = get_registry().cls("generator", "megatron")
