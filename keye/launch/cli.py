@@ -1,7 +1,7 @@
 """``keye-launch``: run, check and inspect blueprints; list plugins.
 
     keye-launch run BLUEPRINT [KEY=VALUE ...] [--stage NAME] [--nproc N] [--resume | --overwrite]
-    keye-launch validate BLUEPRINT [BLUEPRINT ...]
+    keye-launch validate BLUEPRINT [BLUEPRINT ...] [--nproc N]
     keye-launch print-config BLUEPRINT [KEY=VALUE ...]
     keye-launch plugins [--json]
     keye-launch export BLUEPRINT STAGE DST [KEY=VALUE ...]
@@ -35,15 +35,16 @@ def _host():
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from keye.config import load_blueprint
+    from keye.config import check_runnable, launch_world_size, load_blueprint
     from keye.launch.spawn import spawn_local, spawned_by_keye, under_launcher
     from keye.train.output_dir import claim_output_dir
 
     host = _host()
-    cfg = load_blueprint(args.blueprint, args.overrides, host.registry)
+    cfg = load_blueprint(args.blueprint, args.overrides, host.registry, nproc=launch_world_size(args.nproc))
     if args.stage is not None and args.stage not in [stage.name for stage in cfg.stages]:
         known = ", ".join(stage.name for stage in cfg.stages) or "(none)"
         raise KeyeUserError(f"{args.blueprint}: no stage named '{args.stage}'; stages: {known}")
+    check_runnable(cfg, args.stage)  # a stage to run, init_from folders that exist: before any process starts
     from keye.parallel.fp8 import check_fp8_available
 
     check_fp8_available(cfg.precision)  # before any process starts
@@ -66,13 +67,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    """Everything ``run`` checks before it builds anything (schema, components, ranges, references between
+    stages; with ``--nproc`` the parallel layout too), one line per failing blueprint; files are not read."""
     from keye.config import load_blueprint
 
+    if args.layout_nproc is not None and args.layout_nproc < 1:
+        raise KeyeUserError("--nproc must be at least 1")
     host = _host()
     failures = 0
     for path in args.blueprints:
         try:
-            cfg = load_blueprint(path, (), host.registry)
+            cfg = load_blueprint(path, (), host.registry, nproc=args.layout_nproc)
         except KeyeUserError as exc:
             print(f"keye-launch: error: {exc}", file=sys.stderr)
             failures += 1
@@ -136,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check blueprints against the schema and the registry")
     validate.add_argument("blueprints", nargs="+", metavar="BLUEPRINT")
+    validate.add_argument("--nproc", type=int, default=None, dest="layout_nproc", metavar="N",
+                          help="also check the parallel layout against this many processes (as run --nproc N would)")
     validate.set_defaults(func=cmd_validate)
 
     show = commands.add_parser("print-config", help="print the fully resolved blueprint with field docs")

@@ -106,6 +106,15 @@ class WeightedMixer:
             "restart",
         )
 
+    @classmethod
+    def check_config(cls, config: "WeightedMixer.Config", check: Any) -> None:
+        """The run-time check (`_check`) against the stage's source labels; empty weights mean equal ones."""
+        labels = dict.fromkeys(check.stage.data.sources)
+        if not labels and not config.weights:  # nothing to mix (an evaluation-only stage)
+            labels = {"(none)": None}
+        weights = config.weights or dict.fromkeys(labels, 1.0)
+        cls._check(cls.Config(weights=weights, seed=config.seed, on_exhausted=config.on_exhausted), labels)
+
     def __init__(self, config: "WeightedMixer.Config", sources: dict[str, Any]) -> None:
         self.config = config
         self._check(config, sources)

@@ -5,8 +5,15 @@ member is the sample dict of `keye.data.sample`, and a media reference ``{"key":
 of the same group (a bare extension, ``{"key": "png"}``, works too). A group without ``json`` but with an image
 and a ``txt``/``caption`` member, the common image-text layout, becomes a pair sample.
 
-Shards are opened with webdataset's ``gopen`` (local paths, ``file:``, ``pipe:``, ``http(s):``) and expanded
-with its brace/``::`` rules, but the tar stream is read here rather than through ``wds.WebDataset``: its
+Shards are local files only: paths, brace patterns (``data/train-{000000..000009}.tar``), several joined
+by ``::``, and ``file:`` URLs. A blueprint is data, never code, and webdataset's ``gopen`` runs a shell for
+``pipe:`` URLs and ``curl``/``gsutil``/``ais``/``hf`` subprocesses for its other schemes (and rewrites any URL
+by the ``GOPEN_REWRITE`` environment variable), so every scheme is refused when the blueprint is validated
+(`WebDatasetSource.check_config`) and again when the source is built, and shards are opened here with
+``open()``, never through ``gopen``. Remote data is mounted or copied first. Special files (a FIFO, a
+device) are refused as well: a shard must be a regular file.
+
+The tar stream is read here rather than through ``wds.WebDataset``: its
 error handlers are not told which member failed, and a member cut short would yield the rest of its sample
 without the image. Here the whole sample is dropped and counted as ``truncated_member`` under its key (the
 stream cannot continue past the cut, so the rest of that shard is lost, and the log says so). JSON that does
@@ -20,15 +27,19 @@ With ``shuffle_buffer`` > 0 each pass also visits its shards in a new order.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import random
 import re
+import stat
 import tarfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+from urllib.parse import unquote
 
 from omegaconf import MISSING
 
@@ -52,8 +63,21 @@ class WebDatasetSource(DataSource):
     @dataclass
     class Config(SourceConfig):
         urls: list[str] = doc(
-            "Shards: paths or URLs, each may be a brace pattern such as 'data/train-{000000..000009}.tar'.", MISSING
+            "Shards: local paths (or file: URLs), each may be a brace pattern such as "
+            "'data/train-{000000..000009}.tar'. No other URL scheme: pipe:, http: ... would run programs.",
+            MISSING,
         )
+
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """Every shard is a local path: no scheme that webdataset would hand to a subprocess or the network."""
+        if config.urls == MISSING or not config.urls:
+            check.fail("urls", "at least one shard path or brace pattern is needed")
+        for index, url in enumerate(config.urls):
+            try:
+                expand_url(url)
+            except KeyeUserError as exc:
+                check.fail(f"urls.{index}", str(exc))
 
     def __init__(
         self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
@@ -80,39 +104,84 @@ class WebDatasetSource(DataSource):
             yield from read_shard(url)
 
 
-def expand_shards(urls: list[str]) -> list[str]:
-    """The shard list: each entry brace-expanded (webdataset's rules); local files must exist."""
-    from webdataset.shardlists import expand_urls
+#: Most shards one brace pattern may expand to (a typo such as {0..99999999999} would never finish).
+MAX_SHARDS = 1_000_000
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
+
+def expand_url(url: str) -> list[str]:
+    """One ``urls`` entry as local shard paths: split on ``::``, braces expanded; any URL scheme but
+    ``file:`` is refused (KeyeUserError naming it)."""
+    from braceexpand import braceexpand
+
+    paths: list[str] = []
+    for part in str(url).split("::"):
+        for shard in itertools.islice(braceexpand(part), MAX_SHARDS + 1):
+            paths.append(local_path(shard))
+            if len(paths) > MAX_SHARDS:
+                raise KeyeUserError(f"'{url[:80]}' expands to more than {MAX_SHARDS} shards")
+    return paths
+
+
+def local_path(url: str) -> str:
+    """The file a shard names; a URL with any scheme but ``file:`` is refused (it would run a program)."""
+    scheme = _SCHEME.match(url)
+    if scheme is None:
+        if not url.strip() or url == "-":
+            raise KeyeUserError(f"shard '{url}' is not a file path")
+        return url
+    if scheme.group(1).lower() != "file":
+        raise KeyeUserError(
+            f"shard '{url[:80]}': URL scheme '{scheme.group(1)}:' is not allowed (webdataset would run a program "
+            "or reach the network for it); shards are local paths or file: URLs"
+        )
+    rest = url[len(scheme.group(0)) :]
+    if rest.startswith("//"):  # file://host/path: only the local host
+        host, _, rest = rest[2:].partition("/")
+        if host not in ("", "localhost"):
+            raise KeyeUserError(f"shard '{url[:80]}': file URLs name this machine only, got host '{host}'")
+        rest = "/" + rest
+    return unquote(rest)
+
+
+def expand_shards(urls: list[str]) -> list[str]:
+    """The shard list: each entry brace-expanded (webdataset's rules); each must be an existing regular file."""
     if urls == MISSING or not urls:
         raise KeyeUserError("data source 'webdataset': 'urls' is required (shard paths or brace patterns)")
     if isinstance(urls, str):
         urls = [urls]
-    shards = [shard for url in urls for shard in expand_urls(url)]
-    missing = [s for s in shards if _local_path(s) is not None and not Path(_local_path(s)).is_file()]
+    try:
+        shards = [shard for url in urls for shard in expand_url(url)]
+    except KeyeUserError as exc:
+        raise KeyeUserError(f"data source 'webdataset': {exc}") from None
+    missing = [s for s in shards if not Path(s).exists()]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise KeyeUserError(f"data source 'webdataset': shard not found: {', '.join(missing[:3])}{more}")
+    special = next((s for s in shards if not Path(s).is_file()), None)  # a folder, a FIFO, a device
+    if special is not None:
+        raise KeyeUserError(f"data source 'webdataset': shard {special} is not a regular file")
     return shards
 
 
-def _local_path(url: str) -> str | None:
-    """The file a shard URL names, or None for a remote one (``pipe:``, ``http://``, ``s3://`` ...)."""
-    if url.startswith("file:"):
-        return url[len("file:") :]
-    return None if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", url) else url
+def open_shard(path: str):
+    """A local shard opened for reading; anything but a regular file is refused (a FIFO would block)."""
+    try:
+        fd = os.open(local_path(path), os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
+    except OSError as e:
+        raise KeyeUserError(f"data source 'webdataset': cannot open shard {path}: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise KeyeUserError(f"data source 'webdataset': shard {path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def read_shard(url: str) -> Iterator[LoadedSample | Skipped]:
     """Samples of one shard, in order; a damaged tail ends the shard with one ``truncated_member`` skip."""
-    from webdataset.gopen import gopen
     from webdataset.tariterators import base_plus_ext
 
-    try:
-        stream = gopen(url)
-    except Exception as e:
-        raise KeyeUserError(f"data source 'webdataset': cannot open shard {url}: {e}") from e
-    with stream:
+    with open_shard(url) as stream:
         key: str | None = None
         members: dict[str, bytes] = {}
         try:

@@ -65,6 +65,53 @@ class Qwen3LanguageModel(torch.nn.Module):
             "the default) or megatron (Megatron's unfused DotProductAttention).", "sdpa"
         )
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """What Megatron's TransformerConfig and this class would refuse when built, for ``validate``."""
+        check.count(config, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim",
+                    "ffn_hidden_size", "vocab_size", "max_position_embeddings")
+        check.number(config, "rms_norm_eps", above=0)
+        check.number(config, "rope_theta", above=0)
+        check.number(config, "init_std", low=0)
+        check.one_of(config, "position_embedding", ("mrope", "rope"))
+        check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
+        if config.head_dim % 2:
+            check.fail("head_dim", f"{config.head_dim} must be even (rotary pairs)")
+        if config.num_attention_heads % config.num_query_groups:
+            check.fail("num_query_groups", f"{config.num_query_groups} does not divide num_attention_heads "
+                                           f"({config.num_attention_heads})")
+        if config.position_embedding == "mrope" and (
+            len(config.mrope_section) != 3 or min(config.mrope_section) < 0
+            or sum(config.mrope_section) * 2 != config.head_dim
+        ):
+            check.fail("mrope_section", f"{list(config.mrope_section)} must be three sizes summing to head_dim/2 = "
+                                        f"{config.head_dim // 2}")
+        tp = check.tensor
+        for name in ("num_attention_heads", "ffn_hidden_size", "vocab_size"):
+            check.divisible(config, name, tp, "parallel.tensor")
+        if config.num_query_groups % tp and tp % config.num_query_groups:
+            check.fail("num_query_groups", f"{config.num_query_groups} must be a multiple or a divisor of "
+                                           f"parallel.tensor ({tp})")
+        cls._check_pipeline(config, check)
+
+    @staticmethod
+    def _check_pipeline(config: Config, check: Any) -> None:
+        """The layers must split over the pipeline stages (and their virtual chunks) as Megatron requires."""
+        pp, vpp = check.pipeline, check.blueprint.parallel.virtual_pipeline or 1
+        first = config.pipeline_first_stage_layers
+        if pp == 1:
+            return
+        if first is None:
+            if config.num_layers % (pp * vpp):
+                check.fail("num_layers", f"{config.num_layers} layers do not split evenly over parallel.pipeline "
+                                         f"({pp}) x virtual_pipeline ({vpp})")
+            return
+        rest = config.num_layers - first
+        if not 1 <= first < config.num_layers or rest % (pp - 1) or first % vpp or (rest // (pp - 1)) % vpp:
+            check.fail("pipeline_first_stage_layers", f"{first} on the first stage leaves {rest} of "
+                       f"{config.num_layers} layers, which must split evenly over the other {pp - 1} pipeline "
+                       f"stages (and each stage's share over virtual_pipeline {vpp})")
+
     def __init__(self, config: Config, ctx: BuildContext | None = None) -> None:
         super().__init__()
         from megatron.core.models.gpt import GPTModel

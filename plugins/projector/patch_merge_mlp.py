@@ -79,6 +79,24 @@ class PatchMergeMLP(nn.Module):
         )
         norm_eps: float = doc("LayerNorm epsilon (released: 1e-5).", 1e-5)
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """Choices, the TP split of the hidden width, and widths that match the towers on either side."""
+        check.count(config, "in_dim", "out_dim", "merge")
+        check.one_of(config, "act", ACTS)
+        check.one_of(config, "norm", NORMS)
+        check.number(config, "norm_eps", above=0)
+        if config.hidden is not None:
+            check.count(config, "hidden")
+        hidden = config.hidden or config.in_dim * config.merge**2
+        if hidden % check.tensor:
+            check.fail("hidden", f"{hidden} is not divisible by parallel.tensor ({check.tensor})")
+        model = check.blueprint.model
+        for name, slot in (("in_dim", "vision_encoder"), ("out_dim", "language_model")):
+            width = (model[slot] or {}).get("hidden_size")
+            if isinstance(width, int) and width != getattr(config, name):
+                check.fail(name, f"{getattr(config, name)}, but model.{slot}.hidden_size is {width}")
+
     def __init__(self, config: PatchMergeMLP.Config | None = None, ctx: Any = None) -> None:
         super().__init__()
         self.config = config = config or self.Config()

@@ -86,6 +86,23 @@ class ContrastiveStage:
         eval_pairs: int = doc("Held-out pairs per retrieval evaluation (per data-parallel rank).", 64)
         caption_length: int = doc("Caption tokens (padded/truncated; the text tower pools the last one).", 16)
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """What ``__init__`` refuses (no pipeline, both towers), data to train on, captions the text tower fits."""
+        check.count(config, "batch_size", "num_microbatches", "caption_length")
+        check.count(config, "eval_pairs", minimum=0)
+        if check.pipeline != 1:
+            check.fail("", f"the contrastive stage needs parallel.pipeline=1, got {check.pipeline}")
+        model = check.blueprint.model
+        if model.vision_encoder is None or model.text_encoder is None:
+            check.fail("", "the contrastive stage needs model.vision_encoder and model.text_encoder")
+        longest = model.text_encoder.get("max_position_embeddings")
+        if isinstance(longest, int) and config.caption_length > longest:
+            check.fail("caption_length", f"{config.caption_length} tokens, but model.text_encoder.max_position_embeddings "
+                                         f"is {longest}")
+        if check.stage.steps > 0 and not check.stage.data.sources:
+            check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
+
     def __init__(self, config: Config, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx

@@ -69,6 +69,16 @@ class LMStage:
         eval_batches: int = doc("Held-out micro-batches per evaluation (per data-parallel rank).", 8)
         max_bad_steps: int = doc("Stop after this many consecutive steps with a non-finite loss/grad.", 5)
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """A language model to train, data to train on, and counts the step loop can use."""
+        check.count(config, "num_microbatches")
+        check.count(config, "eval_batches", "max_bad_steps", minimum=0)
+        if check.blueprint.model.language_model is None:
+            check.fail("", "the lm stage needs model.language_model")
+        if check.stage.steps > 0 and not check.stage.data.sources:
+            check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
+
     def __init__(self, config: Config, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx

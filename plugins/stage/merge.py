@@ -30,6 +30,34 @@ class MergeStage:
         weights: List[float] = doc("One weight per input; empty = equal weights.", default_factory=list)
         merger: Dict[str, Any] = component("merger", "How the weights are combined.", {"name": "linear_soup"})
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """Inputs are distinct earlier stages that produce weights, one finite weight each; a merge trains nothing."""
+        stages, index = check.blueprint.stages, check.stage_index
+        if check.stage.steps or check.stage.train:
+            check.fail("", f"a merge stage trains nothing; leave stages.{index}.steps and stages.{index}.train unset")
+        if len(config.inputs) < 2:
+            check.fail("inputs", f"a merge needs at least two stages, got {list(config.inputs)}")
+        names = [stage.name for stage in stages]
+        for position, name in enumerate(config.inputs):
+            key = f"inputs.{position}"
+            if name in list(config.inputs)[:position]:
+                check.fail(key, f"stage '{name}' is listed twice")
+            if name not in names:
+                check.fail(key, f"no stage named '{name}'; stages: {', '.join(names)}")
+            source = stages[names.index(name)]
+            if names.index(name) >= index:
+                check.fail(key, f"stage '{name}' does not come before this merge")
+            if source.kind != "merge" and source.steps == 0:
+                check.fail(key, f"stage '{name}' trains no steps: its weights are the ones it started from")
+        if config.weights and len(config.weights) != len(config.inputs):
+            check.fail("weights", f"{len(config.weights)} weights for {len(config.inputs)} inputs")
+        for position, weight in enumerate(config.weights):
+            if not (0 <= weight < float("inf")):  # also refuses nan
+                check.fail(f"weights.{position}", f"must be a finite number >= 0, got {weight!r}")
+        if config.weights and not sum(config.weights) > 0:
+            check.fail("weights", "weights sum to 0; at least one input needs a positive weight")
+
     def __init__(self, config: Config, ctx: Any) -> None:
         if len(config.inputs) < 2:
             raise KeyeUserError(f"stages.{ctx.index}.options.inputs: a merge needs at least two stages, got {list(config.inputs)}")

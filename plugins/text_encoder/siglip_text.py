@@ -63,6 +63,22 @@ class SiglipText(nn.Module):
         max_position_embeddings: int = doc("Rows of the learned position table: the longest (padded) text.", 64)
         projection_size: Optional[int] = doc("Output width of ``head``; null: hidden_size (as SigLIP).", None)
 
+    @classmethod
+    def check_config(cls, config: Config, check: object) -> None:
+        """What the tower's TransformerConfig and vocab-parallel embedding would refuse when built."""
+        check.count(config, "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        check.number(config, "layer_norm_eps", above=0)
+        check.number(config, "init_std", low=0)
+        check.one_of(config, "transformer_impl", mb.TRANSFORMER_IMPLS)
+        check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
+        check.divisible(config, "hidden_size", config.num_heads, "num_heads")
+        for name in ("num_heads", "intermediate_size"):
+            check.divisible(config, name, check.tensor, "parallel.tensor")
+        check.count(config, "vocab_size", "max_position_embeddings")
+        check.divisible(config, "vocab_size", check.tensor, "parallel.tensor")
+        if config.projection_size is not None:
+            check.count(config, "projection_size")
+
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()
         from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding

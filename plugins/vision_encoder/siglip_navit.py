@@ -72,6 +72,24 @@ class SiglipNaViT(nn.Module):
         use_rope: bool = doc("Apply the 2D RoPE (rows, cols) to q and k in every layer (Keye: true).", True)
         rope_theta: float = doc("Base of the 2D RoPE inverse frequencies.", 10000.0)
 
+    @classmethod
+    def check_config(cls, config: Config, check: object) -> None:
+        """What the tower's TransformerConfig, patch embedding and 2D RoPE would refuse when built."""
+        check.count(config, "hidden_size", "intermediate_size", "num_layers", "num_heads")
+        check.number(config, "layer_norm_eps", above=0)
+        check.number(config, "init_std", low=0)
+        check.one_of(config, "transformer_impl", mb.TRANSFORMER_IMPLS)
+        check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
+        check.divisible(config, "hidden_size", config.num_heads, "num_heads")
+        for name in ("num_heads", "intermediate_size"):
+            check.divisible(config, name, check.tensor, "parallel.tensor")
+        check.count(config, "patch_size")
+        check.count(config, "image_size", minimum=config.patch_size)
+        check.number(config, "rope_theta", above=0)
+        if config.use_rope and (config.hidden_size // config.num_heads) % 4:
+            check.fail("num_heads", f"head_dim = hidden_size / num_heads = {config.hidden_size // config.num_heads} "
+                                    "must divide by 4 for the 2D RoPE")
+
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()
         from megatron.core.transformer.transformer_block import TransformerBlock
