@@ -7,6 +7,20 @@ Registration hooks (one per component kind) receive a ``register(name, cls)`` ca
 be a class with a nested ``Config`` dataclass (its blueprint schema); the host validates it, records
 the distribution that registered it, and refuses a name that another plugin already took.
 
+A component class may also define an optional classmethod, for ``keye-launch validate`` (and ``run``,
+which validates before it builds anything)::
+
+    @classmethod
+    def check_config(cls, config, check: keye.config.ConfigCheck) -> None: ...
+
+``config`` is the component's completed ``Config`` instance; ``check`` tells where the node sits
+(``check.path``, ``check.stage``, the whole ``check.blueprint`` with ``check.tensor``/``check.pipeline``)
+and reports a problem as one line naming the key and the file: ``check.fail("num_heads", "...")``, or the
+helpers ``check.count(config, "hidden_size")``, ``check.number(...)``, ``check.one_of(...)``. Put there
+every check the class would make when built (divisibility by the tensor-parallel size, names of other
+nodes it refers to), so a blueprint that validates does not fail minutes into a run. It runs after the
+schema checks, on nested nodes too, and must not build, import heavy libraries or read files.
+
 Lifecycle hooks are called by the stage runner with keyword arguments and return nothing.
 """
 
