@@ -12,6 +12,8 @@ names, so order must not decide who owns a name:
     is a plugin of its own and hides nothing;
   - registering a component name (per kind) that another distribution already registered is an error
     naming both; it fails the *later* plugin as a whole, so a built-in is never displaced by accident.
+This guards against accidents and careless plugins, not malice: a plugin is code run at import, and can
+patch anything (or call ``os._exit``); install only plugins you trust.
 
 Overriding a component on purpose is the user's decision, not the plugin's: list it in KEYE_OVERRIDE,
 comma-separated ``KIND:NAME=DISTRIBUTION`` items, e.g.
