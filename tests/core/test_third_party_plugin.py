@@ -2,7 +2,6 @@
 ``keye``, installed with pip into a temporary folder, seen by ``keye-launch`` in a fresh process."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -11,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from keye.testing import write_blueprint
-
-LAUNCH = [sys.executable, "-m", "keye.launch.cli"]
+from keye.testing.third_party import launch
 
 
 def _write_distribution(root: Path, name: str, version: str, module: str, code: str) -> Path:
@@ -82,10 +80,7 @@ def plugin_site(tmp_path_factory) -> Path:
 
 
 def _launch(site: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("KEYE_")}
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), environment.get("PYTHONPATH")]))
-    environment.update(env)
-    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, env=environment, timeout=120)
+    return launch(site, *args, timeout=120, **env)
 
 
 def _by_distribution(stdout: str) -> dict:
