@@ -12,7 +12,8 @@ counted by kind in a `BadInputCounter` and logged with its key and where it came
 one line naming the counts, only when the bad share exceeds ``max_bad_fraction``: checked whenever a sample is
 skipped once `MIN_SEEN_BEFORE_FAILING` samples have been seen (so an early streak in a large data set does not
 stop a run at the first bad file), and always at the end of a pass. Each data-loader worker counts its own
-share.
+share. Media a source reads from disk go through `read_media_file`: paths that leave the data set's root and
+files that are not regular files (devices, FIFOs, sockets) are skipped as ``refused_media``, never read.
 
 Sharding. `DataSource` subclasses implement `DataSource._records` for one *slot*: data-parallel rank
 ``r`` of ``R`` and data-loader worker ``w`` of ``W`` read item ``i`` (a shard, a line, an index) when

@@ -21,6 +21,7 @@ checkpoints, and a fresh run into an old run's folder would append to its metric
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -28,6 +29,8 @@ from typing import Sequence
 
 from keye.errors import KeyeUserError
 from keye.train.metrics import METRICS_NAME, drop_stage_lines
+
+logger = logging.getLogger("keye.train")
 
 LOCK_NAME = ".keye-run.lock"
 #: what a whole run writes beside its stage folders
@@ -70,6 +73,8 @@ def lock_output_dir(output_dir: Path) -> OutputDirLock:
             f"run.output_dir {output_dir} is in use by a live run (pid {holder}); wait for it to end, "
             "stop it, or set another run.output_dir"
         ) from None
+    except OSError as e:  # a file system without locks (ENOLCK): refusing would make it unusable
+        logger.warning("run.output_dir %s: cannot lock it (%s); nothing keeps a second run out", output_dir, e)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return OutputDirLock(fd, output_dir / LOCK_NAME)
