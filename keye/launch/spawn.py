@@ -71,6 +71,7 @@ def spawn_local(nproc: int, argv: Sequence[str], pass_fds: Sequence[int] = ()) -
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in FORWARDED}
     children: list[subprocess.Popen] = []
+    preexec = _die_with_parent()
     try:
         for rank in range(nproc):
             env = dict(os.environ)
@@ -86,7 +87,7 @@ def spawn_local(nproc: int, argv: Sequence[str], pass_fds: Sequence[int] = ()) -
             env.setdefault("OMP_NUM_THREADS", "1")
             children.append(subprocess.Popen(
                 [sys.executable, "-m", "keye.launch.cli", *argv], env=env, process_group=0,
-                preexec_fn=_die_with_parent(), pass_fds=tuple(pass_fds),
+                preexec_fn=preexec, pass_fds=tuple(pass_fds),
             ))  # fmt: skip
         return _wait(children, received)
     finally:

@@ -3,7 +3,9 @@
 A stage kind is a registered ``stage`` component: ``Cls(config, ctx)`` where ``config`` is its Config
 (from ``stages[i].options``) and ``ctx`` a `StageContext`; ``run()`` does the step loop and returns a
 summary dict. The runner owns what is common: distributed set-up, output folders, lifecycle hooks,
-metrics and the run summary.
+metrics and the run summary. It does not decide whether ``run.output_dir`` may be written: ``keye-launch run``
+claims it first (a lock against live runs, no silent reuse of a finished one: `keye.train.output_dir`), and
+a program that calls `run_blueprint` itself does the same with `keye.train.output_dir.claim_output_dir`.
 """
 
 from __future__ import annotations
