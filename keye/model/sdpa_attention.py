@@ -207,6 +207,7 @@ class SDPAAttention(DotProductAttention):
         )
         self._megatron_only = self.scale_mask_softmax.window_size is not None or self.softmax_offset is not None
         self.rotary: tuple[Tensor, Tensor] | None = None  # set by KeyeSelfAttention for one call
+        self.kv_cache: Any = None  # set while decoding (keye.generate.kv_cache): keys after RoPE are appended
 
     @contextlib.contextmanager
     def rotating(self, tables: tuple[Tensor, Tensor]) -> Iterator[None]:
@@ -235,6 +236,8 @@ class SDPAAttention(DotProductAttention):
         if self.rotary is not None:  # RoPE handed over by KeyeSelfAttention; tables [s, b, 1, d]
             tables = tuple(t[:, 0] for t in self.rotary) if thd else self.rotary  # thd: [t, 1, d]
             query, key = rotate(query, tables), rotate(key, tables)
+        if self.kv_cache is not None:  # decoding: this call's keys/values join the cached ones, q sees them all
+            key, value = self.kv_cache.extend(self.layer_number, key, value)
         if thd:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)  # (t, 1, n, hn)
         elif self._megatron_only or attention_bias is not None:

@@ -1,39 +1,44 @@
 """``megatron``: the built-in generator, decoding in process on the composed model in its training layout.
 
 No weight copy and no second model: it runs the live ``KeyeVLModel`` (the parameters the trainer updates)
-through Megatron-Core's inference path, with Megatron's ``StaticInferenceContext`` as the KV cache.
-
-One batch (requests whose samples fit ``max_batch_size``) goes like this:
+with a KV cache. One batch (requests whose samples fit ``max_batch_size``) goes like this:
 
 1. **Prefill, once per prompt, all prompts in one pass.** Prompts are left-padded to the longest; the
    attention mask ``[B, 1, L, L]`` is causal over each row's real tokens, and each padding position sees
    only itself (no fully masked row; nothing real sees padding). Images and videos of every prompt are
    encoded in that one pass (``KeyeVLModel.embed``), never again. Only the last position's logits are
-   computed (Megatron's ``materialize_only_last_token_logits``); with left padding it is every row's last
-   prompt token.
-2. **Samples share the prefill.** The cache rows of prompt b are repeated ``n_b`` times in place
-   (``StaticInferenceContext.swap_key_value_dict``) and so are its last logits: the ``n`` samples of a
-   prompt cost one prompt forward.
+   computed; with left padding it is every row's last prompt token.
+2. **Samples share the prefill.** The cache rows of prompt b are repeated ``n_b`` times and so are its last
+   logits: the ``n`` samples of a prompt cost one prompt forward.
 3. **Decode**, one token per sample per step, against the cache. M-RoPE: the k-th generated token (from 0)
    of a prompt with ids up to ``P`` sits at ``P + 1 + k`` on all three axes, which is the released
    ``get_rope_index`` + ``rope_deltas`` rule (slot ``L + k`` plus ``delta = P + 1 - L``) for any padding.
 
-Why the static context rather than a cache of our own (measured, see the report in ``tests/generate``): it
-is Megatron's own, so it serves the TE layer spec on GPU as well as the local spec, and TP (each rank
-caches its own heads) and PP (each stage its own layers) come with it. It stores keys *before* RoPE and
-rotates the whole cached prefix again at every step, so every step is given the position ids of the whole
-prefix ``[3, S, L + t]`` (Megatron's M-RoPE table is built from the ids passed in). That re-rotation is
-elementwise work on the cached keys, small next to the attention over them.
+The cache (``Config.kv_cache``), two kinds, measured:
+
+- ``keye`` (`keye.generate.kv_cache`, the default where the LLM runs keye's SDPA core attention): keys are
+  stored after RoPE inside the core attention; a step rotates only its new tokens, the model runs its
+  ordinary forward (no inference context), and the prefill's output layer runs on the last positions only
+  (qwen3's ``logits_at``).
+- ``megatron``: Megatron-Core's ``StaticInferenceContext`` through Megatron's inference path. It works with
+  any layer spec (Transformer Engine's on GPU too), but stores keys *before* RoPE and rotates the whole
+  cached prefix again at every step, so each step is given the position ids of the whole prefix
+  ``[3, S, L + t]`` (Megatron builds its M-RoPE table from the ids passed in).
+
+Measured on CPU, 1 thread, the ``small`` Qwen3 (hidden 256, 4 layers), 8 prompts of 16-139 tokens x 4
+samples, 64 greedy tokens (2048 tokens): ``keye`` 0.9-1.1 s, ``megatron`` 2.1-2.5 s (the re-rotation, its
+``cos``/``sin``/``cat`` per layer, is about half of its time), no cache (the padded batch through the
+full forward every step) 40-49 s; all three give the same tokens.
 
 Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
 tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).
-Finished samples stay in the static batch until every sample is done (their tokens are discarded).
+Finished samples stay in the batch until every sample is done (their tokens are discarded).
 
 Parallel layouts: every rank of the model-parallel group calls ``generate`` with the same requests. Under
-TP the logits are gathered (every rank samples the same token from the same numbers and seed). Under PP the
-first stage embeds, each stage sends its hidden states to the next, and the last stage samples and
-broadcasts the tokens to all stages (``torch.distributed`` point-to-point and broadcast over the
-pipeline group; gloo on CPU).
+TP each rank caches its own heads and the logits are gathered (every rank samples the same token from the
+same numbers and seed). Under PP each stage caches its own layers; the first stage embeds, each stage sends
+its hidden states to the next, and the last stage samples and broadcasts the tokens to all stages
+(``torch.distributed`` point-to-point and broadcast over the pipeline group; gloo on CPU).
 """
 
 from __future__ import annotations
@@ -83,6 +88,10 @@ class MegatronGenerator:
             "M-RoPE temporal ids per second of video, for requests that come without position ids (Keye: 2).", 2.0
         )
         pad_token_id: int = doc("Id written into left padding (never attended; any id in the vocabulary).", 0)
+        kv_cache: str = doc(
+            "auto: keye's own cache where the LLM's attention is keye's SDPA (keys stored after RoPE), else Megatron's "
+            "StaticInferenceContext; keye or megatron: that one.", "auto"
+        )
         stop_string_window: int = doc(
             "Stop strings are looked for in the decoded last (4 x longest stop string + this) tokens.", 8
         )
@@ -130,8 +139,6 @@ class MegatronGenerator:
     # --- one batch ------------------------------------------------------------------------------------
 
     def _generate_batch(self, batch: _Batch, settings: SamplingSettings) -> list[SampleOutput]:
-        from megatron.core.inference.contexts import StaticInferenceContext
-
         requests = batch.requests
         lengths = [int(r.prompt_ids.numel()) for r in requests]
         length = max(lengths)
@@ -140,22 +147,21 @@ class MegatronGenerator:
         positions = [self._prompt_positions(r) for r in requests]  # each (3, L_b)
         ids, pos, keep = _left_pad([r.prompt_ids for r in requests], positions, length, self.config.pad_token_id)
 
-        # prefill: every prompt once, vision encoded here only
+        # prefill: every prompt once, vision encoded here only; logits of each row's last position
         total = batch.samples
-        cache = StaticInferenceContext(max_batch_size=total, max_sequence_length=length + settings.max_new_tokens)
+        cache = self._new_cache(total, length + settings.max_new_tokens)
         images = _join([r.images for r in requests])
         videos = _join([r.videos for r in requests])
         logits = self._forward(ids.to(device), pos.to(device), _prefill_mask(keep).to(device), cache,
-                               images=images, videos=videos)  # (B, 1, V) on the last stage
-        cache.sequence_len_offset = length
-        cache.enable_decode_mode()
+                               images=images, videos=videos)  # (B, V) on the last stage
+        cache.advance(length)
 
         # the samples of a prompt share its prefill: repeat its cache rows and logits
         rows = torch.tensor([b for b, r in enumerate(requests) for _ in range(r.n)])  # (S,)
         if total != len(requests):
-            cache.swap_key_value_dict(rows.to(device))
+            cache.repeat_rows(rows.to(device))
         if logits is not None:
-            logits = logits[rows.to(logits.device), -1]  # (S, V)
+            logits = logits[rows.to(logits.device)]  # (S, V)
         pos, keep = pos[:, rows], keep[rows]  # (3, S, L), (S, L)
         next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
         generators = [sample_generator(settings.seed, index, j)
@@ -177,9 +183,7 @@ class MegatronGenerator:
             keep = torch.cat([keep, torch.ones(total, 1, dtype=torch.bool)], dim=1)
             decode_mask = ~keep[:, None, None, :]  # (S, 1, 1, L + t + 1): True = masked (left padding)
             logits = self._forward(tokens[:, None].to(device), pos.to(device), decode_mask.to(device), cache)
-            if logits is not None:
-                logits = logits[:, -1]  # (S, V)
-            cache.sequence_len_offset += 1
+            cache.advance(1)
 
         return [
             SampleOutput(tokens_out[s], logprobs_out[s], *(finish[s] or ("length", None)))
@@ -188,24 +192,41 @@ class MegatronGenerator:
 
     # --- pieces ---------------------------------------------------------------------------------------
 
+    def kv_cache(self) -> str:
+        """The cache this generator decodes with: ``keye`` or ``megatron`` (``Config.kv_cache`` resolved)."""
+        from keye.generate.kv_cache import supports_kv_cache
+
+        choice = self.config.kv_cache
+        if choice not in ("auto", "keye", "megatron"):
+            raise KeyeUserError(f"megatron generator: unknown kv_cache {choice!r}; known: auto, keye, megatron")
+        supported = supports_kv_cache(self.model.language_model)
+        if choice == "keye" and not supported:
+            raise KeyeUserError("megatron generator: kv_cache 'keye' needs the qwen3 local spec with attention 'sdpa'; "
+                                "use kv_cache 'megatron'")
+        return "megatron" if choice == "megatron" or not supported else "keye"
+
+    def _new_cache(self, batch: int, max_length: int) -> "_KeyeCache | _MegatronCache":
+        return _KeyeCache(max_length) if self.kv_cache() == "keye" else _MegatronCache(batch, max_length)
+
     def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: Any, images: VisionInputs | None = None,
                  videos: VisionInputs | None = None) -> Tensor | None:
-        """One forward of this stage on ``ids [B, s]``; the last stage returns logits ``[B, 1, V]``."""
+        """One forward of this stage on ``ids [B, s]`` with the prefix's positions ``pos [3, B, offset + s]``;
+        the last stage returns the last position's logits ``[B, V]``."""
         model = self.model
         pipeline = _pipeline_group(self.parallel)
         if model.pre_process:
-            if cache.sequence_len_offset == 0:
+            if cache.offset == 0:
                 decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
             else:  # generated ids are plain tokens, whatever they are
                 decoder_input = model.language_model.embed(ids)
         else:
             decoder_input = None
             model.set_input_tensor(_recv_prev(pipeline, ids.shape, model))
-        output = model.language_model(ids, pos, mask, decoder_input=decoder_input, inference_context=cache)
+        output = cache.run(model.language_model, ids, pos, mask, decoder_input)
         if not model.post_process:
             _send_next(pipeline, output)
             return None
-        return output
+        return cache.logits(output, ids.shape[0])
 
     def _sample(self, logits: Tensor | None, generators: list[torch.Generator], settings: SamplingSettings,
                 total: int) -> tuple[Tensor, Tensor]:
@@ -299,6 +320,73 @@ def _join(parts: list[VisionInputs | None]) -> VisionInputs | None:
 
 
 # --- pipeline parallel -------------------------------------------------------------------------------------
+
+
+class _KeyeCache:
+    """`keye.generate.kv_cache.KVCache`: keys after RoPE; a forward gets its new positions only."""
+
+    def __init__(self, max_length: int) -> None:
+        from keye.generate.kv_cache import KVCache
+
+        self.cache = KVCache(max_length)
+
+    @property
+    def offset(self) -> int:
+        return self.cache.length
+
+    def run(self, lm: Any, ids: Tensor, pos: Tensor, mask: Tensor, decoder_input: Tensor | None) -> Tensor:
+        from keye.generate.kv_cache import attached
+
+        last = None
+        if self.offset == 0:  # prefill: the output layer runs at each row's last position only
+            last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+            last[:, -1] = True
+        with attached(lm, self.cache):
+            return lm(ids, pos[:, :, self.offset:], mask, decoder_input=decoder_input, logits_at=last)
+
+    @staticmethod
+    def logits(output: Tensor, batch: int) -> Tensor:
+        """``(1, B, V/TP)`` (prefill) or ``(B, 1, V/TP)`` (decode) → ``(B, V)``, gathered over TP."""
+        from megatron.core import parallel_state as mpu
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        logits = output.reshape(batch, -1)
+        if mpu.model_parallel_is_initialized() and mpu.get_tensor_model_parallel_world_size() > 1:
+            logits = gather_from_tensor_model_parallel_region(logits)
+        return logits
+
+    def advance(self, positions: int) -> None:
+        self.cache.advance(positions)
+
+    def repeat_rows(self, rows: Tensor) -> None:
+        self.cache.repeat_rows(rows)
+
+
+class _MegatronCache:
+    """Megatron-Core's ``StaticInferenceContext``: keys before RoPE, so a forward gets the whole prefix's ids."""
+
+    def __init__(self, batch: int, max_length: int) -> None:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        self.context = StaticInferenceContext(max_batch_size=batch, max_sequence_length=max_length)
+
+    @property
+    def offset(self) -> int:
+        return self.context.sequence_len_offset
+
+    def run(self, lm: Any, ids: Tensor, pos: Tensor, mask: Tensor, decoder_input: Tensor | None) -> Tensor:
+        return lm(ids, pos, mask, decoder_input=decoder_input, inference_context=self.context)
+
+    @staticmethod
+    def logits(output: Tensor, batch: int) -> Tensor:
+        return output[:, -1]  # (B, V): only the last position is materialised, gathered over TP
+
+    def advance(self, positions: int) -> None:
+        self.context.sequence_len_offset += positions
+        self.context.enable_decode_mode()
+
+    def repeat_rows(self, rows: Tensor) -> None:
+        self.context.swap_key_value_dict(rows)
 
 
 def _pipeline_group(parallel: Any) -> Any:

@@ -248,12 +248,15 @@ class Qwen3LanguageModel(torch.nn.Module):
         labels: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         inference_context: Any = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits ``[B, L, V/TP]``, or the per-token loss ``[B, L]`` when ``labels`` are given.
 
         With ``inference_context`` (Megatron's ``StaticInferenceContext``: the KV cache of the ``megatron``
         generator), Megatron's inference path runs: keys and values are cached, the logits are those of the
-        last position only, gathered over TP: ``[B, 1, V]``.
+        last position only, gathered over TP: ``[B, 1, V]``. With ``logits_at`` (``[B, L]`` bool, no labels) only
+        those positions' logits are computed (after the last attention, as with ``loss_mask``): ``[1, K, V/TP]``,
+        batch-major (a generator's prefill needs each row's last position only).
 
         With ``loss_mask`` (``[B, L]``, nonzero where the loss counts) as well, the last layer's MLP, the
         final norm, the output layer and the cross-entropy run only at those positions
@@ -268,6 +271,14 @@ class Qwen3LanguageModel(torch.nn.Module):
         if inference_context is not None:
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
+        if logits_at is not None and labels is None and gpt.post_process:
+            if gpt.output_layer.sequence_parallel:
+                logits = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             decoder_input=decoder_input)
+                return logits[logits_at][None]  # (1, K, V/TP)
+            with only_loss_rows(gpt, logits_at):
+                return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                           decoder_input=decoder_input)  # (1, K, V/TP)
         if labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel:
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, labels=labels)

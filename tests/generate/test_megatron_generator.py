@@ -190,7 +190,8 @@ def _generate_all(root: str) -> dict:
     reqs = requests(tokenizer, special)
     Generator = get_registry().cls("generator", "megatron")
     generator = Generator(Generator.Config(), GeneratorContext(model=keye.model, tokenizer=tokenizer))
-    out: dict = {"lengths": [r.prompt_ids.numel() for r in reqs], "modes": [r.thinking_mode for r in reqs]}
+    out: dict = {"lengths": [r.prompt_ids.numel() for r in reqs], "modes": [r.thinking_mode for r in reqs],
+                 "kv_cache": generator.kv_cache()}
 
     def run(settings, gen=generator):
         outputs = gen.generate(reqs, settings)
@@ -203,6 +204,9 @@ def _generate_all(root: str) -> dict:
     out["modes_back"] = [o.thinking_mode for o in generator.generate(reqs[:2], SamplingSettings(max_new_tokens=1))]
     small = Generator(Generator.Config(max_batch_size=3), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out["greedy_small_batches"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), small)
+    megatron = Generator(Generator.Config(kv_cache="megatron"), GeneratorContext(model=keye.model, tokenizer=tokenizer))
+    out["greedy_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), megatron)
+    out["sampled_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, seed=7, **SAMPLED), megatron)
     start = time.perf_counter()
     alone = [reference_greedy_alone(keye, r) for r in reqs]
     out["reference_seconds"] = time.perf_counter() - start
@@ -252,6 +256,7 @@ def test_prompts_have_different_lengths_and_the_reference_is_not_at_a_tie(genera
 def test_greedy_with_cache_equals_the_no_cache_released_forward(generated):
     greedy = generated["greedy"]
     assert [len(samples) for samples in greedy] == [1, 2, 3]
+    assert generated["kv_cache"] == "keye"  # the default on keye's SDPA attention
     for samples, alone, padded in zip(greedy, generated["reference_alone"], generated["reference_padded"]):
         assert len(set(alone)) > 2  # not one repeated token
         for tokens, _, reason, stop in samples:  # every sample of a greedy prompt: the same tokens
@@ -261,6 +266,15 @@ def test_greedy_with_cache_equals_the_no_cache_released_forward(generated):
         for (tokens, logprobs, *rest), (tokens_full, logprobs_full, *rest_full) in zip(small, full):
             assert (tokens, rest) == (tokens_full, rest_full)
             assert logprobs == pytest.approx(logprobs_full, abs=1e-5)
+
+
+def test_megatron_static_context_gives_the_same_samples(generated):
+    """Megatron's StaticInferenceContext (keys before RoPE, whole-prefix ids each step) as the cache instead."""
+    for name in ("greedy", "sampled"):
+        for other, ours in zip(generated[f"{name}_megatron_cache"], generated[name]):
+            for (tokens, logprobs, *rest), (tokens_ours, logprobs_ours, *rest_ours) in zip(other, ours):
+                assert (tokens, rest) == (tokens_ours, rest_ours)
+                assert logprobs == pytest.approx(logprobs_ours, abs=1e-5)
 
 
 def test_greedy_logprobs_are_the_plain_softmax(generated):
