@@ -101,10 +101,12 @@ def sample(logits: Tensor, generators: Sequence[torch.Generator], temperature: f
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 
-def sample_generator(seed: int | None, request_index: int, sample_index: int) -> torch.Generator:
-    """The generator of one sample: seeded from (seed, request, sample), so a sample's draws do not depend on
-    the rest of its batch; ``seed=None`` draws a fresh seed from torch's default generator."""
+def sample_generator(seed: int | None, request_index: int, sample_index: int,
+                     device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of one sample, on ``device`` (where its logits are): seeded from (seed, request, sample), so
+    a sample's draws do not depend on the rest of its batch; ``seed=None`` draws a fresh seed from torch's
+    default generator. (CPU and CUDA generators are different streams: the same seed draws differently.)"""
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     mixed = np.random.SeedSequence([seed, request_index, sample_index]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
+    return torch.Generator(device=device).manual_seed(int(mixed[0]) << 32 | int(mixed[1]))

@@ -164,7 +164,7 @@ class MegatronGenerator:
             logits = logits[rows.to(logits.device)]  # (S, V)
         pos, keep = pos[:, rows], keep[rows]  # (3, S, L), (S, L)
         next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
-        generators = [sample_generator(settings.seed, index, j)
+        generators = [sample_generator(settings.seed, index, j, device)
                       for index, r in zip(batch.indices, requests) for j in range(r.n)]
 
         tokens_out: list[list[int]] = [[] for _ in range(total)]

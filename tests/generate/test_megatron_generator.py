@@ -179,6 +179,7 @@ def write_checkpoint(path: Path, tokenizer) -> None:
 
 def _generate_all(root: str) -> dict:
     from keye.data.tokenizer import SpecialTokens
+    from keye.errors import KeyeUserError
     from keye.generate.contract import GeneratorContext, SamplingSettings
     from keye.hf import load_keye_vl
     from keye.plugins import get_registry
@@ -201,6 +202,10 @@ def _generate_all(root: str) -> dict:
     greedy = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0))
     out["greedy_seconds"] = time.perf_counter() - start
     out["greedy"] = greedy
+    try:
+        generator.generate(reqs[:1], SamplingSettings(max_new_tokens=1024))
+    except KeyeUserError as error:
+        out["window_error"] = str(error)
     out["modes_back"] = [o.thinking_mode for o in generator.generate(reqs[:2], SamplingSettings(max_new_tokens=1))]
     small = Generator(Generator.Config(max_batch_size=3), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out["greedy_small_batches"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), small)
@@ -251,6 +256,13 @@ def test_prompts_have_different_lengths_and_the_reference_is_not_at_a_tie(genera
     assert len(set(generated["lengths"])) == 3
     assert generated["reference_margin"] > 1e-3  # greedy choices are clear, so token equality is meaningful
     assert generated["modes_back"] == ["think", "no_think"]
+
+
+def test_a_prompt_past_the_window_is_one_clear_line(generated):
+    assert generated["window_error"] == (
+        f"megatron generator: prompt of {generated['lengths'][0]} tokens + max_new_tokens 1024 exceeds the "
+        "model's window of 1024 positions"
+    )
 
 
 def test_greedy_with_cache_equals_the_no_cache_released_forward(generated):
