@@ -27,6 +27,10 @@ class RunConfig:
     checkpoint_every: int = doc(
         "Save a resumable checkpoint every N steps of a stage (0: none; stage results are always saved).", 0
     )
+    keep_checkpoints: int = doc(
+        "How many of a stage's newest resumable checkpoints to keep (at least 1); --resume falls back to an "
+        "older one when the newest fails its checksums.", 2
+    )
 
 
 @dataclass

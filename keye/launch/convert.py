@@ -56,7 +56,7 @@ from keye.hf.keye_vl import (
     save_keye_vl,
     weight_files,
 )
-from keye.parallel.dist_checkpoint import save_strategy, sharded_state_dict
+from keye.parallel.dist_checkpoint import load, save_strategy, sharded_state_dict
 
 META_NAME = "keye_checkpoint.json"
 FORMAT = "keye-vl/megatron-core-dist"
@@ -182,7 +182,6 @@ def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
 
 def load_megatron(src: Path, tensor: int = 1, pipeline: int = 1) -> KeyeVL:
     """A ``KeyeVL`` built in this layout from a checkpoint written by ``hf_to_megatron`` (in any layout)."""
-    from megatron.core import dist_checkpointing
     from safetensors.torch import load_file
 
     from keye.parallel import init_parallel
@@ -191,7 +190,7 @@ def load_megatron(src: Path, tensor: int = 1, pipeline: int = 1) -> KeyeVL:
     parallel = init_parallel(tensor=tensor, pipeline=pipeline)
     cfg = read_config(src / "hf")
     model = build_keye_vl_model(hf_configs(cfg), HF_DTYPES[meta["dtype"]], parallel)
-    state = dist_checkpointing.load(sharded_state_dict(model), str(src / "model"))
+    state = load(sharded_state_dict(model), src / "model", require_manifest=False)  # verified: plain data only
     model.load_state_dict(state, strict=True)
     unused = load_file(str(src / "hf" / UNUSED_NAME)) if (src / "hf" / UNUSED_NAME).is_file() else {}
     generation = src / "hf" / "generation_config.json"

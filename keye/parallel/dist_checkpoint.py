@@ -2,7 +2,8 @@
 
 Stage weights, resumable training state and ``keye-launch convert`` all write Megatron-Core's
 ``dist_checkpointing`` format: *global* tensors stored with their shard offsets, so a checkpoint is not
-tied to the tensor/pipeline/data-parallel layout that wrote it, and Megatron-LM tools read it.
+tied to the tensor/pipeline/data-parallel layout that wrote it, and Megatron-LM tools read it. Every checkpoint is published atomically with a manifest and verified before
+it is read (`keye.parallel.checkpoint_folder`): :func:`save` and :func:`load` are the only ways in and out.
 
 keye's models are plain ``nn.Module`` s holding Megatron modules (the ViT's transformer block, the GPT
 model) and plain ones (the patch embedding, the projector, a loss's temperature), so their sharded state
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+
+from keye.parallel import checkpoint_folder
 
 
 def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | None = None) -> dict[str, Any]:
@@ -87,33 +90,78 @@ def serial_torch_dist_strategy() -> Any:
 
 
 def save(state: dict[str, Any], folder: str | Path) -> None:
-    """``dist_checkpointing.save`` of a sharded state dict into ``folder``, on every rank.
+    """``dist_checkpointing.save`` of a sharded state dict, on every rank, published atomically.
 
-    The folder is replaced whole: a checkpoint written before by another layout leaves no stale shards.
+    Every rank writes into ``.<name>.partial`` beside ``folder``; when all are done, rank 0 adds the
+    manifest and renames it into place (`keye.parallel.checkpoint_folder.publish`), replacing an older
+    ``folder`` whole, so a checkpoint written before by another layout leaves no stale shards and a
+    reader never sees half a checkpoint. A full disk (or file-size limit) is one line naming the folder;
+    the partial folder is removed and whatever was published before stays as it was.
     """
     import shutil
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: caught by name
 
     folder = Path(folder)
-    if dist.get_rank() == 0:
-        if folder.exists():
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
+    partial = checkpoint_folder.partial_folder(folder)
+    rank = dist.get_rank()
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run killed while writing
+        partial.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save(state, str(folder), sharded_strategy=save_strategy())
+    error: BaseException | None = None
+    try:
+        dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy())
+        checkpoint_folder.hook("shards-written")  # Megatron's save ends with a barrier: every rank is done
+        if rank == 0:
+            checkpoint_folder.publish(partial, folder)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - every rank learns of it below, then it is raised
+        error = exc
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else f"{type(error).__name__}: {error}")
+    failed = next((message for message in errors if message is not None), None)
+    if failed is None:
+        return
+    full = error is not None and checkpoint_folder.out_of_space(error, partial)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    if full or "No space left on device" in failed or "File too large" in failed:
+        raise checkpoint_folder.CheckpointWriteError(
+            f"{folder}: no space left on device while writing this checkpoint (or the file-size limit was "
+            "reached); nothing was published, the previous checkpoint is intact; free space and --resume") from None
+    if error is not None:
+        raise error
+    raise RuntimeError(f"{folder}: another rank failed writing the checkpoint: {failed.splitlines()[0]}")
 
 
 def is_checkpoint(folder: str | Path) -> bool:
-    """A complete Megatron-Core distributed checkpoint (``metadata.json`` is written last)."""
-    return (Path(folder) / "metadata.json").is_file()
+    """A published distributed checkpoint is there (it may still fail `verify`)."""
+    return (Path(folder) / "metadata.json").is_file() or (Path(folder) / checkpoint_folder.MANIFEST).is_file()
 
 
-def saved_tensors(folder: str | Path) -> dict[str, Any]:
+def load(template: dict[str, Any], folder: str | Path, *, require_manifest: bool = True) -> dict[str, Any]:
+    """``dist_checkpointing.load`` of ``template`` from ``folder``, after `checkpoint_folder.verify`."""
+    from megatron.core import dist_checkpointing
+
+    checkpoint_folder.verify(folder, require_manifest=require_manifest)
+    return dist_checkpointing.load(template, str(folder))
+
+
+def load_common(folder: str | Path, *, require_manifest: bool = True) -> dict[str, Any]:
+    """The checkpoint's common values (``common.pt``), after `checkpoint_folder.verify`."""
+    from megatron.core import dist_checkpointing
+
+    checkpoint_folder.verify(folder, require_manifest=require_manifest)
+    return dist_checkpointing.load_common_state_dict(str(folder))
+
+
+def saved_tensors(folder: str | Path, *, require_manifest: bool = True) -> dict[str, Any]:
     """Global key → a ``ShardedTensor`` describing the saved tensor (global shape, dtype; no data)."""
     from megatron.core import dist_checkpointing
 
+    checkpoint_folder.verify(folder, require_manifest=require_manifest)
     return dist_checkpointing.load_tensors_metadata(str(folder))
 
 
@@ -137,8 +185,8 @@ def read_full_tensors(folder: str | Path) -> dict[str, Any]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    stored = checkpoint_folder.verify(folder, require_manifest=False).state_dict_metadata
     reader = dcp.FileSystemReader(str(folder))
-    stored = reader.read_metadata().state_dict_metadata
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in stored.items() if isinstance(meta, TensorStorageMetadata)}
     with warnings.catch_warnings():

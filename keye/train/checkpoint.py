@@ -11,8 +11,13 @@ everything a killed run needs to continue exactly:
   read the same samples);
 - common values (written once): the step, the LR schedule, the non-finite guard's counters, the layout.
 
-``<stage>/checkpoints/latest`` names the newest complete checkpoint; it is written by rank 0 after every
-rank finished, so a run killed while saving resumes from the one before.
+Checkpoints are ``<stage>/checkpoints/step_<N>/``, each published atomically with a manifest of its
+files' sizes and checksums (`keye.parallel.checkpoint_folder`); the newest ``run.keep_checkpoints``
+stay. ``latest`` names the newest one (rewritten atomically after each publish). ``--resume`` takes the
+newest checkpoint that verifies: one that is truncated, corrupted or unsafe to read, or a ``latest``
+that names nothing, is said in one line naming it and the one used instead; when checkpoints exist
+but none verifies, resuming is a one-line error, never a silent restart from step 0. A run killed while
+saving leaves only a ``.step_<N>.partial`` folder, which is removed.
 
 Resuming in another tensor/pipeline layout works (model, optimiser, schedule and data position reshard;
 the RNG streams and per-layer extra state such as FP8 scaling history cannot, so they restart, which is
@@ -22,6 +27,7 @@ the same, because the data position is per data-parallel rank.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,14 +36,25 @@ import torch
 import torch.distributed as dist
 
 from keye.errors import KeyeUserError
-from keye.parallel.dist_checkpoint import is_checkpoint, save, sharded_state_dict, tensors_only
+from keye.parallel import checkpoint_folder
+from keye.parallel.dist_checkpoint import load, load_common, save, sharded_state_dict, tensors_only
 
 #: Megatron's layout-independent format for the distributed optimizer's state.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
+#: A published checkpoint's folder name.
+STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
 def _checkpoint_root(ctx: Any) -> Path:
     return Path(ctx.output_dir) / "checkpoints"
+
+
+def _published(root: Path) -> list[Path]:
+    """The published checkpoints under ``root``, newest first."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and STEP_FOLDER.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)), reverse=True)
 
 
 def _layout(parallel: Any) -> dict[str, int]:
@@ -101,12 +118,14 @@ def _load_optimizer_state(optimizer: Any, state: Any) -> None:
                 entry["step"] = step.clone()
 
 
-def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any, stream: Any, keep: int = 1) -> Path:
-    """Write the checkpoint of ``step`` (every rank) and mark it complete; older ones beyond ``keep`` go."""
+def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any, stream: Any) -> Path:
+    """Write and publish the checkpoint of ``step`` (every rank), point ``latest`` at it, and keep the
+    newest ``run.keep_checkpoints``."""
     from megatron.core import tensor_parallel
 
     parallel = ctx.parallel
-    folder = _checkpoint_root(ctx) / f"step_{step:08d}"
+    root = _checkpoint_root(ctx)
+    folder = root / f"step_{step:08d}"
     state = _sharded_training_state(model, engine, is_loading=False)
     rng = {"cpu": torch.get_rng_state(), "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
     state.update(
@@ -117,33 +136,72 @@ def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any
         engine={"bad_in_a_row": engine.bad_in_a_row, "skipped_steps": engine.skipped_steps},
         layout=_layout(parallel),
     )
+    if parallel.rank == 0:  # what a run killed while writing left behind
+        for partial in root.glob(f".step_*{checkpoint_folder.PARTIAL_SUFFIX}"):
+            shutil.rmtree(partial, ignore_errors=True)
     save(state, folder)
     if parallel.rank == 0:
-        (_checkpoint_root(ctx) / "latest").write_text(f"{folder.name}\n")
-        older = sorted(p for p in _checkpoint_root(ctx).glob("step_*") if p != folder)
-        for stale in older[: max(0, len(older) - (keep - 1))]:
+        checkpoint_folder.write_text_atomically(root / "latest", f"{folder.name}\n")
+        # Newer ones are from an attempt this run resumed before (they failed to verify); of the rest,
+        # the newest `keep` stay.
+        published = _published(root)
+        position = published.index(folder)
+        for stale in published[:position] + published[position + ctx.blueprint.run.keep_checkpoints:]:
             shutil.rmtree(stale)
     dist.barrier()
     return folder
 
 
-def latest_checkpoint(ctx: Any) -> Path | None:
-    marker = _checkpoint_root(ctx) / "latest"
-    if not marker.is_file():
-        return None
-    folder = _checkpoint_root(ctx) / marker.read_text().strip()
-    return folder if is_checkpoint(folder) else None
+def _choose_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint under ``root`` that verifies, and one line for each one passed over."""
+    latest = root / "latest"
+    named = latest.read_text().strip() if latest.is_file() else None
+    published = _published(root)
+    rejected = []
+    if named is not None and root / named not in published:
+        rejected.append(f"{latest} names '{named}', which is not a checkpoint there")
+    for folder in published:
+        try:
+            checkpoint_folder.verify(folder, require_manifest=True)
+        except checkpoint_folder.CheckpointError as exc:
+            rejected.append(f"{folder} is not usable: {exc}")
+            continue
+        return folder, [f"keye: {line}; resuming from {folder} instead" for line in rejected]
+    if rejected or published:
+        raise KeyeUserError(f"--resume: no usable checkpoint in {root}: {'; '.join(rejected)}")
+    return None, []
+
+
+def resume_checkpoint(ctx: Any) -> Path | None:
+    """The checkpoint ``--resume`` continues from (None: the stage has none yet), the same on every rank:
+    rank 0 chooses and says why it passed any over; an error is raised on every rank alike."""
+    root = _checkpoint_root(ctx)
+    choice: list[Any] = [None]
+    if ctx.parallel.rank == 0:
+        try:
+            folder, notes = _choose_checkpoint(root)
+            for note in notes:
+                print(note, flush=True)
+            choice[0] = ("ok", folder)
+        except KeyeUserError as exc:
+            choice[0] = ("error", str(exc))
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    status, value = choice[0]
+    if status == "error":
+        raise KeyeUserError(value)
+    return value
 
 
 def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: Any) -> int:
     """Restore the latest complete checkpoint of this stage; returns its step (0 when there is none)."""
-    from megatron.core import dist_checkpointing, tensor_parallel
+    from megatron.core import tensor_parallel
 
-    folder = latest_checkpoint(ctx)
+    folder = resume_checkpoint(ctx)
     if folder is None:
         return 0
     parallel = ctx.parallel
-    common = dist_checkpointing.load_common_state_dict(str(folder))
+    common = load_common(folder)
     saved_layout, layout = common["layout"], _layout(parallel)
     if saved_layout["data"] != layout["data"]:
         raise KeyeUserError(f"{folder}: saved with data-parallel size {saved_layout['data']}, resumed with "
@@ -156,7 +214,7 @@ def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: A
         template["rng"] = _rng_object(parallel)
     else:  # per-layer extra state (TE's FP8 history) is kept per TP shard: it restarts, like the RNG
         template["model"] = tensors_only(template["model"])
-    state = dist_checkpointing.load(template, str(folder))  # a tensor missing from the checkpoint fails here
+    state = load(template, folder)  # a tensor missing from the checkpoint fails here
 
     model.load_state_dict(state["model"], strict=same_layout)
     _load_optimizer_state(engine.optimizer, state["optimizer"])

@@ -2,8 +2,9 @@
 
 A stage builds its model, engine and data stream, then hands them here with a forward-step function
 and a function giving its extra metric fields. With ``run.checkpoint_every`` the full training state is
-saved every N steps (`keye.train.checkpoint.save_training_state`); ``keye-launch run --resume``
-restores the latest one, drops the metrics lines logged after it, and continues with the next step.
+saved every N steps (`keye.train.checkpoint.save_training_state`, keeping the newest
+``run.keep_checkpoints``); ``keye-launch run --resume`` restores the newest one that verifies, drops
+the metrics lines logged after it, and continues with the next step.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Callable
 
 from tqdm import tqdm
 
+from keye.errors import KeyeUserError
 from keye.train.checkpoint import load_training_state, save_training_state
 from keye.train.engine import StepResult, TrainEngine
 
@@ -31,23 +33,25 @@ def train_steps(
 ) -> tuple[StepResult | None, int]:
     """Run the stage's remaining steps; returns the last step's result and the step it resumed from."""
     stage = ctx.stage
+    if ctx.blueprint.run.keep_checkpoints < 1:
+        raise KeyeUserError(f"run.keep_checkpoints: {ctx.blueprint.run.keep_checkpoints}; keep at least 1")
     start = load_training_state(ctx, model, engine, stream) if ctx.resume else 0
     if start:
         ctx.metrics.drop_after(stage.name, start)
     every = ctx.blueprint.run.checkpoint_every
-    progress = tqdm(total=stage.steps, initial=start, desc=stage.name, disable=ctx.parallel.rank != 0, unit="step")
     last = None
-    for step in range(start + 1, stage.steps + 1):
-        began = time.perf_counter()
-        last = engine.train_step(forward_step, stream, num_microbatches, seq_length, micro_batch_size)
-        seconds = time.perf_counter() - began
-        ctx.metrics.log(stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
-                        skipped_step=last.skipped, **fields(last, seconds))
-        progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
-        progress.update(1)
-        if every and step % every == 0 and step < stage.steps:
-            save_training_state(ctx, step, model, engine, stream)
-    progress.close()
+    # closed however the loop ends, so an error is printed on a line of its own, not after the bar
+    with tqdm(total=stage.steps, initial=start, desc=stage.name, disable=ctx.parallel.rank != 0, unit="step") as progress:
+        for step in range(start + 1, stage.steps + 1):
+            began = time.perf_counter()
+            last = engine.train_step(forward_step, stream, num_microbatches, seq_length, micro_batch_size)
+            seconds = time.perf_counter() - began
+            ctx.metrics.log(stage=stage.name, step=step, loss=last.loss, lr=last.lr, grad_norm=last.grad_norm,
+                            skipped_step=last.skipped, **fields(last, seconds))
+            progress.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}")
+            progress.update(1)
+            if every and step % every == 0 and step < stage.steps:
+                save_training_state(ctx, step, model, engine, stream)
     return last, start
 
 

@@ -12,6 +12,10 @@ reshards, so no process ever holds the whole model. Stages hold different module
 text towers; later: vision + projector + LLM), so loading goes by top-level module: a module in both
 must match exactly (names and global shapes, checked before anything is read); the others are left as
 they are.
+
+The folder is published atomically and verified before it is read (`keye.parallel.checkpoint_folder`):
+a truncated, corrupted or crafted weights folder is one line naming the file, never a traceback or
+code run by unpickling.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from keye.errors import KeyeUserError
-from keye.parallel.dist_checkpoint import is_checkpoint, save, saved_tensors, sharded_state_dict, tensors_only
+from keye.parallel.dist_checkpoint import is_checkpoint, load, save, saved_tensors, sharded_state_dict, tensors_only
 
 
 def weights_folder(stage_dir: Path) -> Path:
@@ -97,11 +101,9 @@ def shared_module_state(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
 
 def load_weights_from(model: torch.nn.Module, stage_dir: Path) -> Path:
     """Load a stage folder's weights into ``model`` in this process's layout (resharding if it differs)."""
-    from megatron.core import dist_checkpointing
-
     folder = weights_folder(stage_dir)
     if not is_checkpoint(folder):
         raise KeyeUserError(f"{folder}: no weights (a stage's weights/ folder with metadata.json)")
-    state = dist_checkpointing.load(shared_module_state(model, folder), str(folder))
+    state = load(shared_module_state(model, folder), folder)
     model.load_state_dict(state, strict=False)
     return folder

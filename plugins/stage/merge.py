@@ -19,7 +19,7 @@ from keye import hookimpl
 from keye.config import component, doc
 from keye.config.validate import build_component_config
 from keye.errors import KeyeUserError
-from keye.parallel.dist_checkpoint import is_checkpoint, save, saved_tensors
+from keye.parallel.dist_checkpoint import is_checkpoint, load, save, saved_tensors
 from keye.train.stage_weights import weights_folder
 
 
@@ -108,7 +108,6 @@ def merge_checkpoints(folders: list[Path], weights: list[float], merger: Any, ou
     been written by any TP/PP/DP layout and the merge runs in any number of processes. Every input must
     hold the same tensors with the same shapes (one line names the first that differs).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -137,7 +136,7 @@ def merge_checkpoints(folders: list[Path], weights: list[float], merger: Any, ou
             out[key] = ShardedTensor.from_rank_offsets(key, tensor, *offsets, replica_id=0)
         return out
 
-    states = [dist_checkpointing.load(template(), str(folder)) for folder in folders]
+    states = [load(template(), folder) for folder in folders]  # each verified before it is read
     merged = merger(states, weights)
     save(template(merged), out)
     return len(metadata)
