@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from keye.config.schema import Blueprint, StageConfig
-from keye.config.validate import dotted, omegaconf_reason, short, validate_blueprint
+from keye.config.validate import dotted, omegaconf_reason, schema_of, short, validate_blueprint
 from keye.errors import BlueprintError
 from keye.registry import Registry
 
@@ -40,7 +40,7 @@ CONFIG_ERRORS = (OmegaConfBaseException, TypeError, ValueError, KeyError, IndexE
 
 #: The only resolvers a blueprint may call: reading an environment variable runs no code.
 ALLOWED_RESOLVERS = ("oc.env",)
-_RESOLVER_CALL = re.compile(r"(?<!\\)\$\{\s*([^\s:{}]+)\s*:")
+_RESOLVER_CALL = re.compile(r"\$\{\s*([^\s:{}]+)\s*:")
 
 #: A blueprint is a page of settings; anything larger is not one (and is not read into memory).
 MAX_BLUEPRINT_BYTES = 4 * 1024 * 1024
@@ -84,7 +84,7 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[_Layer]:
         layers.extend(_read_layers(_base_path(path, base, label), (*chain, path)))
     layer = _Layer(label, raw)
     _check_resolvers(layer)
-    _check_stages(layer)
+    _check_stages(layer, items=False)
     layers.append(layer)
     return layers
 
@@ -165,17 +165,25 @@ def _strings(node: Any, prefix: str = ""):
 
 def _check_resolvers(layer: _Layer) -> None:
     """Refuse any resolver but `ALLOWED_RESOLVERS` before anything resolves (see the module docstring)."""
-    for key, text in _strings(OmegaConf.to_container(layer.cfg, resolve=False)):
+    _refuse_resolvers(layer.cfg, lambda key: layer.label)
+
+
+def _refuse_resolvers(cfg: DictConfig, origin: Any) -> None:
+    """Escaped calls (``\\${x:}``) count too: OmegaConf turns them into live ones once resolved, and so does
+    a value read from the environment that holds one; the resolved blueprint is scanned again for those."""
+    for key, text in _strings(OmegaConf.to_container(cfg, resolve=False)):
         for match in _RESOLVER_CALL.finditer(text):
             if match.group(1) not in ALLOWED_RESOLVERS:
                 raise BlueprintError(
-                    f"{layer.label}: {key}: resolver '{short(match.group(1))}' is not allowed in a blueprint; "
+                    f"{origin(key)}: {key}: resolver '{short(match.group(1))}' is not allowed in a blueprint; "
                     f"use plain ${{a.b}} interpolation or {', '.join(ALLOWED_RESOLVERS)}"
                 )
 
 
-def _check_stages(layer: _Layer) -> None:
-    """``stages`` must be a list of mappings; each is checked on its own so errors keep ``stages.N.``."""
+def _check_stages(layer: _Layer, *, items: bool) -> None:
+    """``stages`` must be a list of mappings; with ``items``, each is merged onto the stage schema on its
+    own, so that an error inside one keeps its ``stages.N.`` prefix (OmegaConf reports keys relative to
+    the list item). That costs a schema per stage, so it runs only once the whole layer failed to merge."""
     plain = OmegaConf.to_container(layer.cfg, resolve=False)
     stages = plain.get("stages", _ABSENT)
     if stages is _ABSENT or stages is None or _interpolation(stages):
@@ -188,8 +196,10 @@ def _check_stages(layer: _Layer) -> None:
             continue
         if not isinstance(item, dict):
             raise BlueprintError(f"{layer.label}: stages.{index}: expected a stage (name: ..., kind: ...), got {short(item)}")
+        if not items:
+            continue
         try:
-            OmegaConf.merge(OmegaConf.structured(StageConfig), item)
+            OmegaConf.merge(schema_of(StageConfig), item)
         except CONFIG_ERRORS as exc:
             key = f"stages.{index}.{dotted(getattr(exc, 'full_key', '') or '')}".rstrip(".")
             raise BlueprintError(f"{layer.label}: {key}: {omegaconf_reason(exc)}") from None
@@ -221,8 +231,9 @@ def _merge_layer(cfg: DictConfig, layer: _Layer) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, layer.cfg)
     except CONFIG_ERRORS as exc:
+        _check_stages(layer, items=True)  # an error inside a stage: name it with its stages.N. prefix
         key = dotted(getattr(exc, "full_key", "") or "") or _culprit(cfg, layer)
-        raise BlueprintError(f"{layer.label}: {key}: {omegaconf_reason(exc)}") from None
+        raise BlueprintError(f"{layer.label}: {short(key)}: {omegaconf_reason(exc)}") from None
 
 
 def _culprit(cfg: DictConfig, layer: _Layer) -> str:
@@ -251,7 +262,7 @@ def load_blueprint(
     path = Path(path)
     layers = _read_layers(path)
     top = layers[-1].label
-    cfg = OmegaConf.structured(Blueprint)
+    cfg = schema_of(Blueprint)
     for layer in layers:
         cfg = _merge_layer(cfg, layer)
     for text in overrides:
@@ -267,9 +278,16 @@ def load_blueprint(
     cfg.extends = []
 
     def origin(key_path: str) -> str:
+        """The last layer that set ``key_path``; for a value nobody set (a default, a size preset), the first
+        layer that set its closest parent: the file that introduced the node."""
         for layer in reversed(layers):
             if layer.defines(key_path):
                 return layer.label
+        parts = key_path.split(".")
+        for end in range(len(parts) - 1, 0, -1):
+            for layer in layers:
+                if layer.defines(".".join(parts[:end])):
+                    return layer.label
         return top
 
     try:
@@ -277,6 +295,7 @@ def load_blueprint(
     except CONFIG_ERRORS as exc:
         key = dotted(getattr(exc, "full_key", "") or "(interpolation)")
         raise BlueprintError(f"{origin(key)}: {key}: {omegaconf_reason(exc)}") from None
+    _refuse_resolvers(cfg, origin)
     missing = sorted(dotted(key) for key in OmegaConf.missing_keys(cfg))
     if missing:
         raise BlueprintError(f"{origin(missing[0])}: {missing[0]}: missing required value")

@@ -25,8 +25,11 @@ looks at them just before a run starts.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
@@ -279,9 +282,8 @@ def check_node(cfg: DictConfig, registry: Any, origin: Origin, kind: str, node: 
     A `KeyeUserError` other than a `BlueprintError` (a component reusing its run-time check) is reported
     at the node's key path.
     """
-    from keye.config.validate import build_component_config
-
-    cls, config = build_component_config(kind, node, registry)
+    plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
+    cls, config = _config_instance(kind, plain, registry)
     checker = getattr(cls, "check_config", None)
     if checker is not None:
         try:
@@ -290,11 +292,33 @@ def check_node(cfg: DictConfig, registry: Any, origin: Origin, kind: str, node: 
             raise
         except KeyeUserError as exc:
             fail(origin, path, str(exc))
-    plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
     for field in getattr(cls.Config, "__dataclass_fields__", {}).values():
         nested = field_component_kind(field)
         if nested and plain.get(field.name) is not None:
             check_node(cfg, registry, origin, nested, plain[field.name], f"{path}.{field.name}", stage_index)
+
+
+def _config_instance(kind: str, node: dict, registry: Any) -> tuple[type, Any]:
+    """The component class and its Config instance for a validated (complete) node.
+
+    A node that validated holds every field already, so a Config of plain fields is built directly; that
+    is much faster than OmegaConf's merge. A Config with dataclass-typed fields goes through OmegaConf.
+    """
+    from keye.config.validate import build_component_config
+
+    cls = registry.cls(kind, node["name"])
+    if _plain_fields(cls.Config):
+        return cls, cls.Config(**{key: value for key, value in node.items() if key != "name"})
+    return build_component_config(kind, node, registry)
+
+
+@functools.lru_cache(maxsize=None)
+def _plain_fields(config_class: type) -> bool:
+    try:
+        hints = typing.get_type_hints(config_class)
+    except Exception:  # an annotation that does not evaluate: let OmegaConf build it
+        return False
+    return not any(dataclasses.is_dataclass(hint) for hint in hints.values())
 
 
 # --- just before a run -----------------------------------------------------------------------------

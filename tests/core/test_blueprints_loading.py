@@ -182,3 +182,107 @@ def test_print_config_is_a_commented_blueprint_that_loads_back(blueprint_file, r
     reloaded = load_blueprint(again, [], registry)
     assert OmegaConf.to_container(reloaded) == OmegaConf.to_container(cfg)
     assert yaml.safe_load(text)["stages"][0]["name"] == "align"
+
+
+# --- files that are not blueprints, and what extends: may name (issue 10, item 8) ---------------------
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"\xff\xfe\x00\x01binary", "not UTF-8 text (byte 0xff at offset 0); blueprints are UTF-8 YAML"),
+        ("run: {name: x}\n".encode("utf-16"), "not UTF-8 text (byte 0xff at offset 0)"),
+        (b"", "the file is empty (no settings)"),
+        (b"# only a comment\n", "the file is empty (no settings)"),
+        (b"- a\n- b\n", "a blueprint must be a mapping at the top level"),
+        (b"42\n", "a blueprint must be a mapping at the top level"),
+        (b"run:\n  name: [x\n", "invalid YAML at line 3"),
+        (b"stages:\n  a: {name: x, kind: toy_stage}\n", "stages: expected a list of stages (- name: ..., kind: ...), got a mapping"),
+        (b"stages: [{name: a, kind: toy_stage}, 5]\n", "stages.1: expected a stage (name: ..., kind: ...), got 5"),
+        (b"run: [1]\n", "run: Merge error: list is not a subclass of RunConfig"),
+        (b"run: {name: '${nope.x}'}\n", "run.name: Interpolation key 'nope.x' not found"),
+    ],
+)
+def test_files_that_are_not_blueprints_give_one_line(tmp_path, registry, content, message):
+    path = tmp_path / "bp.yaml"
+    path.write_bytes(content)
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(path, [], registry)
+    assert str(info.value).startswith(f"{path}: ") or str(info.value).startswith("bp.yaml")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"name": "a", "kind": "toy_stage", "steps": "many"}, "stages.1.steps: Value 'many' of type 'str' could not be converted"),
+        ({"name": "a", "kind": "toy_stage", "stepz": 1}, "stages.1.stepz: Key 'stepz' not in 'StageConfig'"),
+        ({"name": "a", "kind": "toy_stage", "optimizer": {"lr": "fast"}}, "stages.1.optimizer.lr: Value 'fast'"),
+        ({"name": "a", "kind": "toy_stage", "data": {"sources": 3}}, "stages.1.data.sources: Cannot assign int"),
+    ],
+)
+def test_errors_inside_list_items_keep_the_stage_prefix(blueprint_file, registry, stage, message):
+    path = blueprint_file(dict(BASE, stages=[BASE["stages"][0], stage]))
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(path, [], registry)
+    assert str(info.value) == f"{path}: {message}" or message in str(info.value)
+    assert str(info.value).startswith(str(path))
+
+
+def test_an_override_with_a_word_for_a_list_index(blueprint_file, registry):
+    with pytest.raises(BlueprintError, match=r"^override 'stages.x.steps=1': stages.x.steps: Index 'x' \(str\) is not an int"):
+        load_blueprint(blueprint_file(BASE), ["stages.x.steps=1"], registry)
+
+
+@pytest.mark.parametrize("base", ["/etc/passwd", "../outside.yaml", "sub/../../outside.yaml"])
+def test_extends_stays_in_the_blueprints_folder(tmp_path, registry, base):
+    (tmp_path / "outside.yaml").write_text("run: {seed: 1}\n")
+    top = write_in(tmp_path / "inner" / "top.yaml", {"extends": [base]})
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(top, [], registry)
+    assert str(info.value) == (
+        f"{top}: extends: '{base}' must be relative to this file's folder, without '..' "
+        "(keep bases beside the blueprint or below it)"
+    )
+
+
+def test_extends_through_a_symlink_out_of_the_folder_is_refused(tmp_path, registry):
+    (tmp_path / "outside.yaml").write_text("run: {seed: 1}\n")
+    (tmp_path / "inner").mkdir()
+    (tmp_path / "inner" / "base.yaml").symlink_to(tmp_path / "outside.yaml")
+    top = write_in(tmp_path / "inner" / "top.yaml", {"extends": ["base.yaml"]})
+    with pytest.raises(BlueprintError, match="extends: 'base.yaml' leaves this file's folder"):
+        load_blueprint(top, [], registry)
+
+
+def test_a_bad_base_is_named_not_echoed(tmp_path, registry):
+    """A base that is some other text file, or a name too long, is named; its contents are not echoed."""
+    secret = "root:x:0:0:" + "y" * 5000
+    (tmp_path / "notes.yaml").write_text(f"{secret}\n{secret}\n")
+    top = write_in(tmp_path / "top.yaml", {"extends": ["notes.yaml"]})
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(top, [], registry)
+    assert str(info.value).startswith(f"{tmp_path / 'notes.yaml'}: ")
+    assert len(str(info.value)) < 600  # a key or value is quoted cut short, never the file
+    top = write_in(tmp_path / "top.yaml", {"extends": ["x" * 400]})
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(top, [], registry)
+    assert len(str(info.value)) < 300 and "File name too long" in str(info.value)
+
+
+def test_special_files_are_refused_without_reading_them(tmp_path, registry):
+    import os
+
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would block forever
+    top = write_in(tmp_path / "top.yaml", {"extends": ["fifo.yaml"]})
+    with pytest.raises(BlueprintError, match="fifo.yaml: not a regular file"):
+        load_blueprint(top, [], registry)
+    with pytest.raises(BlueprintError, match="^/dev/zero: not a regular file"):
+        load_blueprint("/dev/zero", [], registry)
+
+
+def write_in(path, content):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(content))
+    return path

@@ -46,3 +46,32 @@ def test_print_config_overrides_and_usage_errors(tmp_path):
     assert "  # Seed for weights, data order and dropout.\n  seed: 99\n" in result.stdout
     assert launch("frobnicate").returncode == 2
     assert launch("run", str(path), "--nproc", "0").returncode == 2
+
+
+def test_validate_checks_the_layout_against_nproc_and_run_checks_it_before_spawning(tmp_path):
+    from pathlib import Path
+
+    tiny = str(Path(__file__).resolve().parents[2] / "blueprints" / "tiny" / "pretrain.yaml")
+    ok = launch("validate", tiny, "--nproc", "2")
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"ok: {tiny} (7 stages)"), ok.stderr
+    keye_8b = str(Path(tiny).parents[1] / "keye-vl-8b" / "pretrain.yaml")
+    bad = launch("validate", keye_8b, "--nproc", "12")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().startswith("keye-launch: error: ")
+    assert bad.stderr.strip().endswith(
+        "blueprints/keye-vl-8b/pretrain.yaml: parallel.tensor: tensor 8 x pipeline 4 = 32 does not divide 12 processes")
+    assert launch("validate", tiny, "--nproc", "0").returncode == 2
+    run = launch("run", tiny, "--nproc", "3", "parallel.tensor=2", f"run.output_dir={tmp_path / 'out'}")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == ("keye-launch: error: override 'parallel.tensor=2': parallel.tensor: "
+                                  "tensor 2 x pipeline 1 = 2 does not divide 3 processes")
+    assert not (tmp_path / "out").exists()  # refused before any rank started or wrote anything
+
+
+def test_run_refuses_a_blueprint_without_stages(tmp_path):
+    base = write_blueprint(tmp_path / "base.yaml", {"run": {"name": "x", "output_dir": str(tmp_path / "out")}})
+    assert launch("validate", str(base)).returncode == 0  # a base for other blueprints validates
+    result = launch("run", str(base))
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "keye-launch: error: stages: the blueprint has no stages, nothing to run (a base for other blueprints?)")
