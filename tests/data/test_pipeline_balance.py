@@ -16,7 +16,7 @@ def _ctx(cfg, registry, rank, size):
 def test_flops_balancing_splits_every_pack_once(keye_registry, tmp_path):
     path = write_blueprint(tmp_path / "bp.yaml", {
         "model": {"language_model": {"name": "qwen3", "size": "tiny"}},
-        "stages": [{"name": "s", "kind": "lm", "steps": 1, "data": {
+        "stages": [{"name": "s", "kind": "lm", "train": ["language_model"], "steps": 1, "data": {
             "max_tokens": 160, "pack_buffer": 24, "balance": "flops", "image_max_tokens": 16,
             "sources": {"t": {"name": "synthetic", "tasks": ["count", "caption", "ocr"], "num_samples": 24}},
             "mixer": {"name": "weighted", "on_exhausted": "stop"}}}],
@@ -38,7 +38,7 @@ def test_vision_patch_cap_packs_and_rejects(keye_registry, tmp_path):
     def stream(cap):
         path = write_blueprint(tmp_path / f"cap{cap}.yaml", {
             "model": {"language_model": {"name": "qwen3", "size": "tiny"}},
-            "stages": [{"name": "s", "kind": "lm", "steps": 1, "data": {
+            "stages": [{"name": "s", "kind": "lm", "train": ["language_model"], "steps": 1, "data": {
                 "max_tokens": 512, "pack_buffer": 12, "image_max_tokens": 16, "max_vision_patches": cap,
                 "max_bad_fraction": 1.0,
                 "sources": {"t": {"name": "synthetic", "tasks": ["count"], "num_samples": 12}},
