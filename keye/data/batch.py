@@ -4,7 +4,9 @@ A `TokenSample` is one sample after the processor (chat template, vision process
 `collate_pack` puts several of them into one row of ``seq_len`` positions: each keeps its own causal
 attention block and its own position ids (M-RoPE ids restart per sample), images and videos are
 concatenated in reading order so the model's ``masked_scatter`` puts every feature at its own pad token.
-Padding is one extra block that attends only to itself and carries no loss.
+Padding is one extra block that attends only to itself and carries no loss. A preference pair is one
+sample whose block is tree-shaped (its two replies share the prompt, `keye.data.preference`); the micro-batch
+lists each pair's chosen and rejected label positions in ``pairs``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ class TokenSample:
     images: VisionInputs | None = None
     videos: VisionInputs | None = None
     answer_mask: torch.Tensor | None = None  # (L,) bool: label positions that make up the answer
+    # A preference pair (keye.data.preference): its rejected reply's label positions (answer_mask: the
+    # chosen one's), and its (L, L) attention, True = may attend (None: causal).
+    rejected_mask: torch.Tensor | None = None
+    attention: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -46,6 +52,7 @@ class MicroBatch:
     images: VisionInputs | None = None
     videos: VisionInputs | None = None
     keys: list[str] = field(default_factory=list)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per preference pair: (chosen, rejected) label positions
 
     @property
     def num_tokens(self) -> int:
@@ -76,10 +83,15 @@ def collate_pack(samples: Sequence[TokenSample], seq_len: int, pad_id: int = 0) 
     )  # (3, T)
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
     keep = block_attention_mask(cu_seqlens, seq_len, causal=True)  # (T, T), True = may attend
-    answer_segments = []
+    answer_segments, pairs = [], []
     for start, sample in zip(cu_seqlens.tolist(), samples):
         if sample.answer_mask is not None and bool(sample.answer_mask.any()):
             answer_segments.append(torch.nonzero(sample.answer_mask).flatten() + start)
+        if sample.attention is not None:
+            keep[start : start + len(sample), start : start + len(sample)] = sample.attention
+        if sample.rejected_mask is not None:
+            pairs.append((torch.nonzero(sample.answer_mask).flatten() + start,
+                          torch.nonzero(sample.rejected_mask).flatten() + start))
     loss_mask = (labels != IGNORE).float()
     return MicroBatch(
         input_ids=input_ids.unsqueeze(0),
@@ -92,4 +104,5 @@ def collate_pack(samples: Sequence[TokenSample], seq_len: int, pad_id: int = 0) 
         images=_concat_vision([s.images for s in samples]),
         videos=_concat_vision([s.videos for s in samples]),
         keys=[s.key for s in samples],
+        pairs=pairs,
     )

@@ -110,7 +110,7 @@ class MicroBatchStream:
     """An iterator of `MicroBatch` (or lists of `PairItem` for contrastive stages) with running stats."""
 
     def __init__(self, ctx: Any, split: str = "train", pairs: bool = False,
-                 pair_batch: int = 32, caption_length: int = 16) -> None:
+                 pair_batch: int = 32, caption_length: int = 16, *, preference: bool = False, once: bool = False) -> None:
         data = ctx.stage.data
         group = "sources" if split == "train" else "heldout"
         parallel = ctx.parallel
@@ -127,13 +127,15 @@ class MicroBatchStream:
         self.pack_buffer = pair_batch if pairs else data.pack_buffer
         self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
         self.pairs = pairs
+        self.preference = preference  # preference pairs as shared-prompt samples (keye.data.preference)
         self.produced = 0
         self.bad = BadInputCounter(f"stage {ctx.stage.name} processor", data.max_bad_fraction)
         self.real_tokens = 0
         self.capacity = 0
         self._ready: deque = deque()
         self.mixer = None
-        self._samples = self._mixed(ctx) if split == "train" else self._in_order()
+        # once: the training sources read in order, one pass (e.g. to precompute reference log-probs)
+        self._samples = self._mixed(ctx) if split == "train" and not once else self._in_order()
         self._exhausted = False
         self._fill_state: dict | None = None  # the mixer's state when the current buffer started
         self._taken_from_fill = 0
@@ -156,7 +158,7 @@ class MicroBatchStream:
     def _next_processed(self) -> Any | None:
         for loaded in self._samples:
             try:
-                item = self.processor(loaded.sample, loaded.media, pairs=self.pairs)
+                item = self.processor(loaded.sample, loaded.media, pairs=self.pairs, preference=self.preference)
             except SampleError as exc:
                 self.bad.skip(exc.kind if exc.kind in BAD_KINDS else "invalid_sample", exc.key, exc.reason)
                 continue
@@ -260,6 +262,9 @@ class MicroBatchStream:
 
 
 def micro_batches(ctx: Any, split: str = "train", pairs: bool = False,
-                  pair_batch: int = 32, caption_length: int = 16) -> MicroBatchStream:
-    """Packed micro-batches of ``split``; with ``pairs``, lists of ``pair_batch`` image-text pairs instead."""
-    return MicroBatchStream(ctx, split, pairs, pair_batch, caption_length)
+                  pair_batch: int = 32, caption_length: int = 16, *, preference: bool = False,
+                  once: bool = False) -> MicroBatchStream:
+    """Packed micro-batches of ``split``; with ``pairs``, lists of ``pair_batch`` image-text pairs instead;
+    with ``preference``, preference pairs only (shared-prompt samples); with ``once``, the training sources
+    in order, one pass."""
+    return MicroBatchStream(ctx, split, pairs, pair_batch, caption_length, preference=preference, once=once)

@@ -4,7 +4,8 @@ For a conversation: every image and video part is decoded and patchified within 
 (`keye.data.vision`, `keye.data.video`, videos at the recomputed sampling fps), the chat template
 expands each into its merged token count and produces labels on assistant tokens only, and the
 time-aligned M-RoPE ids are computed for the sample on its own (so they stay valid when packed).
-For an image-text pair (stage 0): the image patches and the caption's token ids.
+For an image-text pair (stage 0): the image patches and the caption's token ids. For a preference pair
+(MPO): one sample whose chosen and rejected replies share the prompt and its vision (`keye.data.preference`).
 
 Errors raise `SampleError` with the sample key and a ``kind`` (corrupt_image, unreadable_video,
 over_budget, ...), so the loader can skip the sample, count it by kind and go on.
@@ -24,7 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from keye.data.batch import IGNORE, TokenSample
 from keye.data.chat import encode_conversation
-from keye.data.sample import ConversationSample, ImagePart, PairSample, Sample, VideoPart
+from keye.data.sample import ConversationSample, ImagePart, PairSample, PreferenceSample, Sample, TextPart, VideoPart
 from keye.data.tokenizer import SpecialTokens
 from keye.data.video import preprocess_video
 from keye.data.vision import preprocess_image
@@ -138,32 +139,45 @@ class Processor:
 
     # --- samples -------------------------------------------------------------------------------
 
-    def conversation(self, sample: ConversationSample, media: Mapping[str, bytes]) -> TokenSample:
-        from keye_plugins.position_encoding.mrope_time_aligned import packed_position_ids
-
-        images, videos, seconds, counts = [], [], [], []
-        for message in sample.messages:
+    def _vision(self, messages: list, media: Mapping[str, bytes], key: str) -> _Vision:
+        """Every image and video part of ``messages``, processed, in reading order."""
+        vision = _Vision([], [], [], [])
+        for message in messages:
             for part in message.content:
                 if isinstance(part, ImagePart):
-                    inputs = self.image(part.image, media, sample.key)
-                    images.append(inputs)
+                    inputs = self.image(part.image, media, key)
+                    vision.images.append(inputs)
                 elif isinstance(part, VideoPart):
-                    inputs, step = self.video(part.video, media, sample.key)
-                    videos.append(inputs)
-                    seconds.append(step)
+                    inputs, step = self.video(part.video, media, key)
+                    vision.videos.append(inputs)
+                    vision.seconds.append(step)
                 else:
                     continue
-                counts.append(int(inputs.grid_thw.prod()) // self.merge)
-        encoded = encode_conversation(sample.messages, self.tokenizer, counts, sample.thinking_mode)
+                vision.counts.append(int(inputs.grid_thw.prod()) // self.merge)
+        return vision
+
+    def _positions(self, input_ids: torch.Tensor, vision: _Vision) -> torch.Tensor:
+        """M-RoPE ids ``(3, L)`` of one sample on its own."""
+        from keye_plugins.position_encoding.mrope_time_aligned import packed_position_ids
+
+        image_grids = torch.cat([i.grid_thw for i in vision.images]) if vision.images else None
+        video_grids = torch.cat([v.grid_thw for v in vision.videos]) if vision.videos else None
+        return packed_position_ids(input_ids, [0, len(input_ids)], image_grids, video_grids,
+                                   vision.seconds or None, config=self.mrope)  # (3, L)
+
+    def _check_length(self, key: str, length: int) -> None:
+        if self.settings.max_tokens is not None and length > self.settings.max_tokens:
+            raise SampleError(key, "over_budget", f"{length} tokens > max_tokens {self.settings.max_tokens}")
+
+    def conversation(self, sample: ConversationSample, media: Mapping[str, bytes]) -> TokenSample:
+        vision = self._vision(sample.messages, media, sample.key)
+        images, videos = vision.images, vision.videos
+        encoded = encode_conversation(sample.messages, self.tokenizer, vision.counts, sample.thinking_mode)
         input_ids = torch.tensor(encoded.input_ids, dtype=torch.long)  # (L,)
-        if self.settings.max_tokens is not None and len(input_ids) > self.settings.max_tokens:
-            raise SampleError(sample.key, "over_budget", f"{len(input_ids)} tokens > max_tokens {self.settings.max_tokens}")
+        self._check_length(sample.key, len(input_ids))
         targets = torch.tensor(encoded.labels, dtype=torch.long)
         labels = torch.cat([targets[1:], torch.tensor([IGNORE])])  # predict token t+1 at position t
-        image_grids = torch.cat([i.grid_thw for i in images]) if images else None
-        video_grids = torch.cat([v.grid_thw for v in videos]) if videos else None
-        positions = packed_position_ids(input_ids, [0, len(input_ids)], image_grids, video_grids,
-                                        seconds or None, config=self.mrope)  # (3, L)
+        positions = self._positions(input_ids, vision)  # (3, L)
         return TokenSample(
             key=sample.key,
             input_ids=input_ids,
@@ -174,15 +188,52 @@ class Processor:
             answer_mask=_last_reply(labels),
         )
 
+    def preference(self, sample: PreferenceSample, media: Mapping[str, bytes]) -> TokenSample:
+        """A preference pair as one sample whose chosen and rejected replies share the prompt (and its
+        vision) in one forward: `keye.data.preference`. An empty reply, identical replies, or media in a
+        reply are bad input (skipped and counted by kind)."""
+        from keye.data.preference import shared_prompt_sample
+
+        key = sample.key
+        for name, reply in (("chosen", sample.chosen), ("rejected", sample.rejected)):
+            if any(not isinstance(part, TextPart) for part in reply.content):
+                raise SampleError(key, "invalid_sample", f"the {name} reply has images or videos; replies are text")
+            if not reply.text.strip():
+                raise SampleError(key, "empty_reply", f"the {name} reply is empty")
+        if sample.chosen.text.strip() == sample.rejected.text.strip():
+            raise SampleError(key, "identical_replies", "the chosen and rejected replies are the same text")
+        vision = self._vision(sample.prompt, media, key)
+        prompt = encode_conversation(sample.prompt, self.tokenizer, vision.counts, sample.thinking_mode,
+                                     add_generation_prompt=True)
+        branches = []
+        for reply in (sample.chosen, sample.rejected):
+            encoded = encode_conversation([*sample.prompt, reply], self.tokenizer, vision.counts, sample.thinking_mode)
+            ids = torch.tensor(encoded.input_ids, dtype=torch.long)
+            branches.append((ids, torch.tensor(encoded.labels, dtype=torch.long), self._positions(ids, vision)))
+        try:
+            item = shared_prompt_sample(key, len(prompt.input_ids), *branches[0], *branches[1],
+                                        images=_join(vision.images), videos=_join(vision.videos))
+        except ValueError as exc:
+            raise SampleError(key, "invalid_sample", str(exc)) from None
+        self._check_length(key, len(item))
+        return item
+
     def pair(self, sample: PairSample, media: Mapping[str, bytes]) -> PairItem:
         image = self.image(sample.image, media, sample.key)
         ids = self.tokenizer.encode(sample.caption, add_special_tokens=False)[: self.settings.caption_length - 1]
         ids = ids + [self.special.eos] + [self.special.pad] * (self.settings.caption_length - 1 - len(ids))
         return PairItem(sample.key, image, torch.tensor(ids, dtype=torch.long))
 
-    def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None, *, pairs: bool = False) -> TokenSample | PairItem:
-        """``pairs``: image-text pairs for a contrastive stage; otherwise pairs become captioning conversations."""
+    def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None, *, pairs: bool = False,
+                 preference: bool = False) -> TokenSample | PairItem:
+        """``pairs``: image-text pairs for a contrastive stage; otherwise pairs become captioning conversations.
+        ``preference``: for a preference stage, which takes preference pairs only; elsewhere they are
+        unsupported input, so a next-token stage never trains on a rejected reply."""
         media = media or {}
+        if preference:
+            if isinstance(sample, PreferenceSample):
+                return self.preference(sample, media)
+            raise SampleError(sample.key, "unsupported", f"a preference stage takes preference samples, not '{sample.kind}'")
         if isinstance(sample, PairSample):
             return self.pair(sample, media) if pairs else self.conversation(caption_conversation(sample), media)
         if isinstance(sample, ConversationSample):
@@ -204,6 +255,16 @@ def caption_conversation(sample: PairSample) -> ConversationSample:
             {"role": "assistant", "content": sample.caption},
         ],
     })
+
+
+@dataclass
+class _Vision:
+    """The processed media of one sample, in reading order."""
+
+    images: list[VisionInputs]
+    videos: list[VisionInputs]
+    seconds: list[float]  # per video: seconds per temporal grid step (time-aligned M-RoPE)
+    counts: list[int]  # per image/video part: LLM tokens after the 2×2 merge
 
 
 def _join(items: list[VisionInputs]) -> VisionInputs | None:

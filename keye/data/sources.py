@@ -63,6 +63,8 @@ BAD_KINDS = (
     "unreadable_video",  # video bytes without a decodable video stream
     "over_budget",  # media too large (bytes) or too elongated to resize into the token budget
     "refused_media",  # a media path outside the data set's root, or not a regular file (device, FIFO, socket)
+    "empty_reply",  # a preference pair whose chosen or rejected reply has no text
+    "identical_replies",  # a preference pair whose chosen and rejected replies are the same text
 )
 MIN_SEEN_BEFORE_FAILING = 100
 

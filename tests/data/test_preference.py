@@ -1,0 +1,135 @@
+"""Preference pairs as one shared-prompt sample: layout, labels, tree attention, packing; bad pairs → SampleError
+with their kind; the synthetic world's pairs process; a next-token stage's processor refuses them."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from keye.data.batch import IGNORE, collate_pack
+from keye.data.preference import tree_attention
+from keye.data.processor import Processor, ProcessorSettings, SampleError
+from keye.data.sample import Sample
+from keye.data.synthetic import generate
+from keye.data.tokenizer import SpecialTokens, build_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tiny_tokenizer(["a red circle on the left", "how many squares are there? two three"] * 20, vocab_size=512)
+
+
+def png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def preference(chosen="two", rejected="three", key="p1") -> Sample:
+    return Sample.from_dict({
+        "kind": "preference", "key": key,
+        "prompt": [{"role": "user", "content": [{"type": "image", "image": {"key": "img.png"}},
+                                                {"type": "text", "text": "how many squares?"}]}],
+        "chosen": {"role": "assistant", "content": chosen},
+        "rejected": {"role": "assistant", "content": rejected},
+    })
+
+
+def conversation(reply: str) -> Sample:
+    raw = preference().to_dict()
+    return Sample.from_dict({"kind": "conversation", "key": "c", "messages": [*raw["prompt"], {"role": "assistant", "content": reply}]})
+
+
+def test_tree_attention_by_hand():
+    keep = tree_attention(2, 2, 3).int().tolist()
+    assert keep == [
+        [1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0],  # chosen: the prefix and itself
+        [1, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 1, 0, 0],  # rejected: the prefix and itself, never chosen
+        [1, 1, 0, 0, 1, 1, 0],
+        [1, 1, 0, 0, 1, 1, 1],
+    ]
+
+
+def test_shared_prompt_layout_equals_two_conversations(tokenizer):
+    processor = Processor(tokenizer, ProcessorSettings())
+    media = {"img.png": png(56, 56)}
+    item = processor(preference(), media, preference=True)
+    chosen, rejected = processor(conversation("two"), media), processor(conversation("three"), media)
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    # the vision appears once: one image, its pad tokens once
+    assert item.images.grid_thw.tolist() == [[1, 4, 4]]
+    assert int((item.input_ids == special.image_pad).sum()) == 4
+    # the prompt without its last token is written once; then each conversation from that token on
+    shared = len(chosen) + len(rejected) - len(item)
+    assert item.input_ids[shared] == chosen.input_ids[shared] and tokenizer.decode(item.input_ids[:shared + 1]).endswith("<|im_start|>assistant\n")
+    assert torch.equal(item.input_ids[:shared], chosen.input_ids[:shared])
+    branch_c = len(chosen) - shared
+    assert torch.equal(item.input_ids[shared:shared + branch_c], chosen.input_ids[shared:])
+    assert torch.equal(item.input_ids[shared + branch_c:], rejected.input_ids[shared:])
+    assert torch.equal(item.position_ids[:, :shared + branch_c], chosen.position_ids)
+    assert torch.equal(item.position_ids[:, shared + branch_c:], rejected.position_ids[:, shared:])
+    # labels: the conversations' own labels on each branch, IGNORE on the prefix
+    assert (item.labels[:shared] == IGNORE).all()
+    assert torch.equal(item.labels[shared:shared + branch_c], chosen.labels[shared:])
+    assert torch.equal(item.labels[shared + branch_c:], rejected.labels[shared:])
+    assert tokenizer.decode(item.labels[item.answer_mask]) == "two<|im_end|>"
+    assert tokenizer.decode(item.labels[item.rejected_mask]) == "three<|im_end|>"
+    assert not (item.answer_mask & item.rejected_mask).any()
+
+
+def test_packed_pairs_keep_their_tree_and_positions(tokenizer):
+    processor = Processor(tokenizer, ProcessorSettings())
+    media = {"img.png": png(56, 56)}
+    a = processor(conversation("two"), media)
+    b = processor(preference(), media, preference=True)
+    batch = collate_pack([a, b], seq_len=len(a) + len(b) + 3)
+    keep = ~batch.attention_mask[0, 0]
+    start = len(a)
+    assert torch.equal(keep[start:start + len(b), start:start + len(b)], b.attention)
+    assert not keep[start:, :start].any() and not keep[:start, start:].any()  # samples stay apart
+    assert len(batch.pairs) == 1
+    chosen, rejected = batch.pairs[0]
+    assert torch.equal(chosen, torch.nonzero(b.answer_mask).flatten() + start)
+    assert torch.equal(rejected, torch.nonzero(b.rejected_mask).flatten() + start)
+    assert batch.images.grid_thw.shape[0] == 2  # one image per sample, the pair's only once
+
+
+@pytest.mark.parametrize("chosen, rejected, kind", [
+    ("", "three", "empty_reply"),
+    ("two", "   ", "empty_reply"),
+    ("two", "two", "identical_replies"),
+    ("two", " two ", "identical_replies"),
+])
+def test_bad_pairs_are_sample_errors_with_their_kind(tokenizer, chosen, rejected, kind):
+    processor = Processor(tokenizer, ProcessorSettings())
+    with pytest.raises(SampleError) as info:
+        processor(preference(chosen, rejected), {"img.png": png(56, 56)}, preference=True)
+    assert info.value.kind == kind and info.value.key == "p1"
+
+
+def test_a_next_token_stage_refuses_preference_pairs(tokenizer):
+    processor = Processor(tokenizer, ProcessorSettings())
+    with pytest.raises(SampleError) as info:
+        processor(preference(), {"img.png": png(56, 56)})  # preference=False: never train on the rejected reply
+    assert info.value.kind == "unsupported"
+
+
+def test_synthetic_world_pairs_process():
+    from keye.data.pipeline import load_tokenizer
+    from keye_plugins.video_decoder.decord import DecordVideoDecoder
+
+    settings = ProcessorSettings(image_max_tokens=16, video_max_tokens=64, video_max_frame_tokens=16, video_min_frame_tokens=4)
+    processor = Processor(load_tokenizer("synthetic"), settings, DecordVideoDecoder())
+    for index in range(6):
+        loaded = generate(index, tasks=["preference"])
+        item = processor(loaded.sample, loaded.media, preference=True)
+        meta = loaded.sample.meta
+        assert meta["answer"] != meta["rejected_answer"]
+        decoded_c = processor.tokenizer.decode(item.labels[item.answer_mask])
+        decoded_r = processor.tokenizer.decode(item.labels[item.rejected_mask])
+        assert decoded_c.replace(" ", "") == (meta["answer"] + "<|im_end|>").replace(" ", "")
+        assert decoded_r.replace(" ", "") == (meta["rejected_answer"] + "<|im_end|>").replace(" ", "")
