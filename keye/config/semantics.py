@@ -284,6 +284,8 @@ def check_node(cfg: DictConfig, registry: Any, origin: Origin, kind: str, node: 
     """
     plain = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
     cls, config = _config_instance(kind, plain, registry)
+    if kind == "data_source":
+        _check_source(config, ConfigCheck(cfg, path, origin, stage_index))
     checker = getattr(cls, "check_config", None)
     if checker is not None:
         try:
@@ -296,6 +298,16 @@ def check_node(cfg: DictConfig, registry: Any, origin: Origin, kind: str, node: 
         nested = field_component_kind(field)
         if nested and plain.get(field.name) is not None:
             check_node(cfg, registry, origin, nested, plain[field.name], f"{path}.{field.name}", stage_index)
+
+
+def _check_source(config: Any, check: ConfigCheck) -> None:
+    """The fields every data source shares (keye.data.sources.SourceConfig), where a source has them."""
+    if hasattr(config, "max_bad_fraction"):
+        check.number(config, "max_bad_fraction", low=0, high=1)
+    if hasattr(config, "max_media_bytes"):
+        check.count(config, "max_media_bytes")
+    if hasattr(config, "shuffle_buffer"):
+        check.count(config, "shuffle_buffer", minimum=0)
 
 
 def _config_instance(kind: str, node: dict, registry: Any) -> tuple[type, Any]:

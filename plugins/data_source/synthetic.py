@@ -38,6 +38,16 @@ class SyntheticSource(DataSource):
         num_samples: int = doc("Samples per pass.", 1000)
         check_media: bool = doc("Decode the generated media before yielding (off: the generator made them).", False)
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        """What ``__init__`` refuses: unknown tasks, an unknown split, a negative sample count."""
+        try:
+            expand_tasks(list(config.tasks))
+        except ValueError as e:
+            check.fail("tasks", str(e))
+        check.one_of(config, "split", SPLITS)
+        check.count(config, "num_samples", minimum=0)
+
     def __init__(
         self, config: Config, ctx: Any = None, *, rank: int | None = None, world_size: int | None = None
     ) -> None:

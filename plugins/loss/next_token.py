@@ -21,6 +21,11 @@ class NextTokenLoss:
     class Config:
         label_smoothing: float = doc("Not supported by Megatron's vocab-parallel cross entropy; must be 0.", 0.0)
 
+    @classmethod
+    def check_config(cls, config: Config, check) -> None:
+        if config.label_smoothing:
+            check.fail("label_smoothing", "not supported (Megatron's vocab-parallel cross entropy); must be 0")
+
     def __init__(self, config: Config, ctx=None) -> None:
         if config.label_smoothing:
             raise ValueError("next_token: label_smoothing is not supported (Megatron's vocab-parallel cross entropy)")

@@ -91,6 +91,13 @@ def tiny_copy(tmp_path):
         (["stages.3.steps=0"], f"{TINY_LABEL}: stages.5.options.inputs.0: stage 'stage3_anneal_image' trains no steps"),
         (["stages.5.options.weights=[0.5,.nan]"], "stages.5.options.weights.1: must be a finite number >= 0, got nan"),
         (["stages.5.options.weights=[1.0]"], "stages.5.options.weights: 1 weights for 2 inputs"),
+        (["stages.0.data.sources.pairs.num_samples=-3"], "stages.0.data.sources.pairs.num_samples: must be an integer from 0"),
+        (["stages.0.data.sources.pairs.tasks=[nope]"], "stages.0.data.sources.pairs.tasks: unknown synthetic task 'nope'"),
+        (["stages.0.data.sources.pairs.split=test"], "stages.0.data.sources.pairs.split: 'test' is not one of train, heldout"),
+        (["stages.0.data.sources.pairs.max_bad_fraction=2"],
+         "stages.0.data.sources.pairs.max_bad_fraction: must be a finite number >= 0 and <= 1, got 2.0"),
+        (["stages.1.loss={name: next_token, label_smoothing: 0.1}"],
+         "stages.1.loss.label_smoothing: not supported (Megatron's vocab-parallel cross entropy); must be 0"),
     ],
 )
 def test_blueprints_that_cannot_run_fail_validation_in_one_line(keye_registry, overrides, message):
