@@ -13,7 +13,8 @@ its mass on the renormalised min-p survivors, so with both top-p and min-p set, 
   drop a token when the cumulative mass up to and including it is ``<= 1 - top_p``); the top token stays;
 - min-p: drop tokens whose probability is below ``min_p`` times the top token's probability.
 
-`sample` draws from ``softmax(filtered)`` with one seeded ``torch.Generator`` per row, and returns each
+`sample` draws from ``softmax(filtered)`` with one seeded ``torch.Generator`` per row (an exponential race on
+its uniform draws), and returns each
 token's log-probability under that distribution (``log_softmax(filtered)``): the distribution actually
 sampled from. Greedy (temperature 0) takes the argmax of the raw logits and reports its log-probability
 under the plain softmax (temperature 1, no filter), as documented in `keye.generate.contract`.
@@ -94,10 +95,12 @@ def sample(logits: Tensor, generators: Sequence[torch.Generator], temperature: f
         raise ValueError(f"sample: {len(generators)} generators for {logits.shape[0]} rows")
     scores = filter_logits(logits, temperature, top_k, top_p, min_p)  # (N, V)
     logp = scores.log_softmax(dim=-1)
-    probs = logp.exp()
-    tokens = torch.stack([
-        torch.multinomial(probs[i], 1, generator=generators[i])[0] for i in range(len(generators))
-    ])  # (N,)
+    # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) i.i.d. draws token i with probability p_i (what
+    # torch.multinomial does for one sample). E = -log(U) from each row's own generator; rand + log is ~10x
+    # faster on CPU than exponential_ with a generator.
+    uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=g.device) for g in generators])  # (N, V)
+    race = logp - torch.log(-torch.log(uniform))  # log(p / E); removed tokens stay -inf
+    tokens = race.argmax(dim=-1)  # (N,)
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 

@@ -24,8 +24,8 @@ and replaces ``forward``. What it does, by input:
 
 Numerics: fp32 results equal Megatron's within float rounding (its -10000 fill equals SDPA's -inf for any
 row that sees at least one key). GQA: each key/value group serves its query heads (SDPA's ``enable_gqa``,
-the grouping of Megatron's ``repeat_interleave``, without copying k and v; with an explicit mask k and v
-are repeated, as CUDA's masked kernels do not take GQA); under TP the heads are the per-rank heads of the
+the grouping of Megatron's ``repeat_interleave``, without copying k and v; with an explicit mask on CUDA k and v
+are repeated, as CUDA's masked kernels do not take GQA; the CPU ones do); under TP the heads are the per-rank heads of the
 given tensors. Dropout is ``config.attention_dropout`` in training, drawn inside Megatron's model-parallel
 RNG tracker as the original does. Sliding windows and softmax offsets are Megatron-only: those
 configurations use the original forward.
@@ -309,7 +309,7 @@ class SDPAAttention(DotProductAttention):
         """SDPA on q ``[b, np, s, hn]``, k/v ``[b, ng, s, hn]`` with this module's scale and dropout."""
         dropout = self.attention_dropout.p if self.training else 0.0
         groups = q.shape[1] // k.shape[1]
-        if groups > 1 and attn_mask is not None:  # GQA with a mask: repeat k/v (CUDA's masked kernels lack GQA)
+        if groups > 1 and attn_mask is not None and q.is_cuda:  # GQA with a mask: CUDA's masked kernels lack it
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         call = lambda: F.scaled_dot_product_attention(  # noqa: E731
             q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal, scale=self.sdpa_scale,

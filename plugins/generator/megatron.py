@@ -213,7 +213,7 @@ class MegatronGenerator:
         """One forward of this stage on ``ids [B, s]`` with the prefix's positions ``pos [3, B, offset + s]``;
         the last stage returns the last position's logits ``[B, V]``."""
         model = self.model
-        pipeline = _pipeline_group(self.parallel)
+        pipeline = _pipeline_group()
         if model.pre_process:
             if cache.offset == 0:
                 decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
@@ -237,7 +237,7 @@ class MegatronGenerator:
             tokens, logprobs = tokens.cpu(), logprobs.cpu()
         else:
             tokens, logprobs = torch.zeros(total, dtype=torch.long), torch.zeros(total, dtype=torch.float32)
-        return _broadcast_from_last(_pipeline_group(self.parallel), tokens, logprobs)
+        return _broadcast_from_last(_pipeline_group(), tokens, logprobs)
 
     def _stopped(self, ids: list[int], settings: SamplingSettings) -> tuple[str, Any] | None:
         """``("stop", why)`` if the continuation ``ids`` ends here; None to go on."""
@@ -389,7 +389,7 @@ class _MegatronCache:
         self.context.swap_key_value_dict(rows)
 
 
-def _pipeline_group(parallel: Any) -> Any:
+def _pipeline_group() -> Any:
     """The pipeline group when PP > 1, else None."""
     from megatron.core import parallel_state as mpu
 

@@ -1,0 +1,40 @@
+"""``tools/bench/generate.py --quick`` runs (in its own process: it starts Megatron's parallel state) and prints
+its table and ratios. Only the format is checked: speed targets live in the benchmark's output."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = (
+    "keye megatron generator, kv_cache keye",
+    "keye megatron generator, kv_cache megatron",
+    "transformers Qwen2.5-VL generate",
+    "keye without a cache (full forward per step)",
+)
+NUMBER = r"(\d+(?:\.\d+)?)"
+
+
+def test_quick_run_prints_table_and_ratios() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "generate.py"), "--quick"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert lines[0] == "generation: fp32, 1 CPU thread(s), cpu time (quick)"
+    batch = re.match(r"batch: 2 prompts of \d+-\d+ tokens .* x 2 samples x 4 new tokens = (\d+) tokens$", lines[1])
+    assert batch and int(batch[1]) == 16, lines[1]
+    header = lines.index(next(line for line in lines if line.startswith("case ")))
+    for case, line in zip(CASES, lines[header + 1:header + 5], strict=True):
+        row = re.fullmatch(rf"{re.escape(case)}\s+{NUMBER}\s+{NUMBER}", line)
+        assert row, line
+        seconds, per_second = float(row[1]), float(row[2])
+        assert per_second > 0 and abs(seconds - 16 / per_second) <= 0.0051  # seconds printed to 0.01
+    ratios = re.findall(rf"^(kv_cache keye/transformers|kv_cache megatron/transformers|kv_cache keye/no cache): "
+                        rf"{NUMBER}x", done.stdout, re.M)
+    assert [name for name, _ in ratios] == ["kv_cache keye/transformers", "kv_cache megatron/transformers",
+                                            "kv_cache keye/no cache"]

@@ -1,0 +1,198 @@
+"""Batched rollouts in tokens/s: keye's ``megatron`` generator (its two KV caches) against recomputing without a
+cache and against transformers' Qwen2.5-VL ``generate``, at the same dimensions, in one run.
+
+    python tools/bench/generate.py            # the full measurement (8 prompts x 4 samples, 128 new tokens)
+    python tools/bench/generate.py --quick    # CI: 2 prompts x 2 samples, 4 new tokens (checks that it runs)
+
+What runs (the models of ``tools/bench/model_step.py``: keye's small Keye-VL, siglip_navit small →
+patch_merge_mlp → qwen3 small on Megatron-Core TP=1, and transformers' ``Qwen2_5_VLForConditionalGeneration``
+with the same dimensions; random weights, fp32, eval mode):
+
+- the prompts: ``--prompts`` prompts, each with one image of a different size (4 to 24 LLM tokens) between
+  two random text chunks, ``--samples`` samples each, ``--new-tokens`` tokens per sample, no stop token
+  (every sample runs to the end), temperature 1 with no filter;
+- **keye (kv_cache keye)**: the generator with keye's cache (keys after RoPE): one prefill per prompt for all
+  prompts together, the samples sharing it, then one batched decode step per token;
+- **keye (kv_cache megatron)**: the same with Megatron-Core's ``StaticInferenceContext``;
+- **keye without a cache**: every step runs the whole left-padded batch (prompts x samples rows) through the
+  full forward again (the prompts' vision included), greedy over the text ids;
+- **transformers**: ``generate(do_sample=True, num_return_sequences=samples, top_k=0)`` on the left-padded
+  batch (transformers repeats each prompt, its image included, ``samples`` times before the prefill).
+
+Tokens/s counts generated tokens (prompts x samples x new tokens) over the case's time: this process's CPU
+time with one thread (default; a busy machine still gives an idle core's numbers), or wall time with
+``--threads N``. Prints a table and the ratios to transformers (target: keye >= 2x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+IMAGE_SIZES = [(4, 4), (4, 6), (6, 8), (8, 8), (6, 10), (8, 12), (4, 8), (10, 8)]  # in 14-px patches
+
+
+def _model_step() -> Any:
+    """``tools/bench/model_step.py`` as a module (the two models and their matched dimensions)."""
+    spec = importlib.util.spec_from_file_location("bench_model_step", HERE / "model_step.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_prompts(count: int, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``count`` prompts as (ids ``(L,)``, patches ``(N, 3, 14, 14)``, grid ``(1, 3)``): text, one image, text."""
+    ms = _model_step()
+    gen = torch.Generator().manual_seed(seed)
+    prompts = []
+    for index in range(count):
+        h, w = IMAGE_SIZES[index % len(IMAGE_SIZES)]
+        before, after = (int(x) for x in torch.randint(8, 48, (2,), generator=gen))
+        ids = torch.cat([
+            torch.randint(0, ms.TEXT_IDS, (before,), generator=gen),
+            torch.tensor([ms.VISION_START] + [ms.IMAGE_PAD] * (h * w // 4)),
+            torch.randint(0, ms.TEXT_IDS, (after,), generator=gen),
+        ])
+        patches = torch.randn(h * w, 3, ms.PATCH, ms.PATCH, generator=gen)
+        prompts.append((ids, patches, torch.tensor([[1, h, w]])))
+    return prompts
+
+
+def left_padded(prompts: list, samples: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Ids and attention mask ``(P, L)`` of the prompts left-padded (pad id 0), and their lengths."""
+    lengths = [ids.numel() for ids, _, _ in prompts]
+    length = max(lengths)
+    ids = torch.zeros(len(prompts), length, dtype=torch.long)
+    mask = torch.zeros(len(prompts), length, dtype=torch.long)
+    for row, (prompt, _, _) in enumerate(prompts):
+        ids[row, length - prompt.numel():] = prompt
+        mask[row, length - prompt.numel():] = 1
+    return ids, mask, lengths
+
+
+def keye_generate(generator: Any, prompts: list, samples: int, new_tokens: int) -> None:
+    from keye.generate.contract import GenerationRequest, SamplingSettings
+    from keye.model.composition import VisionInputs
+
+    requests = [GenerationRequest(ids, images=VisionInputs(patches, grid), n=samples) for ids, patches, grid in prompts]
+    outputs = generator.generate(requests, SamplingSettings(max_new_tokens=new_tokens, temperature=1.0, seed=0))
+    assert all(len(s.token_ids) == new_tokens for o in outputs for s in o.samples)
+
+
+@torch.no_grad()
+def keye_recompute(model: Any, prompts: list, samples: int, new_tokens: int) -> None:
+    """Greedy without a cache: the whole padded batch through the full forward at every step."""
+    from keye.hf.keye_vl import causal_padding_mask
+    from keye.model.composition import VisionInputs
+    from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, get_rope_index
+
+    ms = _model_step()
+    config = MRopeTimeAligned.Config(mrope_section=list(model.language_model.config.mrope_section),
+                                     head_dim=model.language_model.config.head_dim,
+                                     image_token_id=ms.IMAGE_PAD, video_token_id=ms.VIDEO_PAD)
+    rows = [p for p in prompts for _ in range(samples)]
+    ids, mask, _ = left_padded(rows, 1)
+    images = VisionInputs(torch.cat([p for _, p, _ in rows]), torch.cat([g for _, _, g in rows]))
+    for _ in range(new_tokens):
+        positions, _ = get_rope_index(ids, images.grid_thw, attention_mask=mask, config=config)
+        logits = model(ids, positions, causal_padding_mask(mask, *ids.shape), images=images)
+        next_ids = logits[:, -1, :ms.TEXT_IDS].argmax(-1, keepdim=True)  # text ids only: a generated image pad
+        ids = torch.cat([ids, next_ids], dim=1)  # would be taken for an image by the next full forward
+        mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+
+
+@torch.no_grad()
+def transformers_generate(model: Any, prompts: list, samples: int, new_tokens: int) -> None:
+    ms = _model_step()
+    ids, mask, _ = left_padded(prompts, 1)
+    kinds = (ids == ms.IMAGE_PAD).long()  # mm_token_type_ids: 1 at image pads
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, mm_token_type_ids=kinds,
+        pixel_values=torch.cat([p for _, p, _ in prompts]).flatten(1),  # (N, 3 * 1 * 14 * 14)
+        image_grid_thw=torch.cat([g for _, _, g in prompts]),
+        do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+    )
+    assert out.shape == (len(prompts) * samples, ids.shape[1] + new_tokens), tuple(out.shape)
+
+
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def timed(step: Callable[[], None], clock: str) -> float:
+    now = CLOCKS[clock]
+    start = now()
+    step()
+    return now() - start
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 prompts x 2 samples, 4 new tokens (for CI)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts (default 8; quick: 2)")
+    parser.add_argument("--samples", type=int, default=None, help="samples per prompt (default 4; quick: 2)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per sample (default 128; quick: 4)")
+    parser.add_argument("--no-recompute", action="store_true", help="skip the (slow) case without a cache")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    args = parser.parse_args(argv)
+    prompts_n = args.prompts or (2 if args.quick else 8)
+    samples = args.samples or (2 if args.quick else 4)
+    new_tokens = args.new_tokens or (4 if args.quick else 128)
+    clock = "cpu" if args.threads == 1 else "wall"
+    torch.set_num_threads(args.threads)
+
+    from keye.generate.contract import GeneratorContext
+    from keye.plugins import get_registry
+
+    ms = _model_step()
+    keye, model_cfg = ms.build_keye()
+    keye.eval()
+    hf = ms.build_transformers(model_cfg).eval()
+    prompts = make_prompts(prompts_n)
+    Generator = get_registry().cls("generator", "megatron")
+    caches = {cache: Generator(Generator.Config(kv_cache=cache, max_batch_size=prompts_n * samples),
+                               GeneratorContext(model=keye)) for cache in ("keye", "megatron")}
+    cases: dict[str, Callable[[], None]] = {
+        "keye megatron generator, kv_cache keye": lambda: keye_generate(caches["keye"], prompts, samples, new_tokens),
+        "keye megatron generator, kv_cache megatron": lambda: keye_generate(caches["megatron"], prompts, samples,
+                                                                            new_tokens),
+        "transformers Qwen2.5-VL generate": lambda: transformers_generate(hf, prompts, samples, new_tokens),
+    }
+    if not args.no_recompute:
+        cases["keye without a cache (full forward per step)"] = lambda: keye_recompute(keye, prompts, samples, new_tokens)
+    keye_generate(caches["keye"], prompts[:1], 1, 2)  # warm-up: first calls set up kernels and tables
+    keye_generate(caches["megatron"], prompts[:1], 1, 2)
+    transformers_generate(hf, prompts[:1], 1, 2)
+    seconds = {name: timed(step, clock) for name, step in cases.items()}
+
+    generated = prompts_n * samples * new_tokens
+    lengths = [ids.numel() for ids, _, _ in prompts]
+    print(f"generation: fp32, {torch.get_num_threads()} CPU thread(s), {clock} time{' (quick)' if args.quick else ''}")
+    print(f"batch: {prompts_n} prompts of {min(lengths)}-{max(lengths)} tokens (one image each, "
+          f"{min(h * w for h, w in IMAGE_SIZES[:prompts_n]) // 4}-{max(h * w for h, w in IMAGE_SIZES[:prompts_n]) // 4} "
+          f"image tokens) x {samples} samples x {new_tokens} new tokens = {generated} tokens")
+    print()
+    width = max(len(name) for name in cases)
+    print(f"{'case':<{width}}  {'seconds':>8}  {'tokens/s':>9}")
+    for name, value in seconds.items():
+        print(f"{name:<{width}}  {value:>8.2f}  {generated / value:>9.1f}")
+    print()
+    theirs = seconds["transformers Qwen2.5-VL generate"]
+    for name in list(cases)[:2]:
+        print(f"{name.split(', ')[1]}/transformers: {theirs / seconds[name]:.2f}x  (tokens/s; target >= 2.0x)")
+    if not args.no_recompute:
+        recompute = seconds["keye without a cache (full forward per step)"]
+        print(f"kv_cache keye/no cache: {recompute / seconds['keye megatron generator, kv_cache keye']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
