@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from keye.config.schema import Blueprint, StageConfig
@@ -74,10 +74,12 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[_Layer]:
         raise BlueprintError(f"{path}: extends: cycle {cycle}")
     raw = _parse(path, chain)
     label = _display(path)
-    extends = raw.pop("extends", [])
+    extends = OmegaConf.to_container(raw, resolve=False).get("extends", [])  # as written: never resolved
+    if "extends" in raw:
+        del raw["extends"]
     if isinstance(extends, str):
         extends = [extends]
-    if not isinstance(extends, (list, ListConfig)):
+    if not isinstance(extends, list):
         raise BlueprintError(f"{label}: extends: expected a relative path or a list of them, got {short(extends)}")
     layers: list[_Layer] = []
     for base in extends:
@@ -134,7 +136,7 @@ def _read_text(path: Path, chain: tuple[Path, ...]) -> str:
 
 def _base_path(path: Path, base: Any, label: str) -> Path:
     """Where ``extends: base`` points: a file in the folder of ``path`` or below it, nowhere else."""
-    if not isinstance(base, str) or not base.strip():
+    if not isinstance(base, str) or not base.strip() or "${" in base or base == "???":
         raise BlueprintError(f"{label}: extends: entries must be relative paths, got {short(base)}")
     relative = Path(base)
     if relative.is_absolute() or ".." in relative.parts:

@@ -103,7 +103,7 @@ def _reshape(rng: random.Random, tree: dict) -> str:
 
 def _extends(rng: random.Random, tree: dict) -> str:
     target = rng.choice(["/etc/passwd", "../base.yaml", "../../README.md", "nowhere.yaml", 5, ["base.yaml", None],
-                         "x" * 400, "."])
+                         "x" * 400, ".", "???", "${run.name}", {"a": 1}, ["base.yaml", "base.yaml"]])
     tree["extends"] = target
     return f"extends = {target!r}"[:120]
 

@@ -246,6 +246,13 @@ def test_extends_stays_in_the_blueprints_folder(tmp_path, registry, base):
     )
 
 
+@pytest.mark.parametrize("base", ["${run.name}", "???", 5, ""])
+def test_extends_names_files_as_written(tmp_path, registry, base):
+    top = write_in(tmp_path / "top.yaml", {"extends": [base], "run": {"name": "base.yaml"}})
+    with pytest.raises(BlueprintError, match=r"top.yaml: extends: entries must be relative paths, got"):
+        load_blueprint(top, [], registry)
+
+
 def test_extends_through_a_symlink_out_of_the_folder_is_refused(tmp_path, registry):
     (tmp_path / "outside.yaml").write_text("run: {seed: 1}\n")
     (tmp_path / "inner").mkdir()
