@@ -32,6 +32,7 @@ import json
 import os
 import pickle
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -141,16 +142,28 @@ def out_of_space(exc: BaseException, folder: Path) -> bool:
     return at_limit or stats.f_bavail * stats.f_frsize < _CHUNK
 
 
+_hook_counts: Counter = Counter()
+
+
 def hook(moment: str) -> None:
-    """Test hook for the fault-injection suite (``tools/fault_inject.py``): with
-    ``KEYE_FAULT_KILL_AT=<moment>`` this process SIGKILLs itself when a checkpoint write reaches
-    ``moment`` (``shards-written``, ``before-rename``), so moments a few milliseconds long are reached
-    every time. ``KEYE_FAULT_KILL_RANK`` picks the rank (default 0). Unset, it does nothing."""
-    if os.environ.get("KEYE_FAULT_KILL_AT") != moment:
+    """Test hook for the fault-injection suite (``tools/fault_inject.py``), inert unless asked for.
+
+    With ``KEYE_FAULT_KILL_AT=<moment>[:N]`` this process SIGKILLs itself the N-th time (default: the
+    first) a checkpoint write reaches ``moment`` (``shards-written``: every rank wrote its shards, nothing
+    published; ``before-rename``: the manifest is written, the folder not yet renamed), so instants a
+    few milliseconds long are hit every time. Only rank ``KEYE_FAULT_KILL_RANK`` (default 0) does; it
+    first creates the file ``KEYE_FAULT_FIRED`` names, if set, so the suite knows to kill the others.
+    """
+    wanted = os.environ.get("KEYE_FAULT_KILL_AT", "")
+    point, _, count = wanted.partition(":")
+    if point != moment or os.environ.get("RANK", "0") != os.environ.get("KEYE_FAULT_KILL_RANK", "0"):
         return
-    if os.environ.get("RANK", "0") == os.environ.get("KEYE_FAULT_KILL_RANK", "0"):
+    _hook_counts[moment] += 1
+    if _hook_counts[moment] == int(count or 1):
         import signal
 
+        if os.environ.get("KEYE_FAULT_FIRED"):
+            Path(os.environ["KEYE_FAULT_FIRED"]).touch()
         os.kill(os.getpid(), signal.SIGKILL)
 
 

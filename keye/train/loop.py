@@ -36,7 +36,7 @@ def train_steps(
     if ctx.blueprint.run.keep_checkpoints < 1:
         raise KeyeUserError(f"run.keep_checkpoints: {ctx.blueprint.run.keep_checkpoints}; keep at least 1")
     start = load_training_state(ctx, model, engine, stream) if ctx.resume else 0
-    if start:
+    if ctx.resume:  # a stage killed before its first checkpoint starts again at step 1: drop its lines too
         ctx.metrics.drop_after(stage.name, start)
     every = ctx.blueprint.run.checkpoint_every
     last = None
