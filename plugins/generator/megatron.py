@@ -4,8 +4,8 @@ No weight copy and no second model: it runs the live ``KeyeVLModel`` (the parame
 with a KV cache. One batch (requests whose samples fit ``max_batch_size``) goes like this:
 
 1. **Prefill, once per prompt, all prompts in one pass.** Prompts are left-padded to the longest; the
-   attention mask ``[B, 1, L, L]`` is causal over each row's real tokens, and each padding position sees
-   only itself (no fully masked row; nothing real sees padding). Images and videos of every prompt are
+   attention mask ``[B, 1, L, L]`` is causal over each row's real tokens, and the padding positions see
+   only each other (no fully masked row; nothing real sees padding). Images and videos of every prompt are
    encoded in that one pass (``KeyeVLModel.embed``), never again. Only the last position's logits are
    computed; with left padding it is every row's last prompt token.
 2. **Samples share the prefill.** The cache rows of prompt b are repeated ``n_b`` times and so are its last
@@ -25,10 +25,12 @@ The cache (``Config.kv_cache``), two kinds, measured:
   cached prefix again at every step, so each step is given the position ids of the whole prefix
   ``[3, S, L + t]`` (Megatron builds its M-RoPE table from the ids passed in).
 
-Measured on CPU, 1 thread, the ``small`` Qwen3 (hidden 256, 4 layers), 8 prompts of 16-139 tokens x 4
-samples, 64 greedy tokens (2048 tokens): ``keye`` 0.9-1.1 s, ``megatron`` 2.1-2.5 s (the re-rotation, its
-``cos``/``sin``/``cat`` per layer, is about half of its time), no cache (the padded batch through the
-full forward every step) 40-49 s; all three give the same tokens.
+Measured with ``tools/bench/generate.py`` (CPU, 1 thread, the small model: Qwen3 hidden 256 x 4 layers; 8
+prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, three runs): ``keye`` 1.88-1.95 s,
+``megatron`` 3.32-3.42 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
+most of the difference), no cache (the padded batch through the full forward every step) 94 s; transformers'
+Qwen2.5-VL ``generate`` at the same dimensions 2.07-2.38 s (``keye`` 1.09-1.22x of it). The caches and the
+no-cache forward give the same greedy tokens (tests/generate).
 
 Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
 tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).
@@ -303,12 +305,14 @@ def _left_pad(prompts: list[Tensor], positions: list[Tensor], length: int, pad_i
 
 
 def _prefill_mask(keep: Tensor) -> Tensor:
-    """``[B, 1, L, L]`` bool, True = masked: causal over real tokens, padded keys hidden, each position
-    sees itself (a padding row attends to itself alone instead of to nothing)."""
-    batch, length = keep.shape
-    causal = torch.ones(length, length, dtype=torch.bool).triu(1)  # (L, L)
-    mask = causal | ~keep[:, None, None, :]  # (B, 1, L, L)
-    return mask & ~torch.eye(length, dtype=torch.bool)
+    """``[B, 1, L, L]`` bool, True = masked: causal over real tokens, padding hidden from them, and the padding
+    positions attending to each other (no fully masked row; their outputs are never used). Each row is then
+    two diagonal blocks, padding and prompt, which keye's SDPA attention runs as two calls."""
+    length = keep.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L): True where visible
+    real = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, L, L)
+    pads = ~keep[:, None, :, None] & ~keep[:, None, None, :]
+    return ~((causal & real) | pads)
 
 
 def _join(parts: list[VisionInputs | None]) -> VisionInputs | None:
