@@ -236,10 +236,12 @@ class MegatronGenerator:
         if logits is not None:
             tokens, logprobs = sample(logits, generators, settings.temperature, settings.top_k, settings.top_p,
                                       settings.min_p)
-            tokens, logprobs = tokens.cpu(), logprobs.cpu()
-        else:
-            tokens, logprobs = torch.zeros(total, dtype=torch.long), torch.zeros(total, dtype=torch.float32)
-        return _broadcast_from_last(_pipeline_group(), tokens, logprobs)
+        else:  # filled by the broadcast (on the model's device: NCCL moves GPU tensors only)
+            device = self._device()
+            tokens = torch.zeros(total, dtype=torch.long, device=device)
+            logprobs = torch.zeros(total, dtype=torch.float32, device=device)
+        tokens, logprobs = _broadcast_from_last(_pipeline_group(), tokens, logprobs)
+        return tokens.cpu(), logprobs.cpu()
 
     def _stopped(self, ids: list[int], settings: SamplingSettings) -> tuple[str, Any] | None:
         """``("stop", why)`` if the continuation ``ids`` ends here; None to go on."""
