@@ -133,7 +133,8 @@ class MPOLoss:
         beta: float = doc("β of the implicit reward β·(log πθ − log π_ref) (TRL's and InternVL's default 0.1).", 0.1)
         weights: dict[str, float] = doc(
             "Weight of each term: sigmoid (DPO), bco_pair (BCO with the running shift δ), sft (NLL of the chosen "
-            "answer); 0 switches a term off. Defaults are InternVL MPO's 0.8 / 0.2 / 1.0.",
+            "answer); 0 switches a term off. Defaults are InternVL MPO's 0.8 / 0.2 / 1.0; a term left out keeps its "
+            "default (plain DPO: {sigmoid: 1.0, bco_pair: 0, sft: 0}).",
             default_factory=lambda: dict(DEFAULT_WEIGHTS),
         )
 

@@ -23,8 +23,9 @@ The reference pass runs as a whole pipeline schedule between optimiser steps (`_
 inside the policy's schedule, whose point-to-point messages it would otherwise cross under PP > 1.
 
 Metrics each step: the loss, each MPO term, reward accuracy (r_c > r_r), margin, chosen and rejected rewards
-and δ. Evaluation on held-out pairs before and after training reports reward accuracy, margin, rewards and
-the chosen NLL (the policy at the start *is* the reference, so the "before" rewards are 0 and accuracy 0).
+and δ. Evaluation on held-out pairs before and after training reports reward accuracy, margin, rewards, and
+the chosen replies' NLL and teacher-forced answer accuracy (the right answer must not be lost); the policy at
+the start *is* the reference, so the "before" rewards are 0 and reward accuracy 0.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ REFERENCE_MODES = ("live", "precomputed")
 STEP_SUMS = ("pairs", "loss_sigmoid", "loss_bco_pair", "loss_sft", "reward_accuracy", "margin", "chosen_reward",
              "rejected_reward")
 #: held-out sums (divided by ``pairs``)
-EVAL_SUMS = ("pairs", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_nll")
+EVAL_SUMS = ("pairs", "reward_accuracy", "margin", "chosen_reward", "rejected_reward", "chosen_nll", "answer_accuracy")
 
 
 # --- log-probs of the pairs of a micro-batch -------------------------------------------------------------
@@ -80,13 +81,27 @@ def _model_forward(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
                  images=batch.images, videos=batch.videos, loss_mask=batch.loss_mask)  # last stage: (1, T)
 
 
-def forward_logps(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int,
-                  precision: Any = None) -> list[torch.Tensor | None]:
-    """A forward-only pipeline schedule over ``batches``: per batch a ``(3, B)`` tensor (chosen log-probs,
-    rejected log-probs, chosen NLL) on the last pipeline stage, None on the others."""
+def _forward_only(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int, precision: Any,
+                  forward_step: Any) -> list[dict[str, torch.Tensor]] | None:
+    """A forward-only pipeline schedule over ``batches``: what each loss function reported, on the last
+    pipeline stage (None on the others)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    for chunk in chunks:
+        chunk.eval()
+    with torch.no_grad(), fp8_context(precision):
+        outputs = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(batches), model=chunks, num_microbatches=len(batches),
+            seq_length=seq_len, micro_batch_size=1, forward_only=True,
+        )
+    return outputs if mpu.is_pipeline_last_stage() else None
+
+
+def forward_logps(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int,
+                  precision: Any = None) -> list[torch.Tensor | None]:
+    """Per batch a ``(3, B)`` tensor (chosen log-probs, rejected log-probs, chosen NLL) on the last pipeline
+    stage, None on the others."""
     if not batches:
         return []
 
@@ -98,16 +113,31 @@ def forward_logps(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_
         batch = next(data)
         return _model_forward(model, batch), partial(loss_func, batch)
 
-    for chunk in chunks:
-        chunk.eval()
-    with torch.no_grad(), fp8_context(precision):
-        outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=chunks, num_microbatches=len(batches),
-            seq_length=seq_len, micro_batch_size=1, forward_only=True,
-        )
-    if not mpu.is_pipeline_last_stage():
-        return [None] * len(batches)
-    return [out["logps"] for out in outputs]
+    outputs = _forward_only(chunks, batches, seq_len, precision, forward_step)
+    return [None] * len(batches) if outputs is None else [out["logps"] for out in outputs]
+
+
+def forward_answers_correct(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int,
+                            precision: Any = None) -> list[float | None]:
+    """Per batch: how many pairs' chosen replies are the model's argmax at every token (teacher-forced, as the
+    `lm` stage's answer accuracy), on the last pipeline stage; None on the others."""
+    if not batches:
+        return []
+
+    def loss_func(batch: MicroBatch, logits: torch.Tensor):
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        predictions = gather_from_tensor_model_parallel_region(logits)[0].argmax(-1)  # (T,)
+        correct = sum(bool((predictions[c] == batch.labels[0][c]).all()) for c, _ in batch.pairs)
+        return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {"correct": torch.tensor(float(correct))}
+
+    def forward_step(data: Iterator[MicroBatch], model: torch.nn.Module):
+        batch = next(data)
+        logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, images=batch.images, videos=batch.videos)
+        return logits, partial(loss_func, batch)
+
+    outputs = _forward_only(chunks, batches, seq_len, precision, forward_step)
+    return [None] * len(batches) if outputs is None else [float(out["correct"]) for out in outputs]
 
 
 def _sum_everywhere(values: torch.Tensor, is_last: bool, over_data: bool = True) -> torch.Tensor:
@@ -318,7 +348,8 @@ class PreferenceStage(LMStage):
 
     def _evaluate_pairs(self, engine: TrainEngine, reference: Reference, loss: Any, seq_len: int, precision: Any,
                         is_last: bool) -> dict[str, float]:
-        """Held-out reward accuracy, margin, rewards and chosen NLL of the policy against the reference."""
+        """Held-out reward accuracy, margin and rewards of the policy against the reference; the chosen
+        replies' NLL and answer accuracy (did training on preferences keep the right answers?)."""
         from keye.data.pipeline import micro_batches
 
         if not self.ctx.stage.data.heldout:
@@ -326,13 +357,16 @@ class PreferenceStage(LMStage):
         batches = micro_batches(self.ctx, split="heldout", preference=True).take(self.config.eval_batches)
         beta = float(loss.config.beta)
         sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64)
-        policy = forward_logps(list(engine.chunks), batches, seq_len, precision)
-        for logps, ref in zip(policy, reference.logps(batches)):
+        chunks = list(engine.chunks)
+        policy = forward_logps(chunks, batches, seq_len, precision)
+        correct = forward_answers_correct(chunks, batches, seq_len, precision)
+        for logps, ref, right in zip(policy, reference.logps(batches), correct):
             if logps is None:
                 continue
             chosen, rejected = beta * (logps[0] - ref[0]), beta * (logps[1] - ref[1])
             sums += torch.tensor([len(chosen), float((chosen > rejected).sum()), float((chosen - rejected).sum()),
-                                  float(chosen.sum()), float(rejected.sum()), float(logps[2].sum())], dtype=torch.float64)
+                                  float(chosen.sum()), float(rejected.sum()), float(logps[2].sum()), right],
+                                 dtype=torch.float64)
         totals = _sum_everywhere(sums, is_last).tolist()
         pairs = totals[0]
         if not pairs:

@@ -172,6 +172,7 @@ def test_mpo_raises_heldout_reward_accuracy_with_a_positive_margin(runs):
     assert after["heldout_reward_accuracy"] > 0.5, after
     assert after["heldout_margin"] > 0, after
     assert after["heldout_chosen_nll"] < before["heldout_chosen_nll"]  # the SFT term
+    assert 0.0 <= before["heldout_answer_accuracy"] <= after["heldout_answer_accuracy"] <= 1.0
     lines = metrics(runs / "live")
     assert [line["step"] for line in lines] == list(range(1, STEPS + 1))
     for name in ("loss_sigmoid", "loss_bco_pair", "loss_sft", "reward_accuracy", "margin", "chosen_reward",
