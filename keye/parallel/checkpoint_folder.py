@@ -235,7 +235,8 @@ def _check_manifest(folder: Path) -> None:
         manifest = json.loads(path.read_text())
         files = manifest["files"] if manifest.get("format") == MANIFEST_FORMAT else None
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: missing (the checkpoint was not published completely)") from None
+        raise CheckpointError(f"{path}: missing (not published completely, or written by a keye without "
+                              "checkpoint manifests: run that stage again)") from None
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         files = None
     if not isinstance(files, dict):

@@ -141,7 +141,10 @@ def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any
             shutil.rmtree(partial, ignore_errors=True)
     save(state, folder)
     if parallel.rank == 0:
-        checkpoint_folder.write_text_atomically(root / "latest", f"{folder.name}\n")
+        try:
+            checkpoint_folder.write_text_atomically(root / "latest", f"{folder.name}\n")
+        except OSError as exc:  # --resume finds the newest valid checkpoint without it
+            raise checkpoint_folder.CheckpointWriteError(f"{root / 'latest'}: cannot be written ({exc.strerror})") from None
         # Newer ones are from an attempt this run resumed before (they failed to verify); of the rest,
         # the newest `keep` stay.
         published = _published(root)
