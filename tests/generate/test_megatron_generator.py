@@ -181,7 +181,8 @@ def _generate_all(root: str) -> dict:
     from keye.data.tokenizer import SpecialTokens
     from keye.errors import KeyeUserError
     from keye.generate.contract import GeneratorContext, SamplingSettings
-    from keye.hf import load_keye_vl
+    from keye.hf import hf_configs, load_keye_vl
+    from keye.hf.keye_vl import build_keye_vl_model, hf_to_keye_state, load_hf_into, read_config, read_weights
     from keye.plugins import get_registry
 
     tokenizer = tiny_tokenizer()
@@ -212,6 +213,14 @@ def _generate_all(root: str) -> dict:
     megatron = Generator(Generator.Config(kv_cache="megatron"), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out["greedy_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), megatron)
     out["sampled_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, seed=7, **SAMPLED), megatron)
+    # the same weights with Megatron's own core attention (no keye cache there): the static context serves it
+    configs = hf_configs(read_config(Path(root) / "ckpt"))
+    configs.language.attention = "megatron"
+    unfused = build_keye_vl_model(configs)
+    load_hf_into(unfused, hf_to_keye_state(read_weights(Path(root) / "ckpt"), configs))
+    fallback = Generator(Generator.Config(), GeneratorContext(model=unfused.eval(), tokenizer=tokenizer))
+    out["fallback_cache"] = fallback.kv_cache()
+    out["greedy_megatron_attention"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), fallback)
     start = time.perf_counter()
     alone = [reference_greedy_alone(keye, r) for r in reqs]
     out["reference_seconds"] = time.perf_counter() - start
@@ -287,6 +296,13 @@ def test_megatron_static_context_gives_the_same_samples(generated):
             for (tokens, logprobs, *rest), (tokens_ours, logprobs_ours, *rest_ours) in zip(other, ours):
                 assert (tokens, rest) == (tokens_ours, rest_ours)
                 assert logprobs == pytest.approx(logprobs_ours, abs=1e-5)
+
+
+def test_megatron_core_attention_falls_back_to_the_static_context(generated):
+    assert generated["fallback_cache"] == "megatron"
+    for other, ours in zip(generated["greedy_megatron_attention"], generated["greedy"]):
+        assert [s[0] for s in other] == [s[0] for s in ours]
+        assert all(s[1] == pytest.approx(o[1], abs=1e-4) for s, o in zip(other, ours))
 
 
 def test_greedy_logprobs_are_the_plain_softmax(generated):
