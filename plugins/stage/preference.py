@@ -168,14 +168,33 @@ class Reference:
         self.table: dict[str, tuple[float, float]] = {}
 
     def precompute(self, streams: list[Iterator[MicroBatch]]) -> None:
-        """One pass over each stream (in order, to its end); keeps each pair's reference log-probs by key."""
+        """One pass over each stream (in order, to its end); keeps each pair's reference log-probs by key.
+
+        Every data-parallel rank passes over its own share; the tables are then joined, because with
+        ``data.balance: flops`` a training pack may hold samples another rank read in this pass.
+        """
+        from megatron.core import parallel_state as mpu
+
         for stream in streams:
             batches = list(stream)
             for batch, logps in zip(batches, forward_logps([self.model], batches, self.seq_len, self.precision)):
                 if logps is not None:
-                    for key, chosen, rejected in zip(batch.keys, logps[0].tolist(), logps[1].tolist()):
-                        self.table[key] = (chosen, rejected)
+                    self.add(batch.keys, logps[0].tolist(), logps[1].tolist())
+        if mpu.is_pipeline_last_stage() and mpu.get_data_parallel_world_size() > 1:
+            tables: list[Any] = [None] * mpu.get_data_parallel_world_size()
+            dist.all_gather_object(tables, self.table, group=mpu.get_data_parallel_group())
+            self.table = {}
+            for table in tables:
+                self.add(list(table), *zip(*table.values()))
         self.model = None  # the copy is not needed any more: free it
+
+    def add(self, keys: list[str], chosen: Any, rejected: Any) -> None:
+        """Record reference log-probs by sample key; a key seen twice means two different samples share it."""
+        for key, chosen_logp, rejected_logp in zip(keys, chosen, rejected):
+            if key in self.table:
+                raise KeyeUserError(f"preference stage: sample key {key!r} occurs twice in the stage's sources; "
+                                    "reference: precomputed needs unique keys (or use reference: live)")
+            self.table[key] = (float(chosen_logp), float(rejected_logp))
 
     def logps(self, batches: list[MicroBatch]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per batch: (chosen, rejected) reference log-probs ``[B]`` on the last pipeline stage, None elsewhere."""

@@ -223,3 +223,16 @@ def test_resume_restores_delta(runs):
     assert summary(run)["resumed_from_step"] == EVERY
     for name in ("loss", "delta", "margin"):
         assert [line[name] for line in resumed] == pytest.approx([line[name] for line in straight], abs=1e-6), name
+
+
+def test_precomputed_reference_refuses_a_key_seen_twice():
+    """Two sources whose samples share keys (e.g. two synthetic sources with other seeds) cannot share one
+    precomputed table: the second sample with a key is refused by name rather than given the first's numbers."""
+    from keye.errors import KeyeUserError
+    from keye_plugins.stage.preference import Reference
+
+    reference = Reference(torch.nn.Linear(2, 2), "precomputed", 64, None)
+    reference.add(["a", "b"], [-1.0, -2.0], [-3.0, -4.0])
+    assert reference.table == {"a": (-1.0, -3.0), "b": (-2.0, -4.0)}
+    with pytest.raises(KeyeUserError, match="'b' occurs twice"):
+        reference.add(["c", "b"], [0.0, 0.0], [0.0, 0.0])
