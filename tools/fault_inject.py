@@ -260,9 +260,10 @@ def run_suite(trials: list[list[Plan]], work: Path, progress: bool = True) -> di
     """Run each trial (a run killed once per plan, then resumed) against an uninterrupted run with the
     same number of processes; the tally."""
     references: dict[int, Path] = {}
-    tally = {"kills": 0, "moments": Counter(), "identical": 0, "runs": len(trials), "failures": []}
+    tally = {"kills": 0, "moments": Counter(), "ranks": Counter(), "identical": 0, "runs": len(trials), "failures": []}
     for index, plans in enumerate(tqdm(trials, desc="fault injection", unit="run", disable=not progress)):
         nproc = plans[0].nproc
+        tally["ranks"][nproc] += 1
         if nproc not in references:
             bp = _write_blueprint(work / f"reference_nproc{nproc}")
             _run(bp, nproc)
@@ -281,14 +282,15 @@ def run_suite(trials: list[list[Plan]], work: Path, progress: bool = True) -> di
         else:
             tally["identical"] += 1
             shutil.rmtree(folder, ignore_errors=True)
-    tally["moments"] = dict(tally["moments"])
+    tally["moments"], tally["ranks"] = dict(tally["moments"]), dict(tally["ranks"])
     return tally
 
 
 def report(tally: dict) -> str:
     moments = ", ".join(f"{name} {count}" for name, count in sorted(tally["moments"].items()))
-    lines = [f"kills: {tally['kills']} ({moments}); runs identical to the uninterrupted one after resume: "
-             f"{tally['identical']} of {tally['runs']}"]
+    ranks = ", ".join(f"{count} with {nproc} rank{'s' if nproc > 1 else ''}" for nproc, count in sorted(tally["ranks"].items()))
+    lines = [f"kills: {tally['kills']} ({moments}); runs: {tally['runs']} ({ranks}); identical to the uninterrupted "
+             f"run after resume: {tally['identical']} of {tally['runs']}"]
     return "\n".join(lines + [f"DIFFERS {failure}" for failure in tally["failures"]])
 
 
