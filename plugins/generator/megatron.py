@@ -46,7 +46,7 @@ its hidden states to the next, and the last stage samples and broadcasts the tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -112,7 +112,10 @@ class MegatronGenerator:
     # --- entry point ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> list[GenerationOutput]:
+    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings,
+                 on_token: Callable[[int, int, int], None] | None = None) -> list[GenerationOutput]:
+        """``on_token(request index, sample index, token id)`` is called for each kept token as it is sampled
+        (streaming for chat; every rank calls it)."""
         if settings.stop_strings and self.tokenizer is None:
             raise ValueError("megatron generator: stop strings need a tokenizer (GeneratorContext.tokenizer)")
         outputs: list[GenerationOutput] = []
@@ -120,7 +123,7 @@ class MegatronGenerator:
         self.model.eval()  # Megatron's inference path runs only in eval mode (and no dropout)
         try:
             for batch in self._batches(list(requests)):
-                samples = self._generate_batch(batch, settings)
+                samples = self._generate_batch(batch, settings, on_token)
                 for request in batch.requests:
                     outputs.append(GenerationOutput(samples[: request.n], request.thinking_mode))
                     samples = samples[request.n:]
@@ -140,7 +143,8 @@ class MegatronGenerator:
 
     # --- one batch ------------------------------------------------------------------------------------
 
-    def _generate_batch(self, batch: _Batch, settings: SamplingSettings) -> list[SampleOutput]:
+    def _generate_batch(self, batch: _Batch, settings: SamplingSettings,
+                        on_token: Callable[[int, int, int], None] | None = None) -> list[SampleOutput]:
         requests = batch.requests
         lengths = [int(r.prompt_ids.numel()) for r in requests]
         length = max(lengths)
@@ -168,6 +172,7 @@ class MegatronGenerator:
         next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
         generators = [sample_generator(settings.seed, index, j, device)
                       for index, r in zip(batch.indices, requests) for j in range(r.n)]
+        origin = [(index, j) for index, r in zip(batch.indices, requests) for j in range(r.n)]  # sample → (request, j)
 
         tokens_out: list[list[int]] = [[] for _ in range(total)]
         logprobs_out: list[list[float]] = [[] for _ in range(total)]
@@ -179,6 +184,8 @@ class MegatronGenerator:
                     tokens_out[s].append(token)
                     logprobs_out[s].append(logprob)
                     finish[s] = self._stopped(tokens_out[s], settings)
+                    if on_token is not None:
+                        on_token(*origin[s], token)
             if all(f is not None for f in finish) or step == settings.max_new_tokens - 1:
                 break
             pos = torch.cat([pos, (next_pos + step).expand(3, -1)[:, :, None]], dim=2)  # (3, S, L + t + 1)
