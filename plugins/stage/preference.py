@@ -158,11 +158,10 @@ def _sum_everywhere(values: torch.Tensor, is_last: bool, over_data: bool = True)
 class Reference:
     """Reference log-probs for micro-batches: from a frozen live copy, or looked up after one precomputing pass."""
 
-    def __init__(self, model: KeyeVLModel, mode: str, seq_len: int, precision: Any) -> None:
+    def __init__(self, model: KeyeVLModel, seq_len: int, precision: Any) -> None:
         model.requires_grad_(False)
         model.eval()
-        self.model: KeyeVLModel | None = model
-        self.mode = mode
+        self.model: KeyeVLModel | None = model  # None once precomputed
         self.seq_len = seq_len
         self.precision = precision
         self.table: dict[str, tuple[float, float]] = {}
@@ -184,8 +183,8 @@ class Reference:
             tables: list[Any] = [None] * mpu.get_data_parallel_world_size()
             dist.all_gather_object(tables, self.table, group=mpu.get_data_parallel_group())
             self.table = {}
-            for table in tables:
-                self.add(list(table), *zip(*table.values()))
+            for table in tables:  # a rank may have read nothing
+                self.add(list(table), [c for c, _ in table.values()], [r for _, r in table.values()])
         self.model = None  # the copy is not needed any more: free it
 
     def add(self, keys: list[str], chosen: Any, rejected: Any) -> None:
@@ -324,7 +323,7 @@ class PreferenceStage(LMStage):
         initialised_from = load_stage_weights(model, ctx)
         frozen = self.build_model()  # the reference: the starting point, same layout, never trained
         frozen.load_state_dict(model.state_dict())
-        reference = Reference(frozen, config.reference, seq_len, precision)
+        reference = Reference(frozen, seq_len, precision)
         if config.reference == "precomputed":
             streams = [micro_batches(ctx, split="train", preference=True, once=True)]
             if stage.data.heldout:

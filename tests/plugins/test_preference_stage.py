@@ -231,7 +231,7 @@ def test_precomputed_reference_refuses_a_key_seen_twice():
     from keye.errors import KeyeUserError
     from keye_plugins.stage.preference import Reference
 
-    reference = Reference(torch.nn.Linear(2, 2), "precomputed", 64, None)
+    reference = Reference(torch.nn.Linear(2, 2), 64, None)
     reference.add(["a", "b"], [-1.0, -2.0], [-3.0, -4.0])
     assert reference.table == {"a": (-1.0, -3.0), "b": (-2.0, -4.0)}
     with pytest.raises(KeyeUserError, match="'b' occurs twice"):
