@@ -1,5 +1,6 @@
 """Preference pairs as one shared-prompt sample: layout, labels, tree attention, packing; bad pairs → SampleError
-with their kind; the synthetic world's pairs process; a next-token stage's processor refuses them."""
+with their kind; the synthetic world's pairs process; a next-token stage's processor refuses pairs and a
+preference stage's refuses everything else."""
 
 import io
 
@@ -116,6 +117,13 @@ def test_a_next_token_stage_refuses_preference_pairs(tokenizer):
     with pytest.raises(SampleError) as info:
         processor(preference(), {"img.png": png(56, 56)})  # preference=False: never train on the rejected reply
     assert info.value.kind == "unsupported"
+
+
+def test_a_preference_stage_refuses_other_kinds(tokenizer):
+    processor = Processor(tokenizer, ProcessorSettings())
+    with pytest.raises(SampleError) as info:
+        processor(conversation("two"), {"img.png": png(56, 56)}, preference=True)  # no pair: nothing to prefer
+    assert info.value.kind == "unsupported" and "preference samples" in info.value.reason
 
 
 def test_synthetic_world_pairs_process():
