@@ -13,8 +13,9 @@ every stage's final weights and every logged loss with the uninterrupted run. Mo
 - ``mid-step``: after a random number of logged steps (real timing: the kill lands wherever the run is);
 - ``mid-checkpoint-write``: as soon as a checkpoint's ``.partial`` folder appears (real timing, polled),
   or, for moments too short to hit by polling, at a random checkpoint write through the writer's test
-  hook ``KEYE_FAULT_KILL_AT=<shards-written|before-rename>[:N]`` (the run kills itself at the N-th write
-  reaching that point; see `keye.parallel.checkpoint_folder.hook`);
+  hook ``KEYE_FAULT_KILL_AT=<shards-written|before-rename>[:N][@TEXT]`` (the run kills itself at the
+  N-th write reaching that point, of a folder whose path contains TEXT; see
+  `keye.parallel.checkpoint_folder.hook`);
 - ``between``: as soon as a random stage has finished (its ``done.json`` appears; the merge, or the next
   stage's start, is what gets killed).
 
@@ -104,7 +105,7 @@ class Plan:
     moment: str
     nproc: int
     after_steps: int = 0  # mid-step: kill once this many steps were logged
-    hook: str | None = None  # mid-checkpoint-write by the writer's hook: "point:N"
+    hook: str | None = None  # mid-checkpoint-write by the writer's hook: "point[:N][@TEXT]"
     after_stage: str | None = None  # between: kill once this stage is done
 
     def describe(self) -> str:

@@ -99,7 +99,7 @@ def publish(partial: Path, folder: Path) -> None:
     for path in files:
         _fsync(path)
     write_text_atomically(partial / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    hook("before-rename")
+    hook("before-rename", folder)
     if folder.exists():
         aside = folder.parent / f".{folder.name}.old"
         shutil.rmtree(aside, ignore_errors=True)
@@ -145,18 +145,21 @@ def out_of_space(exc: BaseException, folder: Path) -> bool:
 _hook_counts: Counter = Counter()
 
 
-def hook(moment: str) -> None:
+def hook(moment: str, folder: Path) -> None:
     """Test hook for the fault-injection suite (``tools/fault_inject.py``), inert unless asked for.
 
-    With ``KEYE_FAULT_KILL_AT=<moment>[:N]`` this process SIGKILLs itself the N-th time (default: the
-    first) a checkpoint write reaches ``moment`` (``shards-written``: every rank wrote its shards, nothing
-    published; ``before-rename``: the manifest is written, the folder not yet renamed), so instants a
-    few milliseconds long are hit every time. Only rank ``KEYE_FAULT_KILL_RANK`` (default 0) does; it
-    first creates the file ``KEYE_FAULT_FIRED`` names, if set, so the suite knows to kill the others.
+    With ``KEYE_FAULT_KILL_AT=<moment>[:N][@TEXT]`` this process SIGKILLs itself the N-th time (default:
+    the first) a checkpoint write reaches ``moment`` (``shards-written``: every rank wrote its shards,
+    nothing published; ``before-rename``: the manifest is written, the folder not yet renamed), counting
+    only writes to folders whose path contains TEXT, so instants a few milliseconds long are hit every
+    time. Only rank ``KEYE_FAULT_KILL_RANK`` (default 0) does; it first creates the file
+    ``KEYE_FAULT_FIRED`` names, if set, so the suite knows to kill the other ranks.
     """
-    wanted = os.environ.get("KEYE_FAULT_KILL_AT", "")
+    wanted, _, text = os.environ.get("KEYE_FAULT_KILL_AT", "").partition("@")
     point, _, count = wanted.partition(":")
-    if point != moment or os.environ.get("RANK", "0") != os.environ.get("KEYE_FAULT_KILL_RANK", "0"):
+    if point != moment or text not in str(folder):
+        return
+    if os.environ.get("RANK", "0") != os.environ.get("KEYE_FAULT_KILL_RANK", "0"):
         return
     _hook_counts[moment] += 1
     if _hook_counts[moment] == int(count or 1):

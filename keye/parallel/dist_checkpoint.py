@@ -114,7 +114,7 @@ def save(state: dict[str, Any], folder: str | Path) -> None:
     error: BaseException | None = None
     try:
         dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy())
-        checkpoint_folder.hook("shards-written")  # Megatron's save ends with a barrier: every rank is done
+        checkpoint_folder.hook("shards-written", folder)  # Megatron's save ends with a barrier: every rank is done
         if rank == 0:
             checkpoint_folder.publish(partial, folder)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - every rank learns of it below, then it is raised
