@@ -8,6 +8,11 @@ writes, for each split (``train``, and ``heldout`` unless ``--heldout 0``)::
     data/synthetic/train.jsonl             the same samples, media as files (paths relative to the JSONL)
     data/synthetic/media/train/<key>.png
 
+and, from the held-out split, one evaluation benchmark per task (`keye.eval.benchmark` JSONL; media beside it)::
+
+    data/synthetic/benchmarks/<task>.jsonl
+    data/synthetic/benchmarks/media/<key>.png
+
 so the ``webdataset`` and ``jsonl`` sources read the same data the ``synthetic`` source generates in memory.
 Same arguments, same samples (the tar members carry a fixed mtime, so the shards are byte-identical too).
 Tests import `write_shards` and `write_jsonl` from this file.
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Iterable
 
 from keye.data.sources import LoadedSample, media_refs
-from keye.data.synthetic import TASK_GROUPS, TASKS, expand_tasks, generate_many
+from keye.data.synthetic import TASK_GROUPS, TASKS, benchmark_rows, expand_tasks, generate_many
 
 
 def write_shards(items: Iterable[LoadedSample], pattern: str, shard_size: int) -> list[str]:
@@ -74,6 +79,25 @@ def write_split(
     return {"shards": len(shards), "tasks": collections.Counter(item.sample.meta["task"] for item in items)}
 
 
+def write_benchmarks(out: Path, num_samples: int, tasks: list[str], seed: int) -> dict[str, int]:
+    """The first ``num_samples`` held-out samples as benchmark files ``out/<task>.jsonl`` (media in
+    ``out/media/``, paths relative to the files); returns questions per task."""
+    import json
+
+    (out / "media").mkdir(parents=True, exist_ok=True)
+    rows: dict[str, list[str]] = {}
+    for row, media in benchmark_rows(num_samples, tasks=tasks, seed=seed):
+        for name, data in media.items():
+            (out / "media" / name).write_bytes(data)
+        for entry in row["media"]:
+            kind, name = next(iter(entry.items()))
+            entry[kind] = f"media/{name}"
+        rows.setdefault(row["task"], []).append(json.dumps(row))
+    for task, lines in rows.items():
+        (out / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    return {task: len(lines) for task, lines in rows.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", type=Path, help="output folder")
@@ -98,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - start
         per_task = ", ".join(f"{task} {count}" for task, count in sorted(report["tasks"].items()))
         print(f"{split}: {n} samples in {report['shards']} shard(s), {seconds:.1f} s ({n / seconds:.0f}/s): {per_task}")
+        if split == "heldout":
+            counts = write_benchmarks(args.out / "benchmarks", n, tasks, args.seed)
+            print(f"benchmarks: {len(counts)} files in {args.out / 'benchmarks'} ({sum(counts.values())} questions)")
     return 0
 
 

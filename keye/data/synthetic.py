@@ -177,3 +177,40 @@ def generate_many(
     names = expand_tasks(tasks)
     for index in indices if indices is not None else range(num_samples):
         yield generate(index, tasks=names, split=split, seed=seed)
+
+
+# --- held-out benchmarks -------------------------------------------------------------------------------
+
+#: the metric (`keye.eval.metrics`) that scores a family's answer in a benchmark; every other family: ``exact``
+BENCHMARK_METRICS = {"caption": "anls", "ocr": "anls", "grounding": "iou", "video_when": "relaxed"}
+
+
+def benchmark_rows(num_samples: int, *, tasks: Sequence[str] | None = None, seed: int = 0,
+                   split: str = "heldout") -> Iterator[tuple[dict, dict[str, bytes]]]:
+    """The first ``num_samples`` samples of ``split`` as benchmark questions (`keye.eval.benchmark`'s JSONL
+    rows: question, media file name, short answer, task, metric), each with its media bytes by that name.
+
+    Every task becomes questions: a pair asks for the caption, a preference pair and an RL prompt ask their
+    question (answered by the chosen / reference answer), a reasoning sample its question. Grounding answers
+    are the box's four numbers (scored by IoU).
+    """
+    import re
+
+    for loaded in generate_many(num_samples, tasks=tasks, split=split, seed=seed):
+        sample, meta = loaded.sample, loaded.sample.meta
+        [(name, data)] = loaded.media.items()
+        if isinstance(sample, PairSample):
+            question = "Describe the image."
+        else:
+            turn = (getattr(sample, "messages", None) or sample.prompt)[0]
+            question = " ".join(part.text for part in turn.content if isinstance(part, TextPart))
+        answer: object = meta["answer"]
+        metric = BENCHMARK_METRICS.get(meta["family"], "exact")
+        if metric == "iou":
+            answer = [int(v) for v in re.findall(r"\d+", str(answer))]
+        elif metric == "relaxed":  # "at 2.0 seconds": the number is what is compared
+            answer = re.findall(r"\d+(?:\.\d+)?", str(answer))[-1]
+        kind = "video" if name.endswith(".mp4") else "image"
+        row = {"id": sample.key, "question": question, "media": [{kind: name}], "answer": answer,
+               "task": meta["task"], "metric": metric}
+        yield row, {name: data}
