@@ -68,7 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """Everything ``run`` checks before it builds anything (schema, components, ranges, references between
-    stages; with ``--nproc`` the parallel layout too), one line per failing blueprint; files are not read."""
+    stages; with ``--nproc`` the parallel layout too), one line per failing blueprint. Data and weights
+    folders are not looked at (a blueprint is often checked away from its cluster); ``run`` looks at them."""
     from keye.config import load_blueprint
 
     if args.layout_nproc is not None and args.layout_nproc < 1:
