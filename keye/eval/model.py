@@ -132,3 +132,28 @@ def from_stage(blueprint: Any, stage_name: str, registry: Any, parallel: Any, da
     data_stage = data_stage if data_stage is not None else blueprint.stages[names.index(stage_name)]
     processor = build_processor(SimpleNamespace(blueprint=blueprint, stage=data_stage, registry=registry))
     return EvalModel(_generator(model, processor.tokenizer, parallel), processor, **settings)
+
+
+def is_blueprint(source: str) -> bool:
+    return Path(source).suffix in (".yaml", ".yml")
+
+
+def load_source(source: str, stage: str | None = None, overrides: Sequence[str] = (), **settings: Any) -> EvalModel:
+    """The model of a command-line SOURCE: a released-format folder, or a blueprint file and one of its
+    finished stages (built in one process, as ``keye-launch export`` does)."""
+    path = Path(source)
+    if is_blueprint(source):
+        from keye.config import load_blueprint
+        from keye.parallel import init_parallel
+        from keye.plugins import get_host
+
+        if not path.is_file():
+            raise KeyeUserError(f"{source}: no such blueprint file")
+        if stage is None:
+            raise KeyeUserError(f"{source}: a blueprint source needs the stage to load (SOURCE STAGE)")
+        host = get_host()
+        cfg = load_blueprint(source, overrides, host.registry)
+        return from_stage(cfg, stage, host.registry, init_parallel(seed=cfg.run.seed), **settings)
+    if not path.is_dir():
+        raise KeyeUserError(f"{source}: not a released-format folder nor a blueprint file (.yaml)")
+    return from_released(path, **settings)

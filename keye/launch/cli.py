@@ -6,6 +6,8 @@
     keye-launch plugins [--json]
     keye-launch export BLUEPRINT STAGE DST [KEY=VALUE ...]
     keye-launch convert {hf-to-megatron,megatron-to-hf} SRC DST [--tensor T] [--pipeline P]
+    keye-launch eval SOURCE [STAGE] BENCHMARK... [--mode M] [--max-samples N] [--out DIR]
+    keye-launch chat SOURCE [STAGE] [--image PATH]... [--video PATH]... [--mode M] [PROMPT]
 
 A user error (bad blueprint, unknown component, bad override) prints one line and exits 2 (once per run:
 with ``--nproc N`` the launcher prints what its ranks report, see `keye.launch.spawn`). ``run`` refuses an
@@ -169,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--tensor", type=int, default=1, help="tensor-parallel size to convert with")
     convert.add_argument("--pipeline", type=int, default=1, help="pipeline-parallel size to convert with")
     convert.set_defaults(func=cmd_convert)
+
+    from keye.launch import chat, evaluate
+
+    evaluate.add_parser(commands)  # keye.launch.evaluate
+    chat.add_parser(commands)  # keye.launch.chat
     return parser
 
 
