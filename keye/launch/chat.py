@@ -116,8 +116,34 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OptionsFirst(argparse.ArgumentParser):
+    """Options may come anywhere: they are moved before the words. (argparse fills a ``*`` positional at its
+    first chance, right after SOURCE, so ``chat SOURCE --image a.png PROMPT`` would leave PROMPT over.)"""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        options, words = [], []
+        while args:
+            word = args.pop(0)
+            action = self._option_string_actions.get(word.split("=", 1)[0]) if word.startswith("-") else None
+            if word == "--":
+                words += args
+                break
+            if action is None:
+                words.append(word)
+                continue
+            options.append(word)
+            if "=" not in word and action.nargs != 0 and args:
+                options.append(args.pop(0))
+        return super().parse_known_args(options + words, namespace)
+
+
 def add_parser(commands) -> None:
-    parser = commands.add_parser("chat", help="talk to a model: one answer to PROMPT, or a conversation on stdin")
+    default, commands._parser_class = commands._parser_class, _OptionsFirst
+    try:
+        parser = commands.add_parser("chat", help="talk to a model: one answer to PROMPT, or a conversation on stdin")
+    finally:
+        commands._parser_class = default
     parser.add_argument("source", help="released-format folder, or a blueprint file (then STAGE follows)")
     parser.add_argument("words", nargs="*", metavar="[STAGE] [PROMPT]", help="the prompt (none: read turns from stdin)")
     parser.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first turn")
