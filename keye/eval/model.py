@@ -98,8 +98,9 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
     return EvalModel(_generator(keye.model, tokenizer), processor, **settings)
 
 
-def stage_model(blueprint: Any, stage_name: str, registry: Any, parallel: Any) -> Any:
-    """The blueprint's model in this process's layout with the weights of finished stage ``stage_name``."""
+def stage_model(blueprint: Any, folder: Path, registry: Any, parallel: Any) -> Any:
+    """The blueprint's model in this process's layout with the weights of the finished stage in ``folder``
+    (``run.output_dir/<stage>``; written in any layout)."""
     from keye.data.pipeline import load_tokenizer, vocab_size
     from keye.data.tokenizer import SpecialTokens
     from keye.model.composition import KeyeVLModel
@@ -107,9 +108,8 @@ def stage_model(blueprint: Any, stage_name: str, registry: Any, parallel: Any) -
     from keye.parallel.dist_checkpoint import is_checkpoint
     from keye.train.stage_weights import load_weights_from, weights_folder
 
-    folder = Path(blueprint.run.output_dir) / stage_name
     if not is_checkpoint(weights_folder(folder)):
-        raise KeyeUserError(f"{folder}: stage '{stage_name}' has no weights yet (run it first)")
+        raise KeyeUserError(f"{folder}: stage '{Path(folder).name}' has no weights yet (run it first)")
     tokenizer = load_tokenizer(blueprint.model.tokenizer, vocab_size(blueprint.model))
     special = SpecialTokens.from_tokenizer(tokenizer)
     model = KeyeVLModel(blueprint.model, registry,
@@ -128,7 +128,7 @@ def from_stage(blueprint: Any, stage_name: str, registry: Any, parallel: Any, da
     names = [stage.name for stage in blueprint.stages]
     if stage_name not in names:
         raise KeyeUserError(f"no stage named '{stage_name}'; stages: {', '.join(names) or '(none)'}")
-    model = stage_model(blueprint, stage_name, registry, parallel)
+    model = stage_model(blueprint, Path(blueprint.run.output_dir) / stage_name, registry, parallel)
     data_stage = data_stage if data_stage is not None else blueprint.stages[names.index(stage_name)]
     processor = build_processor(SimpleNamespace(blueprint=blueprint, stage=data_stage, registry=registry))
     return EvalModel(_generator(model, processor.tokenizer, parallel), processor, **settings)
