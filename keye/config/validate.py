@@ -160,9 +160,11 @@ def with_size_preset(kind: str, cls: type, body: dict, path: str, origin: Origin
     presets = getattr(cls, "SIZES", None)
     if size is None or presets is None:
         return body
-    if size not in presets:
+    if not isinstance(size, str) or size not in presets:
         known = ", ".join(presets)
-        raise BlueprintError(f"{origin(path + '.size')}: {path}.size: unknown size '{size}' for {kind} '{cls.__name__}'; known: {known}")
+        raise BlueprintError(
+            f"{origin(path + '.size')}: {path}.size: unknown size '{short(size)}' for {kind} '{cls.__name__}'; known: {known}"
+        )
     return {**presets[size], **body}
 
 

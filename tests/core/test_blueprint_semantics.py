@@ -50,6 +50,7 @@ def tiny_copy(tmp_path):
     "overrides, message",
     [
         (["stages.0.steps=-1"], "stages.0.steps: must be an integer from 0 to 2147483647, got -1"),
+        (["model.text_encoder.size=[[1]]"], "model.text_encoder.size: unknown size '[[1]]' for text_encoder"),  # fuzz find
         (["stages.0.steps=10000000000000"], "stages.0.steps: must be an integer from 0 to 2147483647"),
         (["stages.0.options.batch_size=0"], "stages.0.options.batch_size: must be an integer from 1"),
         (["stages.1.data.max_tokens=-5"], "stages.1.data.max_tokens: must be an integer from 1"),
