@@ -123,3 +123,32 @@ def test_an_unknown_mode_is_one_line(released, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "keye-launch: error: unknown mode 'deep'; known: think, no_think, auto, agentic"]
+
+
+def test_an_interrupted_eval_keeps_what_it_scored(released, tmp_path):
+    """SIGINT in the middle: results.jsonl keeps every line written (flushed one by one, none torn) and the
+    summary and report are written from them."""
+    import signal
+    import time
+
+    (tmp_path / "a.png").write_bytes(png(56, 56, 0))
+    rows = [{"id": str(i), "question": "how many red circle", "media": ["a.png"], "answer": "two"} for i in range(200)]
+    (tmp_path / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "keye.launch.cli", "eval", str(released),
+                                str(tmp_path / "bench.jsonl"), "--batch-size", "1", "--max-new-tokens", "16",
+                                "--out", str(out)], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    results = out / "results.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not results.is_file() or results.read_text().count("\n") < 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    lines = results.read_text().splitlines()
+    assert 3 <= len(lines) < 200
+    keys = [json.loads(line)["key"] for line in lines]
+    assert keys == [f"bench.jsonl:{i}" for i in range(len(lines))]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["overall"]["samples"] == len(lines)
+    assert f"{len(lines)} samples scored" in (out / "report.md").read_text()
