@@ -158,7 +158,7 @@ def save_training_state(ctx: Any, step: int, model: torch.nn.Module, engine: Any
 def _choose_checkpoint(root: Path) -> tuple[Path | None, list[str]]:
     """The newest checkpoint under ``root`` that verifies, and one line for each one passed over."""
     latest = root / "latest"
-    named = latest.read_text().strip() if latest.is_file() else None
+    named = latest.read_text(errors="replace").strip() if latest.is_file() else None
     published = _published(root)
     rejected = []
     if named is not None and root / named not in published:
@@ -197,7 +197,8 @@ def resume_checkpoint(ctx: Any) -> Path | None:
 
 
 def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: Any) -> int:
-    """Restore the latest complete checkpoint of this stage; returns its step (0 when there is none)."""
+    """Restore this stage's newest checkpoint that verifies (`resume_checkpoint`); returns its step (0 when
+    the stage has none yet)."""
     from megatron.core import tensor_parallel
 
     folder = resume_checkpoint(ctx)
