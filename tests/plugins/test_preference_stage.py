@@ -236,3 +236,21 @@ def test_precomputed_reference_refuses_a_key_seen_twice():
     assert reference.table == {"a": (-1.0, -3.0), "b": (-2.0, -4.0)}
     with pytest.raises(KeyeUserError, match="'b' occurs twice"):
         reference.add(["c", "b"], [0.0, 0.0], [0.0, 0.0])
+
+
+def _join_tables() -> dict:
+    from keye.parallel import init_parallel
+    from keye_plugins.stage.preference import Reference
+
+    parallel = init_parallel(tensor=1, pipeline=1, seed=1)  # 2 processes: data parallel 2
+    reference = Reference(torch.nn.Linear(2, 2), 64, None)
+    if parallel.dp_rank == 0:
+        reference.add(["a", "b"], [-1.0, -2.0], [-3.0, -4.0])  # rank 1 read nothing in its pass
+    reference.precompute([])
+    return reference.table
+
+
+def test_precomputed_tables_are_joined_over_data_parallel_ranks():
+    """With ``balance: flops`` a training pack may hold samples another rank scored: every rank gets all."""
+    for table in run_distributed(_join_tables, 2):
+        assert table == {"a": (-1.0, -3.0), "b": (-2.0, -4.0)}
