@@ -306,9 +306,14 @@ class PreferenceStage(LMStage):
 
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
-        """The `lm` stage's needs, and a known reference mode."""
-        super().check_config(config, check)
+        """A language model, preference data for its steps, usable counts and a known reference mode."""
+        check.count(config, "num_microbatches")
+        check.count(config, "eval_batches", "max_bad_steps", minimum=0)
         check.one_of(config, "reference", REFERENCE_MODES)
+        if check.blueprint.model.language_model is None:
+            check.fail("", "the preference stage needs model.language_model")
+        if check.stage.steps > 0 and not check.stage.data.sources:
+            check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
 
     def run(self) -> dict[str, Any]:
         from megatron.core import parallel_state as mpu

@@ -254,3 +254,13 @@ def test_precomputed_tables_are_joined_over_data_parallel_ranks():
     """With ``balance: flops`` a training pack may hold samples another rank scored: every rank gets all."""
     for table in run_distributed(_join_tables, 2):
         assert table == {"a": (-1.0, -3.0), "b": (-2.0, -4.0)}
+
+
+def test_check_config_names_the_reference_mode(keye_registry, blueprint_file):
+    from keye.config import load_blueprint
+    from keye.errors import KeyeUserError
+
+    stage = {"name": "s", "kind": "preference", "options": {"reference": "cached"}}
+    path = blueprint_file({"model": {"language_model": {"name": "qwen3", "size": "tiny"}}, "stages": [stage]}, "bad.yaml")
+    with pytest.raises(KeyeUserError, match=r"stages\.0\.options\.reference: 'cached' is not one of live, precomputed"):
+        load_blueprint(path, [], keye_registry)
