@@ -32,7 +32,7 @@ plain ones recomputes them with a forward pass (which it does anyway for the cur
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -166,8 +166,13 @@ class Generator(Protocol):
     engine outside the training process: it receives the model's tensors in Hugging Face names, one at a
     time (``(name, tensor)`` pairs, the per-tensor stream), and loads them. The in-process ``megatron``
     generator samples from the live parameters and does nothing there.
+
+    ``on_token(request index, sample index, token id)``, when given, is called for each kept token as soon
+    as it is sampled (streaming: ``keye-launch chat`` prints with it); an engine that cannot stream may call
+    it for every token at the end.
     """
 
-    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings) -> list[GenerationOutput]: ...
+    def generate(self, requests: Sequence[GenerationRequest], settings: SamplingSettings,
+                 on_token: Callable[[int, int, int], None] | None = None) -> list[GenerationOutput]: ...
 
     def sync_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None = None) -> None: ...
