@@ -74,7 +74,7 @@ class EvalModel:
         return clean(self.tokenizer.decode(list(ids), skip_special_tokens=False))
 
 
-def _generator(model: Any, tokenizer: Any, parallel: Any = None) -> Any:
+def make_generator(model: Any, tokenizer: Any, parallel: Any = None) -> Any:
     from keye.generate.contract import GeneratorContext
     from keye.plugins import get_registry
 
@@ -95,7 +95,7 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"{path}: no tokenizer beside the weights ({str(exc).splitlines()[0]})") from None
     processor = Processor(tokenizer, ProcessorSettings(), PyAVVideoDecoder(), mrope=keye.configs.mrope)
-    return EvalModel(_generator(keye.model, tokenizer), processor, **settings)
+    return EvalModel(make_generator(keye.model, tokenizer), processor, **settings)
 
 
 def stage_model(blueprint: Any, folder: Path, registry: Any, parallel: Any) -> Any:
@@ -131,7 +131,7 @@ def from_stage(blueprint: Any, stage_name: str, registry: Any, parallel: Any, da
     model = stage_model(blueprint, Path(blueprint.run.output_dir) / stage_name, registry, parallel)
     data_stage = data_stage if data_stage is not None else blueprint.stages[names.index(stage_name)]
     processor = build_processor(SimpleNamespace(blueprint=blueprint, stage=data_stage, registry=registry))
-    return EvalModel(_generator(model, processor.tokenizer, parallel), processor, **settings)
+    return EvalModel(make_generator(model, processor.tokenizer, parallel), processor, **settings)
 
 
 def is_blueprint(source: str) -> bool:

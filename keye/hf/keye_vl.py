@@ -15,6 +15,8 @@ registry like any blueprint model.
 - :func:`load_keye_vl` / :func:`save_keye_vl`: build and load a ``KeyeVLModel``, write one back; both work
   under TP (each rank its slice) and PP (each stage its layers). :meth:`KeyeVL.hf_forward` is the released
   forward on the released processor's tensors, for a model whole in one process (TP allowed, PP = 1).
+  :meth:`KeyeVL.hf_generate` is Hugging Face ``generate`` on those tensors (left-padded batches), run by the
+  built-in ``megatron`` generator's KV-cache loop.
 
 The unused released weights (SigLIP pooling ``head.*``, ``packing_position_embedding``; spec §1.1) are not
 loaded but kept on the wrapper (``KeyeVL.unused``) and written back: load → save loses nothing.

@@ -74,7 +74,7 @@ class EvalStage:
 
     def run(self) -> dict[str, Any]:
         from keye.data.pipeline import build_processor
-        from keye.eval.model import EvalModel, _generator, stage_model
+        from keye.eval.model import EvalModel, make_generator, stage_model
         from keye.eval.run import evaluate
         from keye.train.stage_weights import restart_streams
 
@@ -84,7 +84,7 @@ class EvalStage:
         benchmarks = [*config.benchmarks, *self._synthetic(writer)]
         model = stage_model(ctx.blueprint, Path(source), ctx.registry, ctx.parallel)
         processor = build_processor(ctx)
-        evaluator = EvalModel(_generator(model, processor.tokenizer, ctx.parallel), processor,
+        evaluator = EvalModel(make_generator(model, processor.tokenizer, ctx.parallel), processor,
                               max_new_tokens=config.max_new_tokens)
         summary = evaluate(benchmarks, evaluator, ctx.output_dir, config.mode, config.max_samples, config.batch_size,
                            writer=writer, source=f"stage {Path(source).name}")

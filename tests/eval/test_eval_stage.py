@@ -27,7 +27,7 @@ def blueprint(tmp_path, **eval_options) -> dict:
              "data": {"max_tokens": 128, "pack_buffer": 8, "image_max_tokens": 16,
                       "sources": {"t": {"name": "synthetic", "tasks": ["ocr"], "num_samples": 40}}}},
             {"name": "evaluate", "kind": "eval", "data": {"image_max_tokens": 16},
-             "options": {"synthetic_tasks": ["count", "ocr", "grounding"], "synthetic_samples": 6,
+             "options": {"synthetic_tasks": ["count", "ocr", "grounding", "video_when"], "synthetic_samples": 8,
                          "mode": "no_think", "max_new_tokens": 8, **eval_options}},
         ],
     }
@@ -44,13 +44,14 @@ def test_eval_stage_in_a_tp2_run_and_the_cli_on_the_same_stage(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     stage = tmp_path / "run" / "evaluate"
     rows = [json.loads(line) for line in (stage / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 6 and {r["task"] for r in rows} == {"count", "ocr", "grounding"}
+    assert len(rows) == 8 and {r["task"] for r in rows} == {"count", "ocr", "grounding", "video_when"}
+    assert all("<|video_pad|>" in r["prompt"] for r in rows if r["task"] == "video_when")
     summary = json.loads((stage / "summary.json").read_text())
-    assert summary["overall"]["score"] == pytest.approx(sum(r["score"] for r in rows) / 6)
+    assert summary["overall"]["score"] == pytest.approx(sum(r["score"] for r in rows) / 8)
     assert summary["tasks"]["grounding"]["metric"] == "iou" and "mean_iou" in summary["tasks"]["grounding"]
     assert (stage / "report.md").read_text().count("| ocr | anls | 2 |") == 1
     run_summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["evaluate"]
-    assert run_summary["evaluated"] == "warm" and run_summary["samples"] == 6
+    assert run_summary["evaluated"] == "warm" and run_summary["samples"] == 8
     assert run_summary["score"] == summary["overall"]["score"]
 
     out = tmp_path / "cli"
