@@ -89,11 +89,19 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
     from keye.hf import load_keye_vl
     from keye_plugins.video_decoder.pyav import PyAVVideoDecoder
 
+    from keye.parallel import init_parallel
+    from transformers.utils import logging as hf_logging
+
+    init_parallel()  # one process; before Megatron is imported, so its CPU fallback notices stay quiet
     keye = load_keye_vl(path)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that "Keye" is no model it knows
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"{path}: no tokenizer beside the weights ({str(exc).splitlines()[0]})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     processor = Processor(tokenizer, ProcessorSettings(), PyAVVideoDecoder(), mrope=keye.configs.mrope)
     return EvalModel(make_generator(keye.model, tokenizer), processor, **settings)
 
