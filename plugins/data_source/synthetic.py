@@ -41,6 +41,8 @@ class SyntheticSource(DataSource):
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
         """What ``__init__`` refuses: unknown tasks, an unknown split, a negative sample count."""
+        if not all(isinstance(task, str) for task in config.tasks):
+            check.fail("tasks", f"expected task names, got {list(config.tasks)!r}"[:200])
         try:
             expand_tasks(list(config.tasks))
         except ValueError as e:

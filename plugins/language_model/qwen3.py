@@ -81,7 +81,7 @@ class Qwen3LanguageModel(torch.nn.Module):
             check.fail("num_query_groups", f"{config.num_query_groups} does not divide num_attention_heads "
                                            f"({config.num_attention_heads})")
         if config.position_embedding == "mrope" and (
-            len(config.mrope_section) != 3 or min(config.mrope_section) < 0
+            len(config.mrope_section) != 3 or not all(isinstance(n, int) and n >= 0 for n in config.mrope_section)
             or sum(config.mrope_section) * 2 != config.head_dim
         ):
             check.fail("mrope_section", f"{list(config.mrope_section)} must be three sizes summing to head_dim/2 = "

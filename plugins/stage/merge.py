@@ -53,7 +53,8 @@ class MergeStage:
         if config.weights and len(config.weights) != len(config.inputs):
             check.fail("weights", f"{len(config.weights)} weights for {len(config.inputs)} inputs")
         for position, weight in enumerate(config.weights):
-            if not (0 <= weight < float("inf")):  # also refuses nan
+            number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+            if not (number and 0 <= weight < float("inf")):  # also refuses nan
                 check.fail(f"weights.{position}", f"must be a finite number >= 0, got {weight!r}")
         if config.weights and not sum(config.weights) > 0:
             check.fail("weights", "weights sum to 0; at least one input needs a positive weight")

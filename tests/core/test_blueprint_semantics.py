@@ -51,6 +51,8 @@ def tiny_copy(tmp_path):
     [
         (["stages.0.steps=-1"], "stages.0.steps: must be an integer from 0 to 2147483647, got -1"),
         (["model.text_encoder.size=[[1]]"], "model.text_encoder.size: unknown size '[[1]]' for text_encoder"),  # fuzz find
+        (["stages.5.options.weights=[{},1]"], "stages.5.options.weights.0: must be a finite number >= 0, got {}"),  # fuzz
+        (["stages.0.data.sources.pairs.tasks=[{}]"], "stages.0.data.sources.pairs.tasks: expected task names, got [{}]"),
         (["stages.0.steps=10000000000000"], "stages.0.steps: must be an integer from 0 to 2147483647"),
         (["stages.0.options.batch_size=0"], "stages.0.options.batch_size: must be an integer from 1"),
         (["stages.1.data.max_tokens=-5"], "stages.1.data.max_tokens: must be an integer from 1"),
