@@ -115,6 +115,14 @@ def keye_register_reward_models(register: Register) -> None:
     """Register reward models that score a rollout (rule rewards, MLLM judges).
 
     Selected inside RL / rejection-sampling stage options.
+
+    Contract (`keye.rewards.contract`): built as ``Cls(config, ctx)``; ``score(samples) -> RewardOutput``
+    takes a batch of `RewardSample`s (prompt and reply text, think mode, reference answer and metric,
+    finish reason, reply length in tokens) and returns one float per sample, named per-sample components
+    (for logging) and counts of the samples handled by rule. Bad input (a missing reference, an
+    unparsable reply or judgement) scores 0 and is counted, never raised. `WeightedRewards` adds several
+    by the blueprint's weights and keeps every model's score and components.
+    Built-in: ``answer_match``, ``format``, ``repetition``, ``length``.
     """
 
 
