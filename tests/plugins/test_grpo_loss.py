@@ -221,3 +221,23 @@ def test_components_are_registered_and_apply_their_settings():
     gspo = GSPOLoss(GSPOLoss.Config())
     assert gspo(logp, old, adv, mask)[0].item() == pytest.approx(
         ref_gspo(logp.tolist(), old.tolist(), adv.tolist(), lengths, lo=3e-4, hi=4e-4), rel=1e-6)
+
+
+def test_check_config_names_the_bad_setting(keye_registry, blueprint_file):
+    from keye.config import load_blueprint
+    from keye.errors import KeyeUserError
+
+    def stage_loss(loss):
+        return {"model": {"language_model": {"name": "qwen3", "size": "tiny"}},
+                "stages": [{"name": "s", "kind": "lm", "loss": loss}]}
+
+    cases = [({"name": "grpo", "clip_low": 1.5}, r"clip_low.*<= 1"),
+             ({"name": "grpo", "aggregation": "token_sum"}, "aggregation.*sequence_mean"),
+             ({"name": "grpo", "aggregation": "constant"}, "max_tokens"),
+             ({"name": "gspo", "kl_estimator": "k2"}, "kl_estimator"),
+             ({"name": "gspo", "beta": -0.1}, "beta")]
+    for i, (loss, message) in enumerate(cases):
+        with pytest.raises(KeyeUserError, match=message):
+            load_blueprint(blueprint_file(stage_loss(loss), f"bad{i}.yaml"), [], keye_registry)
+    load_blueprint(blueprint_file(stage_loss({"name": "grpo", "aggregation": "constant", "max_tokens": 64}), "ok.yaml"),
+                   [], keye_registry)
