@@ -191,3 +191,23 @@ def test_the_builtins_are_registered_through_the_plugin_host():
     registry = get_registry()
     for name in ("answer_match", "format", "repetition", "length"):
         assert registry.get("reward_model", name).cls.__name__.endswith("Reward")
+
+
+@pytest.mark.parametrize("cls,settings,message", [
+    (AnswerMatchReward, {"metric": "bleu"}, r"rewards\.r\.metric: 'bleu' is not one of"),
+    (AnswerMatchReward, {"rel_tolerance": -0.1}, r"rel_tolerance: must be a finite number >= 0"),
+    (AnswerMatchReward, {"iou_reward": "soft"}, r"iou_reward"),
+    (RepetitionReward, {"max_penalty": 0.5}, r"max_penalty: must be a finite number <= 0"),
+    (RepetitionReward, {"ngram": 0}, r"ngram: must be an integer from 1"),
+    (LengthReward, {"max_length": 100, "buffer": 200}, r"buffer: must be <= max_length \(100\), got 200"),
+])
+def test_check_config_names_the_bad_setting(cls, settings, message):
+    from omegaconf import OmegaConf
+
+    from keye.config.semantics import ConfigCheck
+    from keye.errors import KeyeUserError
+
+    check = ConfigCheck(OmegaConf.create({}), "rewards.r", origin=lambda key: "bp.yaml")
+    cls.check_config(cls.Config(), check)  # the defaults are valid
+    with pytest.raises(KeyeUserError, match=message):
+        cls.check_config(cls.Config(**settings), check)
