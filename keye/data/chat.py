@@ -23,7 +23,8 @@ through the tokenizer. Token ids are resolved by name (`SpecialTokens`), so any 
 
 Thinking modes (spec §1.6) are a suffix on the last user text, written straight after it as in the
 Keye README (``"Describe this image./think"``): ``think`` → ``/think``, ``no_think`` → ``/no_think``,
-``agentic`` → ``/agentic_think``; ``auto`` (the released default) and ``None`` add nothing.
+``agentic`` → ``/agentic_think``; ``auto`` (the released default) and ``None`` add nothing. In an agentic
+reply the ``<sandbox_output>…</sandbox_output>`` blocks the runtime injects get no loss (`_text_spans`).
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ MODE_SUFFIXES: dict[str | None, str] = {
     "no_think": "/no_think",
     "agentic": "/agentic_think",
 }
+
+#: The block the agentic runtime injects into a reply (spec §1.6): never trained on.
+SANDBOX_OPEN, SANDBOX_CLOSE = "<sandbox_output>", "</sandbox_output>"
 
 #: Tokens that would break the turn or vision structure if they came from message text.
 _STRUCTURAL_TOKENS = (
@@ -170,7 +174,7 @@ def _spans(
         spans.append(_Span(f"<|im_start|>{message.role}\n"))
         for part in message.content:
             if isinstance(part, TextPart):
-                spans.append(_Span(part.text, train=train))
+                spans.extend(_text_spans(part.text, train))
                 continue
             media = "image" if isinstance(part, ImagePart) else "video"
             seen[media] += 1
@@ -181,6 +185,27 @@ def _spans(
         spans.append(_Span("\n"))
     if add_generation_prompt:
         spans.append(_Span("<|im_start|>assistant\n"))
+    return spans
+
+
+def _text_spans(text: str, train: bool) -> list[_Span]:
+    """A text part as spans; in an assistant reply, each ``<sandbox_output>…</sandbox_output>`` block (tags
+    included) is its own untrained span: the agentic runtime injects it, the model never writes it (spec §1.6),
+    so training on it would teach the model to invent tool results. An unclosed block runs to the end."""
+    if not train or SANDBOX_OPEN not in text:
+        return [_Span(text, train=train)]
+    spans = []
+    while text:
+        start = text.find(SANDBOX_OPEN)
+        if start == -1:
+            spans.append(_Span(text, train=True))
+            break
+        end = text.find(SANDBOX_CLOSE, start)
+        end = len(text) if end == -1 else end + len(SANDBOX_CLOSE)
+        if start:
+            spans.append(_Span(text[:start], train=True))
+        spans.append(_Span(text[start:end], train=False))
+        text = text[end:]
     return spans
 
 

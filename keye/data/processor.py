@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 
 from keye.data.batch import IGNORE, TokenSample
 from keye.data.chat import encode_conversation
+from keye.data.modes import ModeStats
 from keye.data.sample import ConversationSample, ImagePart, PairSample, PreferenceSample, Sample, TextPart, VideoPart
 from keye.data.tokenizer import SpecialTokens
 from keye.data.video import preprocess_video
@@ -81,6 +82,7 @@ class Processor:
         )
         self.merge = self.mrope.spatial_merge_size ** 2
         self.root = Path(root) if root is not None else None
+        self.modes = ModeStats()  # conversations and loss tokens per thinking mode (keye.data.modes)
 
     # --- media ---------------------------------------------------------------------------------
 
@@ -170,6 +172,10 @@ class Processor:
             raise SampleError(key, "over_budget", f"{length} tokens > max_tokens {self.settings.max_tokens}")
 
     def conversation(self, sample: ConversationSample, media: Mapping[str, bytes]) -> TokenSample:
+        """A conversation's tokens, labels on assistant text only; one without an assistant turn is bad
+        input (``no_assistant_turn``): it has nothing to train on and no answer to score."""
+        if not any(message.role == "assistant" for message in sample.messages):
+            raise SampleError(sample.key, "no_assistant_turn", "the conversation has no assistant turn")
         vision = self._vision(sample.messages, media, sample.key)
         images, videos = vision.images, vision.videos
         encoded = encode_conversation(sample.messages, self.tokenizer, vision.counts, sample.thinking_mode)
@@ -178,6 +184,7 @@ class Processor:
         targets = torch.tensor(encoded.labels, dtype=torch.long)
         labels = torch.cat([targets[1:], torch.tensor([IGNORE])])  # predict token t+1 at position t
         positions = self._positions(input_ids, vision)  # (3, L)
+        self.modes.record(sample.key, sample.thinking_mode, encoded.num_loss_tokens)
         return TokenSample(
             key=sample.key,
             input_ids=input_ids,

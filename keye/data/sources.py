@@ -65,6 +65,7 @@ BAD_KINDS = (
     "refused_media",  # a media path outside the data set's root, or not a regular file (device, FIFO, socket)
     "empty_reply",  # a preference pair whose chosen or rejected reply has no text
     "identical_replies",  # a preference pair whose chosen and rejected replies are the same text
+    "no_assistant_turn",  # a conversation with no assistant reply: nothing to train on
 )
 MIN_SEEN_BEFORE_FAILING = 100
 

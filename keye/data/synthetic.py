@@ -19,6 +19,9 @@ Tasks (``TASKS``), each producing one sample kind of `keye.data.sample`:
   shifted box), for MPO;
 - ``rl`` (rl_prompt): a question with its verifiable reference answer and the rewards that score it.
 
+Thinking modes: with a ``mode_mix`` (e.g. ``{think: 0.4, no_think: 0.3, auto: 0.2, agentic: 0.1}``) every
+conversation is rewritten in a mode drawn by those weights (`in_mode`), for SFT and the CoT cold start.
+
 Grounding answers use the spec §1.6 format: ``<|box_start|>[[x1,y1,x2,y2]]<|box_end|>``, integers in [0, 1000).
 Every sample's ``meta`` has ``task``, ``family``, ``split`` and ``answer`` (the short correct answer), for
 per-family evaluation of generated replies.
@@ -125,6 +128,66 @@ def rl_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
     return sample, qa
 
 
+# --- thinking modes (spec §1.6, paper App. C) ------------------------------------------------------------
+
+#: the modes a synthetic conversation can be written in (`generate`'s ``mode_mix``)
+MODES = ("think", "no_think", "auto", "agentic")
+
+
+def in_mode(sample: ConversationSample, qa: QA, mode: str) -> ConversationSample:
+    """The question of ``sample`` answered in thinking ``mode``, the reply written as Keye writes it.
+
+    ``think``: ``<think>steps</think><answer>…</answer>``; ``no_think``: the bare answer; ``auto``: an
+    ``<analysis>`` that picks /think for the families that need steps (`REASONING_FAMILIES`) and /no_think
+    for the rest, then that mode's reply (``meta["analysis_choice"]`` records the right pick, for the CoT
+    builder); ``agentic``: a thinking reply that calls a tool inside ``<think>`` and reads the
+    ``<sandbox_output>`` the runtime injects (masked from the loss by `keye.data.chat`).
+    """
+    from keye.data.chat import format_auto_think, format_thinking
+
+    steps = qa.reasoning or f"The question is about the {qa.family} in the {qa.media_type}."
+    meta = dict(sample.meta)
+    if mode == "think":
+        reply = format_thinking(steps, qa.answer)
+    elif mode == "no_think":
+        reply = qa.answer
+    elif mode == "auto":
+        choice = "think" if qa.family in REASONING_FAMILIES else "no_think"
+        meta["analysis_choice"] = choice
+        if choice == "think":
+            reply = format_auto_think(f"This needs {qa.family} steps. Therefore, /think mode is more appropriate.",
+                                      qa.answer, steps)
+        else:
+            reply = format_auto_think("This is a direct question. Therefore, /no_think mode is more appropriate.",
+                                      qa.answer)
+    elif mode == "agentic":
+        tool = f"<code>inspect({qa.media_type})</code><sandbox_output>{qa.family}: {qa.answer}</sandbox_output>"
+        reply = format_thinking(f"I inspect the {qa.media_type} with code. {tool} {steps}", qa.answer)
+    else:
+        raise ValueError(f"unknown thinking mode {mode!r}; known: {', '.join(MODES)}")
+    messages = [*sample.messages[:-1], _reply(reply)]
+    return ConversationSample(sample.key, messages, thinking_mode=mode, source=sample.source, meta=meta)
+
+
+def pick_mode(mode_mix: dict[str, float], rng: random.Random) -> str:
+    """A mode drawn with probability proportional to its weight in ``mode_mix``."""
+    modes = [m for m in MODES if mode_mix.get(m, 0) > 0]
+    return rng.choices(modes, weights=[mode_mix[m] for m in modes])[0]
+
+
+def check_mode_mix(mode_mix: dict[str, float] | None) -> None:
+    """Raise ValueError naming the first bad entry: an unknown mode, a negative or non-numeric weight, all zero."""
+    if not mode_mix:
+        return
+    for mode, weight in mode_mix.items():
+        if mode not in MODES:
+            raise ValueError(f"unknown thinking mode {mode!r}; known: {', '.join(MODES)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+            raise ValueError(f"the weight of mode {mode!r} must be a number >= 0, got {weight!r}")
+    if not any(mode_mix.values()):
+        raise ValueError("every mode has weight 0")
+
+
 TASKS: dict[str, Callable[[random.Random, str, str], tuple[Sample, QA]]] = {
     "pair": pair_task,
     **{family: _family_task(family) for family in FAMILIES},
@@ -153,8 +216,13 @@ def expand_tasks(names: Sequence[str] | None) -> list[str]:
     return out
 
 
-def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "train", seed: int = 0) -> LoadedSample:
-    """Sample ``index`` of the world: task ``tasks[index % len(tasks)]``, content from ``(seed, split, index)``."""
+def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "train", seed: int = 0,
+             mode_mix: dict[str, float] | None = None) -> LoadedSample:
+    """Sample ``index`` of the world: task ``tasks[index % len(tasks)]``, content from ``(seed, split, index)``.
+
+    With ``mode_mix`` (mode → weight), every conversation is rewritten in a mode drawn by those weights
+    (`in_mode`), from a generator of its own so the content is the same whatever the mix.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     names = expand_tasks(tasks)
@@ -162,6 +230,10 @@ def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "tr
     key = f"{split}-{index:06d}-{task}"
     rng = random.Random(f"keye-synthetic:{seed}:{split}:{index}:{task}")
     sample, qa = TASKS[task](rng, split, key)
+    if mode_mix and isinstance(sample, ConversationSample):
+        check_mode_mix(mode_mix)
+        mode = pick_mode(mode_mix, random.Random(f"keye-synthetic-mode:{seed}:{split}:{index}"))
+        sample = in_mode(sample, qa, mode)
     return LoadedSample(sample, {f"{key}.{qa.extension}": qa.media}, origin=f"synthetic:{split}:{seed}")
 
 
@@ -172,11 +244,12 @@ def generate_many(
     split: str = "train",
     seed: int = 0,
     indices: Iterator[int] | None = None,
+    mode_mix: dict[str, float] | None = None,
 ) -> Iterator[LoadedSample]:
     """Samples ``0 .. num_samples-1`` (or just ``indices``) in order."""
     names = expand_tasks(tasks)
     for index in indices if indices is not None else range(num_samples):
-        yield generate(index, tasks=names, split=split, seed=seed)
+        yield generate(index, tasks=names, split=split, seed=seed, mode_mix=mode_mix)
 
 
 # --- held-out benchmarks -------------------------------------------------------------------------------

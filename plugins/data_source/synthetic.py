@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from keye import hookimpl
 from keye.config import doc
 from keye.data.sources import DataSource, LoadedSample, Skipped, SourceConfig
-from keye.data.synthetic import SPLITS, expand_tasks, generate
+from keye.data.synthetic import SPLITS, check_mode_mix, expand_tasks, generate
 from keye.errors import KeyeUserError
 
 
@@ -37,6 +37,12 @@ class SyntheticSource(DataSource):
         seed: int = doc("World seed (and shuffle seed): the same seed gives the same samples, byte for byte.", 0)
         num_samples: int = doc("Samples per pass.", 1000)
         check_media: bool = doc("Decode the generated media before yielding (off: the generator made them).", False)
+        mode_mix: dict[str, float] = doc(
+            "Thinking modes of the conversations, by weight (think, no_think, auto, agentic), e.g. "
+            "{think: 0.4, no_think: 0.3, auto: 0.2, agentic: 0.1}: each conversation is written in a mode drawn "
+            "by these weights. Empty: each task's own format.",
+            default_factory=dict,
+        )
 
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
@@ -47,6 +53,10 @@ class SyntheticSource(DataSource):
             expand_tasks(list(config.tasks))
         except ValueError as e:
             check.fail("tasks", str(e))
+        try:
+            check_mode_mix(dict(config.mode_mix))
+        except (ValueError, TypeError) as e:
+            check.fail("mode_mix", str(e))
         check.one_of(config, "split", SPLITS)
         check.count(config, "num_samples", minimum=0)
 
@@ -62,13 +72,19 @@ class SyntheticSource(DataSource):
             raise KeyeUserError(
                 f"data source 'synthetic': split must be one of {', '.join(SPLITS)}, got {config.split!r}"
             )
+        try:
+            self.mode_mix = dict(config.mode_mix)
+            check_mode_mix(self.mode_mix)
+        except (ValueError, TypeError) as e:
+            raise KeyeUserError(f"data source 'synthetic': mode_mix: {e}") from None
         if config.num_samples < 0:
             raise KeyeUserError(f"data source 'synthetic': num_samples must be >= 0, got {config.num_samples}")
 
     def _records(self, slot: tuple[int, int, int, int], rng: random.Random | None) -> Iterator[LoadedSample | Skipped]:
         for index in range(self.config.num_samples):
             if self.mine(index, slot):
-                yield generate(index, tasks=self.tasks, split=self.config.split, seed=self.config.seed)
+                yield generate(index, tasks=self.tasks, split=self.config.split, seed=self.config.seed,
+                               mode_mix=self.mode_mix or None)
 
 
 @hookimpl

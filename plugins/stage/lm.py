@@ -5,7 +5,8 @@ this loop with different trainable modules, data and schedules. Each rank builds
 as the other ranks of its tensor/pipeline group (the data depends only on the data-parallel rank), the
 engine runs Megatron's pipeline schedule, and the loss reports sums so results do not depend on the
 layout. Evaluation on held-out data reports the next-token loss and teacher-forced answer accuracy
-(a sample counts as correct when every answer token is the model's argmax).
+(a sample counts as correct when every answer token is the model's argmax), overall and per thinking
+mode; the summary's ``modes`` has the mix trained on (samples, share, loss tokens, mean response length).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import torch
 from keye import hookimpl
 from keye.config import doc
 from keye.data.batch import MicroBatch
+from keye.data.modes import NO_MODE
+from keye.data.sample import THINKING_MODES
 from keye.model.composition import KeyeVLModel, build_component
 from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
@@ -37,15 +40,19 @@ def _train_forward(loss: Any, data: Iterator[MicroBatch], model: torch.nn.Module
     return output, partial(_loss_func, loss, batch)
 
 
-def _eval_loss_func(batch: MicroBatch, logits: torch.Tensor):
-    """Loss and answer accuracy from full logits (gathered over TP ranks)."""
+def _eval_loss_func(batch: MicroBatch, logits: torch.Tensor, verdicts: list | None = None):
+    """Loss and answer accuracy from full logits (gathered over TP ranks); each sample's ``(key, correct)``
+    goes to ``verdicts`` for accuracy per thinking mode."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
     logits = gather_from_tensor_model_parallel_region(logits).float()  # (1, T, V)
     per_token = torch.nn.functional.cross_entropy(logits[0], batch.labels[0], reduction="none")  # (T,)
     mask = batch.loss_mask[0]
     predictions = logits[0].argmax(-1)  # (T,)
-    correct = sum(bool((predictions[seg] == batch.labels[0][seg]).all()) for seg in batch.answer_segments)
+    right = [bool((predictions[seg] == batch.labels[0][seg]).all()) for seg in batch.answer_segments]
+    correct = sum(right)
+    if verdicts is not None and len(batch.keys) == len(right):  # one answer per sample: conversations
+        verdicts.extend(zip(batch.keys, right))
     loss_sum = (per_token * mask).sum()
     report = {
         "loss_sum": loss_sum.detach().clone(),  # a copy: Megatron rescales the returned loss in place
@@ -56,10 +63,27 @@ def _eval_loss_func(batch: MicroBatch, logits: torch.Tensor):
     return loss_sum, mask.sum().to(torch.int), report
 
 
-def _eval_forward(data: Iterator[MicroBatch], model: torch.nn.Module):
+def _eval_forward(verdicts: list, data: Iterator[MicroBatch], model: torch.nn.Module):
     batch = next(data)
     logits = model(batch.input_ids, batch.position_ids, batch.attention_mask, images=batch.images, videos=batch.videos)
-    return logits, partial(_eval_loss_func, batch)
+    return logits, partial(_eval_loss_func, batch, verdicts=verdicts)
+
+
+#: the modes held-out accuracy is reported for, in a fixed order (every rank sums the same table)
+_MODES = (*THINKING_MODES, NO_MODE)
+
+
+def _accuracy_by_mode(verdicts: list[tuple[str, bool]], mode_of: dict[str, str], is_last_stage: bool) -> dict:
+    """Held-out answer accuracy per thinking mode, summed over pipeline and data-parallel ranks."""
+    from keye.train.engine import _sum_over_pipeline_and_data
+
+    table = torch.zeros(len(_MODES), 2, dtype=torch.float64)  # (mode, [correct, answers])
+    for key, right in verdicts:
+        row = _MODES.index(mode_of.get(key, NO_MODE))
+        table[row, 0] += float(right)
+        table[row, 1] += 1
+    table = _sum_over_pipeline_and_data(table.flatten(), is_last_stage).view(len(_MODES), 2)
+    return {mode: float(c / n) for mode, (c, n) in zip(_MODES, table.tolist()) if n > 0}
 
 
 class LMStage:
@@ -120,19 +144,29 @@ class LMStage:
                                          seq_length=seq_len, micro_batch_size=1, fields=fields)
         after = self._evaluate(engine, ctx, seq_len)
         save_stage_weights(model, ctx)
-        return stage_summary(ctx, engine, last, resumed_from=resumed_from, initialised_from=initialised_from,
-                             trainable=trainable, before=before, after=after, data=train.stats())
+        summary = stage_summary(ctx, engine, last, resumed_from=resumed_from, initialised_from=initialised_from,
+                                trainable=trainable, before=before, after=after, data=train.stats())
+        summary["modes"] = train.processor.modes.summary()  # the mix trained on, tokens per mode (this run)
+        return summary
 
     def _evaluate(self, engine: TrainEngine, ctx: Any, seq_len: int) -> dict[str, float]:
         from keye.data.pipeline import micro_batches
 
         if not ctx.stage.data.heldout:
             return {}
-        batches = micro_batches(ctx, split="heldout").take(self.config.eval_batches)
+        stream = micro_batches(ctx, split="heldout")
+        stream.processor.modes.keep_keys = True
+        batches = stream.take(self.config.eval_batches)
         if not batches:
             return {}
-        result = engine.eval_step(_eval_forward, iter(batches), len(batches), seq_len, 1)
-        return {"heldout_loss": result["loss"], **({"answer_accuracy": result["answer_accuracy"]} if "answer_accuracy" in result else {})}
+        verdicts: list[tuple[str, bool]] = []
+        result = engine.eval_step(partial(_eval_forward, verdicts), iter(batches), len(batches), seq_len, 1)
+        out = {"heldout_loss": result["loss"]}
+        if "answer_accuracy" in result:
+            out["answer_accuracy"] = result["answer_accuracy"]
+            out["answer_accuracy_by_mode"] = _accuracy_by_mode(verdicts, stream.processor.modes.mode_of,
+                                                               ctx.parallel.is_last_stage)
+        return out
 
 
 @hookimpl
