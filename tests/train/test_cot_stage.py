@@ -53,3 +53,23 @@ def test_sft_then_cot_build_then_cold_start(tmp_path):
     assert len(lines) == 4 and all(line["meta"]["cot"]["teacher"] == "stage sft" for line in lines)
     assert stages["cold_start"]["modes"]["think"]["samples"] >= 1
     assert stages["cold_start"]["initialised_from"].endswith("sft/weights")
+
+
+def test_bad_options_are_one_line_naming_the_key(tmp_path):
+    for options, key in (({"modes": ["ponder"]}, "modes"), ({"temperature": 0.0}, "temperature"),
+                         ({"stage": "later"}, "stage")):
+        path = write_blueprint(tmp_path / "bp.yaml", {
+            "run": {"name": "cot", "output_dir": str(tmp_path / "run")},
+            "model": MODEL,
+            "stages": [
+                {"name": "sft", "kind": "lm", "steps": 1, "train": ["projector"],
+                 "data": {**BUDGETS, "sources": {"qa": {"name": "synthetic"}}}},
+                {"name": "cot", "kind": "cot_build", "options": options,
+                 "data": {**BUDGETS, "sources": {"qa": {"name": "synthetic"}}}},
+            ],
+        })
+        result = subprocess.run([sys.executable, "-m", "keye.launch.cli", "validate", str(path)], env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "stages.1.options" in line]
+        assert len(lines) == 1 and f"options.{key}" in lines[0], result.stderr
