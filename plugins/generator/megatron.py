@@ -342,19 +342,22 @@ class _KeyeCache:
         from keye.generate.kv_cache import KVCache
 
         self.cache = KVCache(max_length)
+        self.cores: list[Any] | None = None  # the model's core attentions, found at the first forward
 
     @property
     def offset(self) -> int:
         return self.cache.length
 
     def run(self, lm: Any, ids: Tensor, pos: Tensor, mask: Tensor, decoder_input: Tensor | None) -> Tensor:
-        from keye.generate.kv_cache import attached
+        from keye.generate.kv_cache import attached, core_attentions
 
+        if self.cores is None:
+            self.cores = core_attentions(lm)
         last = None
         if self.offset == 0:  # prefill: the output layer runs at each row's last position only
             last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
             last[:, -1] = True
-        with attached(lm, self.cache):
+        with attached(lm, self.cache, self.cores):
             return lm(ids, pos[:, :, self.offset:], mask, decoder_input=decoder_input, logits_at=last)
 
     @staticmethod

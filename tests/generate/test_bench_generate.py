@@ -25,7 +25,7 @@ def test_quick_run_prints_table_and_ratios() -> None:
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    assert lines[0] == "generation: fp32, 1 CPU thread(s), cpu time (quick)"
+    assert lines[0] == "generation: fp32, 1 CPU thread(s), cpu time, fastest of 3 runs (quick)"
     batch = re.match(r"batch: 2 prompts of \d+-\d+ tokens .* x 2 samples x 4 new tokens = (\d+) tokens$", lines[1])
     assert batch and int(batch[1]) == 16, lines[1]
     header = lines.index(next(line for line in lines if line.startswith("case ")))
