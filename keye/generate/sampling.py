@@ -98,9 +98,12 @@ def sample(logits: Tensor, generators: Sequence[torch.Generator], temperature: f
     # Exponential race: argmax p_i / E_i with E_i ~ Exp(1) i.i.d. draws token i with probability p_i (what
     # torch.multinomial does for one sample). E = -log(U) from each row's own generator; rand + log is ~10x
     # faster on CPU than exponential_ with a generator.
-    uniform = torch.stack([torch.rand(logp.shape[-1], generator=g, device=g.device) for g in generators])  # (N, V)
-    race = logp - torch.log(-torch.log(uniform))  # log(p / E); removed tokens stay -inf
-    tokens = race.argmax(dim=-1)  # (N,)
+    # One buffer written in place (no per-row tensors, stack or temporaries: this runs at every decode step).
+    noise = logp.new_empty(logp.shape)  # (N, V)
+    for row, g in zip(noise, generators):
+        torch.rand(logp.shape[-1], generator=g, out=row)  # U
+    noise.log_().neg_().log_()  # log(E) = log(-log(U))
+    tokens = torch.sub(logp, noise, out=noise).argmax(dim=-1)  # (N,): argmax log(p / E); removed tokens stay -inf
     return tokens, logp.gather(-1, tokens[:, None])[:, 0]
 
 

@@ -141,6 +141,21 @@ def _mask_blocks(mask: Tensor) -> list[list[Block]] | None:
     return result
 
 
+# A decode step's padding mask goes to every layer: invert it and look for fully masked rows once.
+_last_visible: tuple[Any, int, Tensor | None] = (None, -1, None)
+
+
+def _visible(mask: Tensor) -> Tensor | None:
+    """``~mask`` (True = visible, SDPA's convention), or None if some query row of ``mask`` is masked entirely."""
+    global _last_visible
+    ref, version, cached = _last_visible
+    if ref is not None and ref() is mask and version == mask._version:
+        return cached
+    visible = None if bool(mask.all(dim=-1).any()) else ~mask
+    _last_visible = (weakref.ref(mask), mask._version, visible)
+    return visible
+
+
 # --- RoPE ---------------------------------------------------------------------------------------------
 
 # Every layer of a forward (and its recompute) gets the same angles: take cos/sin once.
@@ -189,6 +204,8 @@ class _Rotate(torch.autograd.Function):
 
 def rotate(x: Tensor, tables: tuple[Tensor, Tensor]) -> Tensor:
     """Megatron's unfused rotate-half RoPE of ``x [..., d]`` with ``rotary_tables`` (broadcast against x)."""
+    if not torch.is_grad_enabled():  # inference (decoding): the same ops without an autograd Function's overhead
+        return _add_swapped(x * tables[0], x, tables[1])
     return _Rotate.apply(x, *tables)
 
 
@@ -258,10 +275,11 @@ class SDPAAttention(DotProductAttention):
             if mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[0] in (1, batch) and sq == sk:
                 per_item = _mask_blocks(mask)
             if per_item is None:  # not block-diagonal
-                if bool(mask.all(dim=-1).any()):  # a row sees nothing: keep Megatron's uniform row
+                visible = _visible(mask)
+                if visible is None:  # a row sees nothing: keep Megatron's uniform row
                     return super().forward(query, key, value, attention_mask, attn_mask_type)
                 q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # (b, n, s, hn)
-                context = self._sdpa(q, k, v, attn_mask=~mask).permute(2, 0, 1, 3)  # (sq, b, np, hn)
+                context = self._sdpa(q, k, v, attn_mask=visible).permute(2, 0, 1, 3)  # (sq, b, np, hn)
             elif len(per_item) == 1:
                 context = self._attend_blocks(query, key, value, per_item[0])
             else:  # a different block layout per batch item

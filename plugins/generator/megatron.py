@@ -170,6 +170,11 @@ class MegatronGenerator:
             logits = logits[rows.to(logits.device)]  # (S, V)
         pos, keep = pos[:, rows], keep[rows]  # (3, S, L), (S, L)
         next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
+        # Positions and padding mask of every step, made once on the device; step t reads a slice of them.
+        steps = torch.arange(settings.max_new_tokens - 1)  # the generated tokens that are fed back
+        pos = torch.cat([pos, (next_pos[:, None] + steps).expand(3, -1, -1)], dim=2).to(device)  # (3, S, L + T - 1)
+        masked = torch.cat([~keep, torch.zeros(total, len(steps), dtype=torch.bool)], dim=1).to(device)
+        masked = masked[:, None, None, :]  # (S, 1, 1, L + T - 1): True = masked (left padding)
         generators = [sample_generator(settings.seed, index, j, device)
                       for index, r in zip(batch.indices, requests) for j in range(r.n)]
         origin = [(index, j) for index, r in zip(batch.indices, requests) for j in range(r.n)]  # sample → (request, j)
@@ -188,10 +193,8 @@ class MegatronGenerator:
                         on_token(*origin[s], token)
             if all(f is not None for f in finish) or step == settings.max_new_tokens - 1:
                 break
-            pos = torch.cat([pos, (next_pos + step).expand(3, -1)[:, :, None]], dim=2)  # (3, S, L + t + 1)
-            keep = torch.cat([keep, torch.ones(total, 1, dtype=torch.bool)], dim=1)
-            decode_mask = ~keep[:, None, None, :]  # (S, 1, 1, L + t + 1): True = masked (left padding)
-            logits = self._forward(tokens[:, None].to(device), pos.to(device), decode_mask.to(device), cache)
+            seen = length + step + 1  # the prompt and the tokens fed back so far, this one included
+            logits = self._forward(tokens[:, None].to(device), pos[:, :, :seen], masked[..., :seen], cache)
             cache.advance(1)
 
         return [
