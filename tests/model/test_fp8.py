@@ -118,8 +118,10 @@ def test_delayed_scaling_uses_the_max_of_the_last_n_steps_and_saturates():
             out = fp8_linear(xs, weight, meta)
             out.sum().backward()
         if step == 1:  # scale 448/2 from step 0, amax 4 now: 4 * 224 = 896 saturates at 448 → 2.0
-            assert torch.equal(out.detach(), _hand(xs.detach(), 448 / 2, torch.float8_e4m3fn))
-            assert out[0, 3].item() == 2.0
+            # Within an ulp, not bit for bit: the kernel multiplies by the inverse scale (fp32 1/224 is not
+            # exact) and, by CPU, may fuse that into the accumulation.
+            assert _close(out.detach(), _hand(xs.detach(), 448 / 2, torch.float8_e4m3fn))
+            assert out[0, 3].item() == pytest.approx(2.0, rel=1e-6)  # unsaturated it would be 4.0
         assert meta.scale[INPUT].item() == pytest.approx(scale), step
     assert bool(meta.ready[GRAD]) and meta.scale[GRAD].item() == pytest.approx(E5M2_MAX)  # d(sum)/d(out) = 1
 
