@@ -30,6 +30,7 @@ def open_source(spec: str) -> Any:
     from keye.plugins import get_host
 
     node: dict[str, Any] = {"name": "jsonl", "path": spec} if spec.endswith(".jsonl") else {"name": "webdataset", "urls": [spec]}
+    node["check_media"] = False  # the teacher's processor decodes them; a question it cannot read is counted
     cls, config = build_component_config("data_source", node, get_host().registry)
     return cls(config)
 

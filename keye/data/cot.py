@@ -19,20 +19,25 @@ For each question (a conversation whose last assistant turn is dropped, or an RL
 
 Each kept path becomes a conversation sample (the question, the reply, its thinking mode) whose ``meta``
 carries the provenance: ``cot: {teacher, mode, k, votes, correct, temperature}`` and the reference answer.
-Questions with no kept path are counted (``no_correct_path``), not written. `write_jsonl` writes the samples
+Questions with no kept path are counted (``no_correct_path``), not written; a question whose media will
+not load is skipped and counted by kind (``stats.skipped``), named in the log. `write_jsonl` writes the samples
 as the ``jsonl`` source reads them, media as files beside the JSONL.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
+from keye.data.processor import SampleError
 from keye.data.sample import ConversationSample, Message, RLPromptSample, TextPart
 from keye.data.sources import LoadedSample, media_name, media_refs
+
+logger = logging.getLogger("keye.data")
 
 #: modes the builder can sample paths in
 COT_MODES = ("think", "auto")
@@ -145,13 +150,19 @@ def build_cot(model: Any, questions: Iterable[Question], *, k: int = 8, modes: S
 
     def flush() -> Iterator[LoadedSample]:
         for mode in modes:
-            requests = []
+            requests, asked = [], []
             for question in batch:
-                request = model.request(question.messages, mode, question.media, question.key)
+                try:
+                    request = model.request(question.messages, mode, question.media, question.key)
+                except SampleError as exc:  # bad media: skipped, counted, named in the log
+                    logger.warning("cot: skipped %r (%s): %s", exc.key, exc.kind, exc.reason)
+                    stats.skipped[exc.kind] += 1
+                    continue
                 request.n = k
                 requests.append(request)
-            outputs = model.generator.generate(requests, settings)
-            for question, output in zip(batch, outputs):
+                asked.append(question)
+            outputs = model.generator.generate(requests, settings) if requests else []
+            for question, output in zip(asked, outputs):
                 replies = [model.decode(sample.token_ids) for sample in output.samples]
                 picked = pick_path(question, replies, mode, min_score, require_thought)
                 stats.replies += len(replies)

@@ -41,6 +41,11 @@ def write_questions(folder: Path, answers: list[str]) -> Path:
                                  "messages": [{"role": "user", "content": [{"type": "image", "image": {"path": f"img/{i}.png"}},
                                                                            {"type": "text", "text": question}]},
                                               {"role": "assistant", "content": "ignored"}]}))
+    if len(answers) > len(QUESTIONS):  # one more question, on an image that does not decode
+        (folder / "img" / "bad.png").write_bytes(b"\x89PNG not really")
+        lines.append(json.dumps({"kind": "conversation", "key": "q-bad", "meta": {"answer": answers[-1]},
+                                 "messages": [{"role": "user", "content": [{"type": "image", "image": {"path": "img/bad.png"}},
+                                                                           {"type": "text", "text": "what"}]}]}))
     path = folder / "questions.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -56,11 +61,12 @@ def test_only_correct_paths_are_kept_with_provenance(released, tmp_path):
     for line in (tmp_path / "probe" / "cot.jsonl").read_text().splitlines():
         sample = json.loads(line)
         said[sample["meta"]["question_key"]] = parse_answer(sample["messages"][-1]["content"][0]["text"])
-    answers = [said["q0"], said["q1"], "zzz never said", "zzz never said either"]
+    answers = [said["q0"], said["q1"], "zzz never said", "zzz never said either", "x"]
     questions = write_questions(tmp_path / "q2", answers)
 
     summary = build(released, questions, tmp_path / "out" / "cot.jsonl")
     assert summary["written"] == 2 and summary["kept"] == {"think": 2} and summary["no_correct_path"] == {"think": 2}
+    assert summary["questions"] == 5 and summary["skipped"] == {"corrupt_image": 1}
     source = JsonlSource(JsonlSource.Config(path=str(tmp_path / "out" / "cot.jsonl"), max_bad_fraction=0.0))
     samples = list(source)
     assert source.bad_inputs.bad == 0
