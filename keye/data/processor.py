@@ -82,6 +82,7 @@ class Processor:
         )
         self.merge = self.mrope.spatial_merge_size ** 2
         self.root = Path(root) if root is not None else None
+        self._tag_ids: dict[str, list[int]] = {}
         self.modes = ModeStats()  # conversations and loss tokens per thinking mode (keye.data.modes)
 
     # --- media ---------------------------------------------------------------------------------
@@ -192,8 +193,24 @@ class Processor:
             position_ids=positions,
             images=_join(images),
             videos=_join(videos),
-            answer_mask=_last_reply(labels),
+            answer_mask=self._final_answer(_last_reply(labels), labels),
         )
+
+    def _final_answer(self, reply: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The part of the last reply the answer is read from (`keye.data.chat.parse_answer`): the tokens after
+        its last ``<answer>`` tag, else after its last ``</analysis>``; so held-out answer accuracy in a
+        thinking mode scores the answer given the thought, not the whole thought. The tag is found as its own
+        token sequence; where the tokenizer merged it with a neighbour, the whole reply is kept (as before)."""
+        positions = torch.nonzero(reply).flatten()
+        ids = labels[positions].tolist()
+        for tag in ("<answer>", "</analysis>"):
+            tag_ids = self._tag_ids.setdefault(tag, self.tokenizer.encode(tag, add_special_tokens=False))
+            starts = [i for i in range(len(ids) - len(tag_ids), -1, -1) if ids[i : i + len(tag_ids)] == tag_ids]
+            if starts:
+                mask = reply.clone()
+                mask[positions[: starts[0] + len(tag_ids)]] = False
+                return mask
+        return reply
 
     def preference(self, sample: PreferenceSample, media: Mapping[str, bytes]) -> TokenSample:
         """A preference pair as one sample whose chosen and rejected replies share the prompt (and its

@@ -140,3 +140,21 @@ def test_lm_summary_reports_modes(tmp_path):
     for when in ("eval_before", "eval_after"):
         by_mode = summary[when]["answer_accuracy_by_mode"]
         assert by_mode and set(by_mode) <= set(MODES) and all(0 <= v <= 1 for v in by_mode.values())
+
+
+def test_answer_mask_is_the_final_answer_in_every_mode(tokenizer):
+    """Held-out answer accuracy scores the answer after the thought: the answer mask covers what follows the
+    last <answer> (think, agentic, auto choosing /think) or </analysis> (auto choosing /no_think)."""
+    processor = Processor(tokenizer, ProcessorSettings())
+    seen = set()
+    for loaded in generate_many(24, tasks=["count", "color"], mode_mix=dict.fromkeys(MODES, 1.0)):
+        item = processor(loaded.sample, loaded.media)
+        answer = tokenizer.decode(item.labels[item.answer_mask]).replace(" ", "")
+        expected = loaded.sample.meta["answer"].replace(" ", "")
+        mode = loaded.sample.thinking_mode
+        seen.add(mode)
+        if mode == "no_think" or (mode == "auto" and loaded.sample.meta["analysis_choice"] == "no_think"):
+            assert answer == expected + "<|im_end|>", (mode, answer)
+        else:
+            assert answer == expected + "</answer><|im_end|>", (mode, answer)
+    assert seen == set(MODES)
