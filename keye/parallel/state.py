@@ -158,7 +158,13 @@ def _start_model_parallel(tensor: int, pipeline: int, virtual_pipeline: int | No
     )
 
 
-def _seed(seed: int) -> None:
+def seed_random_streams(seed: int) -> None:
+    """Seed torch's CPU generator and Megatron's tracked model-parallel streams, as a fresh process has them.
+
+    ``init_parallel`` calls it once; the stage runner calls it again before every stage, so a stage builds its
+    fresh modules from the same streams whether it follows other stages in one process or starts a process
+    of its own (``--resume`` after the earlier stages finished, ``--stage NAME``).
+    """
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     torch.manual_seed(seed)  # CPU default generator: CPU-initialised weights, and dropout on CPU
@@ -194,7 +200,7 @@ def init_parallel(
     device = _device(backend, local_rank)
     _start_process_group(backend, rank, world_size, init_method)
     _start_model_parallel(tensor, pipeline, virtual_pipeline)
-    _seed(seed)
+    seed_random_streams(seed)
     return current_context(backend=backend, device=device, virtual_pipeline=virtual_pipeline)
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from keye.config import build_component_config
 from keye.errors import KeyeUserError
 from keye.parallel.fp8 import check_fp8_available
+from keye.parallel.state import seed_random_streams
 from keye.plugins import PluginHost
 from keye.train.metrics import MetricsWriter, write_summary
 from keye.train.report import write_report
@@ -92,6 +93,7 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
             summary["stages"][stage.name] = json.loads(done.read_text())
             previous = stage_dir
             continue
+        seed_random_streams(cfg.run.seed)  # as in a fresh process: a resumed or --stage run builds the same
         cls, config = build_component_config("stage", {"name": stage.kind, **OmegaConf.to_container(stage.options)}, host.registry)
         ctx = StageContext(cfg, stage, index, host, parallel, stage_dir, previous, resume, metrics)
         host.hook.keye_before_stage(stage=stage, blueprint=cfg)

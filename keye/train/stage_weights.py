@@ -35,25 +35,10 @@ def weights_folder(stage_dir: Path) -> Path:
 
 
 def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
-    """Publish the stage's weights: its last act, after which the random streams restart (`restart_streams`)."""
+    """Publish the stage's weights (atomically: `keye.parallel.dist_checkpoint.save`)."""
     folder = weights_folder(ctx.output_dir)
     save(tensors_only(sharded_state_dict(model)), folder)
-    restart_streams(ctx)
     return folder
-
-
-def restart_streams(ctx: Any) -> None:
-    """Put the random streams (torch's CPU generator, Megatron's tracked model-parallel states) back where
-    a fresh process has them (``init_parallel`` seeds them with ``run.seed``), at the end of a stage.
-
-    Why: the next stage builds its fresh modules from these streams. A resumed run skips the stages that
-    finished and starts the next one in a fresh process, as does ``--stage``; without this, a stage that
-    starts from step 0 there would initialise differently than in the uninterrupted run.
-    """
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    torch.manual_seed(ctx.blueprint.run.seed)
-    model_parallel_cuda_manual_seed(ctx.blueprint.run.seed)
 
 
 def _source_folder(ctx: Any) -> tuple[Path | None, bool]:
@@ -123,3 +108,10 @@ def load_weights_from(model: torch.nn.Module, stage_dir: Path) -> Path:
     state = load(shared_module_state(model, folder), folder)
     model.load_state_dict(state, strict=False)
     return folder
+
+
+def restart_streams(ctx: Any) -> None:
+    """Reseed the random streams as a fresh process has them (the runner does this before every stage)."""
+    from keye.parallel.state import seed_random_streams
+
+    seed_random_streams(ctx.blueprint.run.seed)

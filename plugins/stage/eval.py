@@ -76,7 +76,6 @@ class EvalStage:
         from keye.data.pipeline import build_processor
         from keye.eval.model import EvalModel, make_generator, stage_model
         from keye.eval.run import evaluate
-        from keye.train.stage_weights import restart_streams
 
         ctx, config = self.ctx, self.config
         source = Path(ctx.blueprint.run.output_dir) / config.stage if config.stage else ctx.previous_output
@@ -88,7 +87,6 @@ class EvalStage:
                               max_new_tokens=config.max_new_tokens)
         summary = evaluate(benchmarks, evaluator, ctx.output_dir, config.mode, config.max_samples, config.batch_size,
                            writer=writer, source=f"stage {Path(source).name}")
-        restart_streams(ctx)  # as every stage ends: the next starts as in a fresh process
         overall = summary["overall"]
         return {"evaluated": Path(source).name, "mode": config.mode, "score": overall["score"],
                 "samples": overall["samples"], "bad_samples": summary["bad_samples"],

@@ -20,7 +20,7 @@ from keye.config import component, doc
 from keye.config.validate import build_component_config
 from keye.errors import KeyeUserError
 from keye.parallel.dist_checkpoint import is_checkpoint, load, save, saved_tensors
-from keye.train.stage_weights import restart_streams, weights_folder
+from keye.train.stage_weights import weights_folder
 
 
 class MergeStage:
@@ -80,7 +80,6 @@ class MergeStage:
         if missing:
             raise KeyeUserError(f"stages.{ctx.index}: merge inputs have no weights yet: {', '.join(missing)}")
         count = merge_checkpoints(folders, weights, merger, weights_folder(ctx.output_dir))
-        restart_streams(ctx)  # as every stage ends: the next starts as in a fresh process
         return {"inputs": list(self.config.inputs), "weights": weights, "tensors": count}
 
 
