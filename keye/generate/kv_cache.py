@@ -3,7 +3,7 @@
 Why not only Megatron-Core's ``StaticInferenceContext``: it stores keys before RoPE and rotates the whole
 cached prefix again at every step (and with M-RoPE needs the position ids of the whole prefix each step to
 build the table). On ``tools/bench/generate.py`` (the small model, 8 prompts x 4 samples x 128 tokens, one CPU
-thread) that costs 3.3-3.4 s against 1.9 s with this cache. Storing rotated keys, as Hugging Face and vLLM do,
+thread) that costs 3.0-3.2 s against 1.4-1.7 s with this cache. Storing rotated keys, as Hugging Face and vLLM do,
 makes a step's RoPE work that of its new tokens only, with the rotary tables computed once per step for all
 layers (``keye.model.sdpa_attention.rotary_tables``).
 

@@ -26,11 +26,13 @@ The cache (``Config.kv_cache``), two kinds, measured:
   ``[3, S, L + t]`` (Megatron builds its M-RoPE table from the ids passed in).
 
 Measured with ``tools/bench/generate.py`` (CPU, 1 thread, the small model: Qwen3 hidden 256 x 4 layers; 8
-prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, three runs): ``keye`` 1.88-1.95 s,
-``megatron`` 3.32-3.42 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
-most of the difference), no cache (the padded batch through the full forward every step) 94 s; transformers'
-Qwen2.5-VL ``generate`` at the same dimensions 2.07-2.38 s (``keye`` 1.09-1.22x of it). The caches and the
-no-cache forward give the same greedy tokens (tests/generate).
+prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, fastest of 3, a shared 2-core box):
+``keye`` 1.42-1.65 s, ``megatron`` 2.95-3.18 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat``
+per layer and step, is most of the difference), no cache (the padded batch through the full forward every
+step) 91 s; transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.79-1.93 s (``keye`` 1.14-1.26x of
+it; the bench's docstring says where a decode step's time goes). The decode loop does per batch what does
+not change per step: the positions and padding mask of every step are made once on the device and sliced.
+The caches and the no-cache forward give the same greedy tokens (tests/generate).
 
 Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
 tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).

@@ -22,16 +22,35 @@ with the same dimensions; random weights, fp32, eval mode):
 Tokens/s counts generated tokens (prompts x samples x new tokens) over the case's time: this process's CPU
 time with one thread (default; a busy machine still gives an idle core's numbers), or wall time with
 ``--threads N``; each cached case runs ``--repeat`` times (default 3, interleaved with the others) and its
-fastest run counts, since other work on the machine only ever adds time. Prints a table and the ratios to transformers (target: keye >= 2x).
+fastest run counts, since other work on the machine only ever adds time. Prints a table and the ratios to
+transformers (target: keye >= 2x).
 
-What it showed (2-core CPU box, one thread, December 2026, three runs): keye's cache 1.88-1.95 s (about 2,150
-tokens/s), Megatron's static context 3.32-3.42 s, transformers 2.07-2.38 s, no cache 94 s: **keye/transformers
-1.09-1.22x**, short of the 2x target; keye/no cache 49x. Two changes this benchmark led to: keye's SDPA
-attention no longer repeats k/v for GQA under an explicit mask on CPU (the decode steps' padding mask; 1.1
-instead of 5.9 ms per call at these shapes; it was 0.58x before), and sampling draws an exponential race from
-``torch.rand`` instead of ``multinomial`` (its ``exponential_`` with a generator is 10x slower on CPU). What
-is left of a keye decode step (about 15 ms for 32 rows): the GEMMs about 40% (the same in both), SDPA about
-20%, the rest per-layer framework work at these tiny shapes (Megatron's modules, RMSNorms, RoPE, sampling).
+What it showed (2-core CPU box shared with other work, one thread, December 2026). Before the decode-overhead
+work: keye's cache 1.88-1.95 s (three single runs), transformers 2.07-2.38 s: **keye/transformers 1.09-1.22x**
+(1.25x in one run on the day of the work). After it (one full run and two without the no-cache case, fastest of
+3 each): keye's cache 1.42-1.65 s (2,480-2,880 tokens/s), Megatron's static context 2.95-3.18 s, transformers
+1.79-1.93 s, no cache 90.8 s: **keye/transformers 1.14-1.26x, short of the 2x target**; keye/no cache 64x.
+The box's load (4-8 on 2 cores) moves a run by 10-30%, more than the changes; A/B'd as the fastest of 15
+runs of 1 and 17 new tokens (two rounds, interleaved), a decode step of 32 rows went from 11.0-11.3 ms to
+9.9-10.8 ms (prefill about 85 ms, unchanged).
+
+Changes this benchmark led to, all with the same tokens bit for bit: keye's SDPA attention does not repeat
+k/v for GQA under an explicit mask on CPU (1.1 instead of 5.9 ms per call; it was 0.58x before); sampling
+draws an exponential race from ``torch.rand`` instead of ``multinomial`` (``exponential_`` with a generator is
+10x slower on CPU), in one in-place buffer; the KV cache is batch-major ``[B, g, L, d]`` (CPU flash attention
+reads a slice of it about 1.4x faster than the strided view of a sequence-major one); positions and the
+padding mask are made once per batch, the decode mask inverted once per step (not per layer), the core
+attentions found once per batch, RoPE without an autograd Function under ``no_grad``.
+
+Why not 2x: the win over transformers is the prefill (keye: one per prompt, about 0.08-0.14 s; transformers
+repeats every prompt, its image included, per sample: about 0.29 s), while the decode steps cost about the
+same (one loaded run: 13.8 ms keye, 14.6 ms transformers per step of 32 rows), and 127 of them are most of
+the time. 2x needs keye's step at half of transformers', whose GEMMs are the same math. What is left of a
+keye decode step (torch.profiler, 32 rows): the GEMMs about 45% (oneDNN's ``_linear_pointwise``; at these
+32-row shapes MKL's ``mm``, which transformers uses, is about 25% faster per call in a micro-benchmark,
+but the choice lives in ``keye.model.onednn_linear``), SDPA 12-15%, sampling about 10% (32 seeded
+``rand`` rows of the vocabulary, argmax, log-softmax), 17 RMSNorms per step about 5-8%, the rest
+Megatron's per-layer module and autograd-Function overhead at these tiny shapes.
 """
 
 from __future__ import annotations
