@@ -62,9 +62,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.resume:
             argv.append("--resume")
         return spawn_local(args.nproc, argv, pass_fds=[lock.fileno()])  # the lock lasts as long as the last rank
+    from keye.parallel.state import destroy_parallel
     from keye.train.runner import run_blueprint
 
     run_blueprint(cfg, host, only_stage=args.stage, resume=args.resume)
+    # A clean teardown: a process group left to the interpreter's exit can abort it (gloo's threads: "terminate
+    # called without an active exception", exit 134), after a run that succeeded.
+    destroy_parallel()
     return 0
 
 
