@@ -210,6 +210,19 @@ class SiglipTowerConfig:
     )
 
 
+def check_tower_config(config: SiglipTowerConfig, check: Any) -> None:
+    """What `tower_transformer_config` and the tower's tensor-parallel layers would refuse when built, for
+    both towers' ``check_config`` (each adds its own fields)."""
+    check.count(config, "hidden_size", "intermediate_size", "num_layers", "num_heads")
+    check.number(config, "layer_norm_eps", above=0)
+    check.number(config, "init_std", low=0)
+    check.one_of(config, "transformer_impl", TRANSFORMER_IMPLS)
+    check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
+    check.divisible(config, "hidden_size", config.num_heads, "num_heads")
+    for name in ("num_heads", "intermediate_size"):
+        check.divisible(config, name, check.tensor, "parallel.tensor")
+
+
 def tower_transformer_config(config: SiglipTowerConfig, ctx: Any, name: str) -> Any:
     """The TransformerConfig of a SigLIP-style tower from its Config (the fields both towers share)."""
     if config.hidden_size % config.num_heads:

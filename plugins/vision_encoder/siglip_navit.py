@@ -75,14 +75,7 @@ class SiglipNaViT(nn.Module):
     @classmethod
     def check_config(cls, config: Config, check: object) -> None:
         """What the tower's TransformerConfig, patch embedding and 2D RoPE would refuse when built."""
-        check.count(config, "hidden_size", "intermediate_size", "num_layers", "num_heads")
-        check.number(config, "layer_norm_eps", above=0)
-        check.number(config, "init_std", low=0)
-        check.one_of(config, "transformer_impl", mb.TRANSFORMER_IMPLS)
-        check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
-        check.divisible(config, "hidden_size", config.num_heads, "num_heads")
-        for name in ("num_heads", "intermediate_size"):
-            check.divisible(config, name, check.tensor, "parallel.tensor")
+        mb.check_tower_config(config, check)
         check.count(config, "patch_size")
         check.count(config, "image_size", minimum=config.patch_size)
         check.number(config, "rope_theta", above=0)
