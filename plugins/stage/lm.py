@@ -74,7 +74,9 @@ _MODES = (*THINKING_MODES, NO_MODE)
 
 
 def _accuracy_by_mode(verdicts: list[tuple[str, bool]], mode_of: dict[str, str], is_last_stage: bool) -> dict:
-    """Held-out answer accuracy per thinking mode, summed over pipeline and data-parallel ranks."""
+    """``answer_accuracy_by_mode`` and ``answers_by_mode`` (how many answers each accuracy is over: packing
+    puts long replies first, so a few eval batches can hold few short ones), summed over pipeline and
+    data-parallel ranks."""
     from keye.train.engine import _sum_over_pipeline_and_data
 
     table = torch.zeros(len(_MODES), 2, dtype=torch.float64)  # (mode, [correct, answers])
@@ -83,7 +85,9 @@ def _accuracy_by_mode(verdicts: list[tuple[str, bool]], mode_of: dict[str, str],
         table[row, 0] += float(right)
         table[row, 1] += 1
     table = _sum_over_pipeline_and_data(table.flatten(), is_last_stage).view(len(_MODES), 2)
-    return {mode: float(c / n) for mode, (c, n) in zip(_MODES, table.tolist()) if n > 0}
+    rows = [(mode, c, n) for mode, (c, n) in zip(_MODES, table.tolist()) if n > 0]
+    return {"answer_accuracy_by_mode": {mode: c / n for mode, c, n in rows},
+            "answers_by_mode": {mode: int(n) for mode, _, n in rows}}
 
 
 class LMStage:
@@ -164,8 +168,7 @@ class LMStage:
         out = {"heldout_loss": result["loss"]}
         if "answer_accuracy" in result:
             out["answer_accuracy"] = result["answer_accuracy"]
-            out["answer_accuracy_by_mode"] = _accuracy_by_mode(verdicts, stream.processor.modes.mode_of,
-                                                               ctx.parallel.is_last_stage)
+            out.update(_accuracy_by_mode(verdicts, stream.processor.modes.mode_of, ctx.parallel.is_last_stage))
         return out
 
 

@@ -138,8 +138,12 @@ def test_lm_summary_reports_modes(tmp_path):
     expected = Counter(s.sample.thinking_mode for s in generate_many(n, tasks=["color", "count"], seed=0, mode_mix=MIX))
     assert {m: s["samples"] for m, s in modes.items()} == dict(expected)
     for when in ("eval_before", "eval_after"):
-        by_mode = summary[when]["answer_accuracy_by_mode"]
-        assert by_mode and set(by_mode) <= set(MODES) and all(0 <= v <= 1 for v in by_mode.values())
+        by_mode, answers = summary[when]["answer_accuracy_by_mode"], summary[when]["answers_by_mode"]
+        assert by_mode and set(by_mode) == set(answers) <= set(MODES) and all(0 <= v <= 1 for v in by_mode.values())
+        # the per-mode tables add up to the overall accuracy the engine computes on its own
+        total = sum(answers.values())
+        overall = sum(by_mode[m] * answers[m] for m in answers) / total
+        assert abs(overall - summary[when]["answer_accuracy"]) < 1e-9 and total == 16
 
 
 def test_answer_mask_is_the_final_answer_in_every_mode(tokenizer):
