@@ -187,7 +187,17 @@ def _check_common(config: Any, check: Any) -> None:
     check.number(config, "eps", above=0.0)
 
 
-class GRPOLoss:
+class _PolicyLoss:
+    """What both policy losses share: their settings and the group-normalised advantages."""
+
+    def __init__(self, config: Any, ctx: Any = None) -> None:
+        self.config = config
+
+    def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+        return group_advantages(rewards, group_size, scale=self.config.scale_advantages, eps=self.config.eps)
+
+
+class GRPOLoss(_PolicyLoss):
     """The ``grpo`` loss component: `group_advantages` and `grpo_loss` with the blueprint's settings."""
 
     @dataclass
@@ -209,12 +219,6 @@ class GRPOLoss:
         if config.aggregation == "constant":
             check.count(config, "max_tokens")
 
-    def __init__(self, config: Config, ctx: Any = None) -> None:
-        self.config = config
-
-    def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-        return group_advantages(rewards, group_size, scale=self.config.scale_advantages, eps=self.config.eps)
-
     def __call__(self, logp, old_logp, advantages, mask, ref_logp=None, entropy=None):
         c = self.config
         return grpo_loss(logp, old_logp, advantages, mask, clip_low=c.clip_low, clip_high=c.clip_high,
@@ -222,7 +226,7 @@ class GRPOLoss:
                          beta=c.beta, kl_estimator=c.kl_estimator, entropy=entropy)
 
 
-class GSPOLoss:
+class GSPOLoss(_PolicyLoss):
     """The ``gspo`` loss component: `group_advantages` and `gspo_loss` with the blueprint's settings."""
 
     @dataclass
@@ -237,12 +241,6 @@ class GSPOLoss:
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
         _check_common(config, check)
-
-    def __init__(self, config: Config, ctx: Any = None) -> None:
-        self.config = config
-
-    def advantages(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-        return group_advantages(rewards, group_size, scale=self.config.scale_advantages, eps=self.config.eps)
 
     def __call__(self, logp, old_logp, advantages, mask, ref_logp=None, entropy=None):
         c = self.config
