@@ -96,7 +96,6 @@ class CotBuildStage:
 
     def run(self) -> dict[str, Any]:
         from keye.data.cot import CotStats, build_cot, write_jsonl
-        from keye.train.stage_weights import restart_streams
 
         ctx, config = self.ctx, self.config
         model, name = self.teacher()
@@ -115,7 +114,6 @@ class CotBuildStage:
             (Path(ctx.output_dir) / "cot_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if dist.is_initialized():
             dist.barrier()
-        restart_streams(ctx)
         return summary
 
 
