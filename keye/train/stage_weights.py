@@ -108,10 +108,3 @@ def load_weights_from(model: torch.nn.Module, stage_dir: Path) -> Path:
     state = load(shared_module_state(model, folder), folder)
     model.load_state_dict(state, strict=False)
     return folder
-
-
-def restart_streams(ctx: Any) -> None:
-    """Reseed the random streams as a fresh process has them (the runner does this before every stage)."""
-    from keye.parallel.state import seed_random_streams
-
-    seed_random_streams(ctx.blueprint.run.seed)

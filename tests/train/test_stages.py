@@ -88,10 +88,12 @@ def test_tiny_pretrain_blueprint_end_to_end_shortened(tmp_path):
     shorten = [f"run.output_dir={out}", "stages.0.steps=3", "stages.1.steps=2", "stages.2.steps=3",
                "stages.3.steps=2", "stages.4.steps=2", "stages.0.options.eval_pairs=8"]
     shorten += [f"stages.{i}.options.eval_batches=1" for i in (1, 2, 3, 4, 6)]
+    shorten += ["stages.7.options.synthetic_samples=4", "stages.7.options.max_new_tokens=4"]
     launch(str(ROOT / "blueprints" / "tiny" / "pretrain.yaml"), *shorten)
     summary = json.loads((out / "summary.json").read_text())["stages"]
     assert list(summary) == ["stage0_vit", "stage1_align", "stage2_multitask", "stage3_anneal_image",
-                             "stage3_anneal_video", "stage3_merge", "stage3_eval"]
+                             "stage3_anneal_video", "stage3_merge", "stage3_eval", "final_eval"]
+    assert summary["final_eval"]["evaluated"] == "stage3_merge" and summary["final_eval"]["samples"] == 4
     assert summary["stage0_vit"]["eval_after"]["pairs"] == 8
     assert summary["stage3_eval"]["initialised_from"].endswith("stage3_merge/weights")
     merged = weights(out, "stage3_merge")
