@@ -53,7 +53,7 @@ def test_validate_checks_the_layout_against_nproc_and_run_checks_it_before_spawn
 
     tiny = str(Path(__file__).resolve().parents[2] / "blueprints" / "tiny" / "pretrain.yaml")
     ok = launch("validate", tiny, "--nproc", "2")
-    assert (ok.returncode, ok.stdout.strip()) == (0, f"ok: {tiny} (7 stages)"), ok.stderr
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"ok: {tiny} (8 stages)"), ok.stderr
     keye_8b = str(Path(tiny).parents[1] / "keye-vl-8b" / "pretrain.yaml")
     bad = launch("validate", keye_8b, "--nproc", "12")
     assert bad.returncode == 2

@@ -120,7 +120,7 @@ def test_an_entry_point_named_like_a_builtin_one_hides_nothing(tmp_path):
     text = launch(site, "plugins")
     assert "lm  keye 0.1.0  [loaded]" in text.stdout and "lm  keye-lm-tools 0.2  [loaded]" in text.stdout
     validated = launch(site, "validate", TINY)  # its stages are kind lm, contrastive and merge
-    assert (validated.returncode, validated.stdout.strip()) == (0, f"ok: {TINY} (7 stages)"), validated.stderr
+    assert (validated.returncode, validated.stdout.strip()) == (0, f"ok: {TINY} (8 stages)"), validated.stderr
 
 
 def _one_step_blueprint(tmp_path: Path) -> Path:
