@@ -16,7 +16,7 @@ from pathlib import Path
 
 
 from keye.testing import write_blueprint
-from keye.train.output_dir import lock_output_dir
+from keye.train.output_dir import OutputDirError, lock_output_dir
 
 LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,4 +94,14 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
     for pid in survivors:  # do not leave them training on the test machine
         os.kill(pid, signal.SIGKILL)
     assert survivors == []
-    lock_output_dir(tmp_path / "run").release()  # the lock went with the last rank: --resume may start now
+    # The lock goes with the last process holding it: the ranks' data-loader workers (forked, so they share
+    # the lock's open file) notice their parent's death within a few seconds. Then --resume may start.
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            lock_output_dir(tmp_path / "run").release()
+            break
+        except OutputDirError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
