@@ -11,28 +11,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from keye.testing.distributed import run_distributed
-from test_megatron_generator import (NEW, SAMPLED, hf_inputs, reference_greedy_padded, requests, tiny_tokenizer,
+from test_megatron_generator import (NEW, SAMPLED, padded_batch, reference_greedy_padded, requests, tiny_tokenizer,
                                      write_checkpoint)
-
-
-def padded_batch(reqs) -> dict:
-    """The released processor's batch: left padding, attention_mask, every row's vision packed in order."""
-    length = max(r.prompt_ids.numel() for r in reqs)
-    ids = torch.zeros(len(reqs), length, dtype=torch.long)
-    mask = torch.zeros(len(reqs), length, dtype=torch.long)
-    for b, r in enumerate(reqs):
-        ids[b, length - r.prompt_ids.numel():] = r.prompt_ids
-        mask[b, length - r.prompt_ids.numel():] = 1
-    parts = [hf_inputs(r) for r in reqs]
-
-    def cat(key):
-        found = [p[key] for p in parts if p[key] is not None]
-        return torch.cat(found) if found else None
-
-    return dict(input_ids=ids, attention_mask=mask, **{key: cat(key) for key in parts[0]})
 
 
 def _run(root: str) -> dict:

@@ -127,8 +127,8 @@ def reference_greedy_alone(keye, request) -> tuple[list[int], float]:
     return ids[0, request.prompt_ids.numel():].tolist(), margin
 
 
-def reference_greedy_padded(keye, reqs) -> list[list[int]]:
-    """The released code's batch: left padding, attention_mask, vision of all rows packed in order."""
+def padded_batch(reqs) -> dict:
+    """The released processor's batch: left padding, attention_mask, every row's vision packed in order."""
     length = max(r.prompt_ids.numel() for r in reqs)
     ids = torch.zeros(len(reqs), length, dtype=torch.long)
     mask = torch.zeros(len(reqs), length, dtype=torch.long)
@@ -141,7 +141,14 @@ def reference_greedy_padded(keye, reqs) -> list[list[int]]:
         found = [p[key] for p in parts if p[key] is not None]
         return torch.cat(found) if found else None
 
-    vision = {key: cat(key) for key in parts[0]}
+    return dict(input_ids=ids, attention_mask=mask, **{key: cat(key) for key in parts[0]})
+
+
+def reference_greedy_padded(keye, reqs) -> list[list[int]]:
+    """The released code's batch (`padded_batch`) run as a no-cache greedy loop of the released forward."""
+    vision = padded_batch(reqs)
+    ids, mask = vision.pop("input_ids"), vision.pop("attention_mask")
+    length = ids.shape[1]
     for _ in range(NEW):
         last = keye.hf_forward(ids, attention_mask=mask, **vision)[:, -1]  # (B, V)
         ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
