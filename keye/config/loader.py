@@ -28,7 +28,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from keye.config.repeat import expand_stages, is_group
 from keye.config.schema import Blueprint, StageConfig
+from keye.config.swap import drop_switched
 from keye.config.validate import dotted, omegaconf_reason, schema_of, short, validate_blueprint
 from keye.errors import BlueprintError
 from keye.registry import Registry
@@ -84,11 +86,19 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[_Layer]:
     layers: list[_Layer] = []
     for base in extends:
         layers.extend(_read_layers(_base_path(path, base, label), (*chain, path)))
+    _expand_repeats(raw, label)
     layer = _Layer(label, raw)
     _check_resolvers(layer)
     _check_stages(layer, items=False)
     layers.append(layer)
     return layers
+
+
+def _expand_repeats(raw: DictConfig, label: str) -> None:
+    """Replace ``repeat`` groups in the file's ``stages`` by their rounds (`keye.config.repeat`)."""
+    plain = OmegaConf.to_container(raw, resolve=False).get("stages")  # as written: never resolved
+    if isinstance(plain, list) and any(is_group(item) for item in plain):
+        raw.stages = expand_stages(plain, label)
 
 
 def _parse(path: Path, chain: tuple[Path, ...]) -> DictConfig:
@@ -265,10 +275,13 @@ def load_blueprint(
     layers = _read_layers(path)
     top = layers[-1].label
     cfg = schema_of(Blueprint)
-    for layer in layers:
+    for layer in layers:  # a layer that names another component drops the old one's keys (keye.config.swap)
+        drop_switched(cfg, OmegaConf.to_container(layer.cfg, resolve=False), registry)
         cfg = _merge_layer(cfg, layer)
-    for text in overrides:
-        key, value = _parse_override(text)
+    parsed = [(text, *_parse_override(text)) for text in overrides]
+    for _text, key, value in parsed:  # all overrides' switches first: `a.depth=2 a.name=x` keeps depth
+        drop_switched(cfg, _nested(key, value), registry)
+    for text, key, value in parsed:
         label = f"override '{short(text)}'"
         try:
             OmegaConf.update(cfg, key, value, merge=True)
@@ -310,7 +323,7 @@ def load_blueprint(
 
 
 def _nested(key: str, value: object) -> dict:
-    """``a.b.0.c=v`` as a nested dict (list indices become keys; used only to track origins)."""
+    """``a.b.0.c=v`` as a nested dict (list indices become keys; for origins and `drop_switched`)."""
     node: dict = {}
     cursor = node
     parts = key.split(".")

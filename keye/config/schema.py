@@ -148,5 +148,7 @@ class Blueprint:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model components."})
     parallel: ParallelConfig = field(default_factory=ParallelConfig, metadata={"doc": "TP / PP / DP layout."})
     precision: PrecisionConfig = field(default_factory=PrecisionConfig, metadata={"doc": "Numeric precision."})
-    stages: List[StageConfig] = doc("Stages, run in order.", default_factory=list)
+    stages: List[StageConfig] = doc(
+        "Stages, run in order. An item {repeat: K, stages: [...]} runs its stages K rounds in a row, "
+        "expanded when the file is read (names get _r1.._rK; keye.config.repeat).", default_factory=list)
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation settings."})
