@@ -82,6 +82,8 @@ class PluginRecord:
     status: str = "loaded"  # loaded | failed | blocked
     error: str | None = None
     components: dict[str, list[str]] = field(default_factory=dict)
+    #: every hook the plugin implements (registration and lifecycle), so a lifecycle-only plugin shows too
+    hooks: list[str] = field(default_factory=list)
     #: kind -> name -> who replaced it, for components of this plugin that KEYE_OVERRIDE let another replace
     overridden: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -99,6 +101,7 @@ class PluginRecord:
             "status": self.status,
             "error": self.error,
             "components": self.components,
+            "hooks": self.hooks,
             "overridden": self.overridden,
         }
 
@@ -227,6 +230,7 @@ class PluginHost:
             self.pm.unregister(name=pm_name)
             self._fail(record, exc)
             return
+        record.hooks = sorted(caller.name for caller in self.pm.get_hookcallers(plugin) or [])
         for kind, name, replaced in added:
             record.components.setdefault(kind, []).append(name)
             if replaced is not None:

@@ -1,9 +1,9 @@
 """``keye-launch``: run, check and inspect blueprints; list plugins.
 
     keye-launch run BLUEPRINT [KEY=VALUE ...] [--stage NAME] [--nproc N] [--resume | --overwrite]
-    keye-launch validate BLUEPRINT [BLUEPRINT ...] [--nproc N]
+    keye-launch validate BLUEPRINT [BLUEPRINT ...] [KEY=VALUE ...] [--nproc N]
     keye-launch print-config BLUEPRINT [KEY=VALUE ...]
-    keye-launch plugins [--json]
+    keye-launch plugins [--json] [--kind KIND]
     keye-launch export BLUEPRINT STAGE DST [KEY=VALUE ...]
     keye-launch convert {hf-to-megatron,megatron-to-hf} SRC DST [--tensor T] [--pipeline P]
     keye-launch eval SOURCE [STAGE] BENCHMARK... [--mode M] [--max-samples N] [--out DIR]
@@ -72,19 +72,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def is_override(arg: str) -> bool:
+    """``KEY=VALUE`` rather than a blueprint path: has a ``=`` and names no existing file."""
+    return "=" in arg and not arg.startswith("-") and not Path(arg).exists()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Everything ``run`` checks before it builds anything (schema, components, ranges, references between
     stages; with ``--nproc`` the parallel layout too), one line per failing blueprint. Data and weights
-    folders are not looked at (a blueprint is often checked away from its cluster); ``run`` looks at them."""
+    folders are not looked at (a blueprint is often checked away from its cluster); ``run`` looks at them.
+    ``KEY=VALUE`` overrides, as ``run`` takes them, apply to every blueprint named."""
     from keye.config import load_blueprint
 
     if args.layout_nproc is not None and args.layout_nproc < 1:
         raise KeyeUserError("--nproc must be at least 1")
+    overrides = [arg for arg in (*args.blueprints, *args.overrides) if is_override(arg)]
+    paths = [arg for arg in args.blueprints if not is_override(arg)]
+    if not paths:
+        raise KeyeUserError("validate: no blueprint given (only overrides: " + " ".join(overrides) + ")")
     host = _host()
     failures = 0
-    for path in args.blueprints:
+    for path in paths:
         try:
-            cfg = load_blueprint(path, (), host.registry, nproc=args.layout_nproc)
+            cfg = load_blueprint(path, overrides, host.registry, nproc=args.layout_nproc)
         except KeyeUserError as exc:
             print(f"keye-launch: error: {exc}", file=sys.stderr)
             failures += 1
@@ -103,8 +113,17 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    """Every plugin (components, lifecycle hooks, or both; failed and blocked ones too), or with ``--kind``
+    only the plugins that register components of that kind, and only those components."""
+    from keye.registry import KINDS
+
     host = _host()
     records = [record.to_dict() for record in host.records.values()]
+    if args.kind is not None:
+        if args.kind not in KINDS:
+            raise KeyeUserError(f"plugins --kind: unknown kind '{args.kind}'; known: {', '.join(KINDS)}")
+        records = [{**record, "components": {args.kind: record["components"][args.kind]}}
+                   for record in records if args.kind in record["components"]]
     if args.json:
         print(json.dumps(records, indent=2))
         return 0
@@ -114,6 +133,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"    error: {record['error']}")
         for kind, names in record["components"].items():
             print(f"    {kind}: {', '.join(names)}")
+        lifecycle = [hook for hook in record["hooks"] if not hook.startswith("keye_register_")]
+        if lifecycle and args.kind is None:
+            print(f"    hooks: {', '.join(lifecycle)}")
     return 0
 
 
@@ -147,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     validate = commands.add_parser("validate", help="check blueprints against the schema and the registry")
-    validate.add_argument("blueprints", nargs="+", metavar="BLUEPRINT")
+    validate.add_argument("blueprints", nargs="+", metavar="BLUEPRINT",
+                          help="blueprints to check, then KEY=VALUE overrides applied to each (as run takes them)")
+    validate.set_defaults(overrides=[])
     validate.add_argument("--nproc", type=int, default=None, dest="layout_nproc", metavar="N",
                           help="also check the parallel layout against this many processes (as run --nproc N would)")
     validate.set_defaults(func=cmd_validate)
@@ -159,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     plugins = commands.add_parser("plugins", help="list plugins: distribution, version, status, components")
     plugins.add_argument("--json", action="store_true", help="machine-readable output")
+    plugins.add_argument("--kind", metavar="KIND", help="only plugins that register components of this kind")
     plugins.set_defaults(func=cmd_plugins)
 
     export = commands.add_parser("export", help="write a finished stage's weights in the released Keye-VL HF format")
