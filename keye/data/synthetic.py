@@ -20,7 +20,8 @@ Tasks (``TASKS``), each producing one sample kind of `keye.data.sample`:
 - ``rl`` (rl_prompt): a question with its verifiable reference answer and the rewards that score it.
 
 Thinking modes: with a ``mode_mix`` (e.g. ``{think: 0.4, no_think: 0.3, auto: 0.2, agentic: 0.1}``) every
-conversation is rewritten in a mode drawn by those weights (`in_mode`), for SFT and the CoT cold start.
+conversation is rewritten in a mode drawn by those weights (`in_mode`), for SFT and the CoT cold start, and
+every preference pair too (`pair_in_mode`: both replies in that mode), for MPO after the cold start.
 
 Grounding answers use the spec §1.6 format: ``<|box_start|>[[x1,y1,x2,y2]]<|box_end|>``, integers in [0, 1000).
 Every sample's ``meta`` has ``task``, ``family``, ``split`` and ``answer`` (the short correct answer), for
@@ -134,39 +135,63 @@ def rl_task(rng: random.Random, split: str, key: str) -> tuple[Sample, QA]:
 MODES = ("think", "no_think", "auto", "agentic")
 
 
-def in_mode(sample: ConversationSample, qa: QA, mode: str) -> ConversationSample:
-    """The question of ``sample`` answered in thinking ``mode``, the reply written as Keye writes it.
+def mode_reply(qa: QA, mode: str, answer: str | None = None) -> tuple[str, str | None]:
+    """The reply to ``qa`` in thinking ``mode`` giving ``answer`` (default: the right one), as Keye writes it,
+    and the auto mode's right pick (``None`` in the other modes).
 
     ``think``: ``<think>steps</think><answer>…</answer>``; ``no_think``: the bare answer; ``auto``: an
     ``<analysis>`` that picks /think for the families that need steps (`REASONING_FAMILIES`) and /no_think
-    for the rest, then that mode's reply (``meta["analysis_choice"]`` records the right pick, for the CoT
-    builder); ``agentic``: a thinking reply that calls a tool inside ``<think>`` and reads the
-    ``<sandbox_output>`` the runtime injects (masked from the loss by `keye.data.chat`).
+    for the rest, then that mode's reply; ``agentic``: a thinking reply that calls a tool inside ``<think>``
+    and reads the ``<sandbox_output>`` the runtime injects (masked from the loss by `keye.data.chat`). The
+    steps and the tool's output are always the true ones, so a wrong ``answer`` (a preference pair's
+    rejected reply) is one that does not follow from its own thought.
     """
     from keye.data.chat import format_auto_think, format_thinking
 
+    answer = qa.answer if answer is None else answer
     steps = qa.reasoning or f"The question is about the {qa.family} in the {qa.media_type}."
-    meta = dict(sample.meta)
     if mode == "think":
-        reply = format_thinking(steps, qa.answer)
-    elif mode == "no_think":
-        reply = qa.answer
-    elif mode == "auto":
-        choice = "think" if qa.family in REASONING_FAMILIES else "no_think"
-        meta["analysis_choice"] = choice
-        if choice == "think":
-            reply = format_auto_think(f"This needs {qa.family} steps. Therefore, /think mode is more appropriate.",
-                                      qa.answer, steps)
-        else:
-            reply = format_auto_think("This is a direct question. Therefore, /no_think mode is more appropriate.",
-                                      qa.answer)
-    elif mode == "agentic":
+        return format_thinking(steps, answer), None
+    if mode == "no_think":
+        return answer, None
+    if mode == "auto":
+        if qa.family in REASONING_FAMILIES:
+            analysis = f"This needs {qa.family} steps. Therefore, /think mode is more appropriate."
+            return format_auto_think(analysis, answer, steps), "think"
+        analysis = "This is a direct question. Therefore, /no_think mode is more appropriate."
+        return format_auto_think(analysis, answer), "no_think"
+    if mode == "agentic":
         tool = f"<code>inspect({qa.media_type})</code><sandbox_output>{qa.family}: {qa.answer}</sandbox_output>"
-        reply = format_thinking(f"I inspect the {qa.media_type} with code. {tool} {steps}", qa.answer)
-    else:
-        raise ValueError(f"unknown thinking mode {mode!r}; known: {', '.join(MODES)}")
+        return format_thinking(f"I inspect the {qa.media_type} with code. {tool} {steps}", answer), None
+    raise ValueError(f"unknown thinking mode {mode!r}; known: {', '.join(MODES)}")
+
+
+def in_mode(sample: ConversationSample, qa: QA, mode: str) -> ConversationSample:
+    """The question of ``sample`` answered in thinking ``mode`` (`mode_reply`); ``meta["analysis_choice"]``
+    records the auto mode's right pick, for the CoT builder."""
+    reply, choice = mode_reply(qa, mode)
+    meta = dict(sample.meta)
+    if choice is not None:
+        meta["analysis_choice"] = choice
     messages = [*sample.messages[:-1], _reply(reply)]
     return ConversationSample(sample.key, messages, thinking_mode=mode, source=sample.source, meta=meta)
+
+
+def pair_in_mode(sample: PreferenceSample, qa: QA, mode: str) -> PreferenceSample:
+    """A preference pair asked in thinking ``mode``: the chosen and the rejected reply both written in it
+    (`mode_reply`), differing only in the final answer.
+
+    Why: once the CoT cold start has taught the modes, a prompt without a suffix means auto-think (spec
+    §1.6), whose replies open with ``<analysis>``. Bare-answer pairs on such prompts would score (and, through
+    MPO's SFT term, train) a format the model no longer uses for them; pairs in a mode ask in it.
+    """
+    chosen, choice = mode_reply(qa, mode)
+    rejected, _ = mode_reply(qa, mode, sample.meta["rejected_answer"])
+    meta = dict(sample.meta)
+    if choice is not None:
+        meta["analysis_choice"] = choice
+    return PreferenceSample(sample.key, sample.prompt, _reply(chosen), _reply(rejected), thinking_mode=mode,
+                            source=sample.source, meta=meta)
 
 
 def pick_mode(mode_mix: dict[str, float], rng: random.Random) -> str:
@@ -220,8 +245,8 @@ def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "tr
              mode_mix: dict[str, float] | None = None) -> LoadedSample:
     """Sample ``index`` of the world: task ``tasks[index % len(tasks)]``, content from ``(seed, split, index)``.
 
-    With ``mode_mix`` (mode → weight), every conversation is rewritten in a mode drawn by those weights
-    (`in_mode`), from a generator of its own so the content is the same whatever the mix.
+    With ``mode_mix`` (mode → weight), every conversation (`in_mode`) and preference pair (`pair_in_mode`) is
+    rewritten in a mode drawn by those weights, from a generator of its own so the content is the same whatever the mix.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -230,10 +255,10 @@ def generate(index: int, *, tasks: Sequence[str] | None = None, split: str = "tr
     key = f"{split}-{index:06d}-{task}"
     rng = random.Random(f"keye-synthetic:{seed}:{split}:{index}:{task}")
     sample, qa = TASKS[task](rng, split, key)
-    if mode_mix and isinstance(sample, ConversationSample):
+    if mode_mix and isinstance(sample, (ConversationSample, PreferenceSample)):
         check_mode_mix(mode_mix)
         mode = pick_mode(mode_mix, random.Random(f"keye-synthetic-mode:{seed}:{split}:{index}"))
-        sample = in_mode(sample, qa, mode)
+        sample = in_mode(sample, qa, mode) if isinstance(sample, ConversationSample) else pair_in_mode(sample, qa, mode)
     return LoadedSample(sample, {f"{key}.{qa.extension}": qa.media}, origin=f"synthetic:{split}:{seed}")
 
 

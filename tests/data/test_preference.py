@@ -141,3 +141,42 @@ def test_synthetic_world_pairs_process():
         decoded_r = processor.tokenizer.decode(item.labels[item.rejected_mask])
         assert decoded_c.replace(" ", "") == (meta["answer"] + "<|im_end|>").replace(" ", "")
         assert decoded_r.replace(" ", "") == (meta["rejected_answer"] + "<|im_end|>").replace(" ", "")
+
+
+def test_synthetic_pairs_in_every_mode_ask_in_it_and_differ_only_in_the_answer():
+    """With a mode_mix, a pair's prompt carries the mode's suffix and both replies are written in that mode
+    (after the cold start a suffix-less prompt means auto-think, so bare-answer pairs would ask in the wrong
+    mode); the rejected reply is the chosen one with the wrong final answer, the sandbox output masked in both."""
+    from collections import Counter
+
+    from keye.data.pipeline import load_tokenizer
+    from keye.data.synthetic import MODES, generate_many
+    from keye_plugins.video_decoder.decord import DecordVideoDecoder
+
+    settings = ProcessorSettings(image_max_tokens=16, video_max_tokens=64, video_max_frame_tokens=16, video_min_frame_tokens=4)
+    processor = Processor(load_tokenizer("synthetic"), settings, DecordVideoDecoder())
+    suffix = {"think": "/think", "no_think": "/no_think", "agentic": "/agentic_think"}
+    seen = Counter()
+    for loaded in generate_many(16, tasks=["preference"], seed=3, mode_mix=dict.fromkeys(MODES, 1.0)):
+        sample, meta = loaded.sample, loaded.sample.meta
+        mode = sample.thinking_mode
+        seen[mode] += 1
+        chosen, rejected = sample.chosen.text, sample.rejected.text
+        direct = mode == "no_think" or meta.get("analysis_choice") == "no_think"
+        assert chosen.endswith(meta["answer"] if direct else f"<answer>{meta['answer']}</answer>")
+        last = chosen.rindex(meta["answer"])  # the final answer: the one thing the rejected reply changes
+        assert rejected == chosen[:last] + meta["rejected_answer"] + chosen[last + len(meta["answer"]):]
+        item = processor(sample, loaded.media, preference=True)
+        first_label = int(torch.nonzero(item.labels != IGNORE)[0])
+        prompt = processor.tokenizer.decode(item.input_ids[: first_label + 1]).replace(" ", "")
+        if mode == "auto":  # the released default: no suffix (spec §1.6)
+            assert not any(s in prompt for s in suffix.values()) and chosen.startswith("<analysis>")
+        else:
+            assert suffix[mode] in prompt
+        for mask, reply in ((item.answer_mask, chosen), (item.rejected_mask, rejected)):
+            trained = processor.tokenizer.decode(item.labels[mask]).replace(" ", "")
+            if mode == "agentic":
+                start, end = reply.index("<sandbox_output>"), reply.index("</sandbox_output>") + len("</sandbox_output>")
+                reply = reply[:start] + reply[end:]
+            assert trained == (reply + "<|im_end|>").replace(" ", "")
+    assert set(seen) == set(MODES)
