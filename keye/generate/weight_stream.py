@@ -120,7 +120,7 @@ def _groups() -> tuple[Any, int, Any, int]:
 def _global_name(model: torch.nn.Module, name: str) -> str:
     """The parameter's name in a one-stage model, in the local spec's naming (what the HF mapping speaks)."""
     from keye.hf.keye_vl import unfused_name
-    from keye.parallel.init import global_name
+    from keye.parallel.weight_init import global_name
 
     return unfused_name(global_name(model, name))
 

@@ -42,6 +42,7 @@ from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from keye.errors import KeyeUserError
+from keye.model.spec_swap import swap_spec_modules
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 INPUT, WEIGHT, GRAD = 0, 1, 2  # the three tensors a linear quantises; columns of the amax history
@@ -273,8 +274,6 @@ def fp8_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     linear_fc1, linear_fc2) is swapped; norms, attention and the model's output layer (built outside
     the layer spec) stay in high precision, as with Transformer Engine.
     """
-    from keye.model.megatron_blocks import swap_spec_modules
-
     spec, swapped = swap_spec_modules(spec, _SWAPS)
     if not swapped:
         raise ValueError("fp8_layer_spec: the spec has no local Column/RowParallelLinear to swap (a TE spec?)")

@@ -30,6 +30,8 @@ from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParall
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from keye.model.spec_swap import swap_spec_modules
+
 
 @functools.lru_cache(maxsize=None)
 def onednn_available() -> bool:
@@ -122,6 +124,4 @@ def to_onednn(layer: torch.nn.Module) -> torch.nn.Module:
 
 def onednn_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     """A copy of a local layer spec with the oneDNN linears (the spec unchanged if it has no local linear)."""
-    from keye.model.megatron_blocks import swap_spec_modules
-
     return swap_spec_modules(spec, _SWAPS)[0]

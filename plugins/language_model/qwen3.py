@@ -186,7 +186,7 @@ class Qwen3LanguageModel(torch.nn.Module):
 
     def _layout_invariant_init(self, config: Config, ctx: BuildContext) -> None:
         """Megatron's init distributions, drawn per global parameter name (same weights for any TP/PP)."""
-        from keye.parallel.init import layout_invariant_init
+        from keye.parallel.weight_init import layout_invariant_init
 
         scaled = config.init_std / (2.0 * config.num_layers) ** 0.5  # Megatron's output_layer_init_method
 
@@ -204,7 +204,7 @@ class Qwen3LanguageModel(torch.nn.Module):
         import torch.nn.functional as F
         from megatron.core.transformer import TransformerConfig
 
-        from keye.model.megatron_blocks import common_transformer_kwargs
+        from keye.model.backend import common_transformer_kwargs
 
         layout = ctx.parallel.model_parallel_kwargs(ctx.dtype) if ctx.parallel is not None else {}
         return TransformerConfig(

@@ -131,7 +131,7 @@ class PatchMergeMLP(nn.Module):
         from megatron.core import ModelParallelConfig
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-        from keye.parallel.init import tp_slice
+        from keye.parallel.tp_weights import tp_slice
 
         config = ModelParallelConfig(
             tensor_model_parallel_size=self.tp_size,

@@ -5,7 +5,7 @@
 
 1. token embedding (Megatron's vocab-parallel embedding) + learned absolute position embedding
    (``LanguageModelEmbedding`` with ``learned_absolute``), positions 0..L-1;
-2. pre-LN **bidirectional** transformer layers (the same layer spec as the ViT, ``keye.model.megatron_blocks``:
+2. pre-LN **bidirectional** transformer layers (the same layer spec as the ViT, ``keye.model.siglip_tower``:
    LayerNorm, qkv with bias, GELU-tanh MLP with bias), then the final LayerNorm;
 3. the hidden state of the **last** token goes through ``head`` (Linear hidden → projection_size).
 
@@ -29,10 +29,11 @@ from torch import Tensor, nn
 
 from keye import hookimpl
 from keye.config import doc
-from keye.model import megatron_blocks as mb
+from keye.model import backend, hf_keys, siglip_tower
+from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
 
-# transformers SiglipTextModel names → this module's (the encoder layers map in megatron_blocks).
+# transformers SiglipTextModel names → this module's (the encoder layers map in keye.model.hf_keys).
 _HF_TO_KEYE = {
     "embeddings.token_embedding.weight": "embedding.word_embeddings.weight",
     "embeddings.position_embedding.weight": "embedding.position_embeddings.weight",
@@ -58,7 +59,7 @@ class SiglipText(nn.Module):
     }
 
     @dataclass
-    class Config(mb.SiglipTowerConfig):
+    class Config(siglip_tower.SiglipTowerConfig):
         vocab_size: int = doc("Token vocabulary (so400m: 32000); divisible by the tensor-parallel size.", 32000)
         max_position_embeddings: int = doc("Rows of the learned position table: the longest (padded) text.", 64)
         projection_size: Optional[int] = doc("Output width of ``head``; null: hidden_size (as SigLIP).", None)
@@ -66,7 +67,7 @@ class SiglipText(nn.Module):
     @classmethod
     def check_config(cls, config: Config, check: object) -> None:
         """What the tower's TransformerConfig and vocab-parallel embedding would refuse when built."""
-        mb.check_tower_config(config, check)
+        siglip_tower.check_tower_config(config, check)
         check.count(config, "vocab_size", "max_position_embeddings")
         check.divisible(config, "vocab_size", check.tensor, "parallel.tensor")
         if config.projection_size is not None:
@@ -80,8 +81,8 @@ class SiglipText(nn.Module):
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
         self.out_dim = config.projection_size or config.hidden_size
-        self.impl = mb.resolve_transformer_impl(config.transformer_impl)
-        self.transformer_config = mb.tower_transformer_config(config, ctx, "siglip_text")
+        self.impl = backend.resolve_transformer_impl(config.transformer_impl)
+        self.transformer_config = siglip_tower.tower_transformer_config(config, ctx, "siglip_text")
         self.embedding = LanguageModelEmbedding(
             config=self.transformer_config,
             vocab_size=config.vocab_size,
@@ -90,12 +91,12 @@ class SiglipText(nn.Module):
         )
         self.decoder = TransformerBlock(
             config=self.transformer_config,
-            spec=mb.encoder_block_spec(config.num_layers, self.impl, config.attention),
+            spec=siglip_tower.encoder_block_spec(config.num_layers, self.impl, config.attention, ctx.dtype),
             post_layer_norm=True,  # SigLIP's final_layer_norm
             pre_process=True,
             post_process=True,
         )
-        device = mb.param_device(self.transformer_config)
+        device = backend.param_device(self.transformer_config)
         # Megatron builds the learned position table as a plain fp32 CPU nn.Embedding (its training loop
         # casts the whole model later); put it where and in the dtype the rest of the tower is.
         self.embedding.position_embeddings.to(device=device, dtype=ctx.dtype)
@@ -121,11 +122,11 @@ class SiglipText(nn.Module):
 
     def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "text_model.") -> None:
         """Load SigLIP text weights (full tensors, HF names); each TP rank takes its slice."""
-        mb.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
+        tp_weights.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
 
     def hf_state_dict(self, prefix: str = "text_model.") -> dict[str, Tensor]:
         """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
-        return keye_to_hf_state_dict(mb.full_state_dict(self), self.config.num_heads, prefix)
+        return keye_to_hf_state_dict(tp_weights.full_state_dict(self), self.config.num_heads, prefix)
 
 
 def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "text_model.") -> dict[str, Tensor]:
@@ -135,7 +136,7 @@ def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "
     Keys outside the prefix are ignored (the vision tower, ``logit_scale``...); unknown keys inside it are errors.
     """
     body = {name[len(prefix):]: t for name, t in hf.items() if name.startswith(prefix)}
-    out = mb.hf_encoder_to_megatron(body, num_heads)
+    out = hf_keys.hf_encoder_to_megatron(body, num_heads)
     for name, tensor in body.items():
         if name in _HF_TO_KEYE:
             out[_HF_TO_KEYE[name]] = tensor
@@ -146,7 +147,7 @@ def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "
 
 def keye_to_hf_state_dict(state: dict[str, Tensor], num_heads: int, prefix: str = "text_model.") -> dict[str, Tensor]:
     """This module's full tensors → transformers names (the inverse of ``hf_to_keye_state_dict``)."""
-    out = mb.megatron_encoder_to_hf(state, num_heads)
+    out = hf_keys.megatron_encoder_to_hf(state, num_heads)
     out.update({_KEYE_TO_HF[name]: tensor for name, tensor in state.items() if name in _KEYE_TO_HF})
     return {prefix + name: tensor for name, tensor in out.items()}
 

@@ -13,7 +13,7 @@ the patches came (raster order ``(t, h, w)`` per image/video, images/videos one 
    unchanged. The released code keeps an LFU cache of 20 grids; here the interpolation is recomputed per
    forward (it is cheap, and a cache across steps would hold tensors from an old autograd graph while
    the table trains).
-3. **Encoder**: Megatron-Core ``TransformerBlock`` of pre-LN, non-causal layers (``keye.model.megatron_blocks``):
+3. **Encoder**: Megatron-Core ``TransformerBlock`` of pre-LN, non-causal layers (``keye.model.siglip_tower``):
    qkv with bias, GELU-tanh MLP with bias, and the block's final LayerNorm is SigLIP's ``post_layernorm``.
    Tensor parallelism comes from Megatron's column/row-parallel linears. The tower is never split across
    pipeline stages (it lives on the first stage).
@@ -47,7 +47,8 @@ from torch import Tensor, nn
 
 from keye import hookimpl
 from keye.config import doc
-from keye.model import megatron_blocks as mb
+from keye.model import backend, hf_keys, packing_masks, siglip_tower
+from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
 from keye_plugins.position_encoding.rope2d_vision import Rope2DVision
 
@@ -65,7 +66,7 @@ class SiglipNaViT(nn.Module):
     }
 
     @dataclass
-    class Config(mb.SiglipTowerConfig):
+    class Config(siglip_tower.SiglipTowerConfig):
         num_heads: int = doc("Attention heads; head_dim = hidden_size / num_heads must divide by 4 (2D RoPE).", 16)
         patch_size: int = doc("Side of a square patch in pixels.", 14)
         image_size: int = doc("Pre-training resolution: the position table is (image_size // patch_size)².", 384)
@@ -75,7 +76,7 @@ class SiglipNaViT(nn.Module):
     @classmethod
     def check_config(cls, config: Config, check: object) -> None:
         """What the tower's TransformerConfig, patch embedding and 2D RoPE would refuse when built."""
-        mb.check_tower_config(config, check)
+        siglip_tower.check_tower_config(config, check)
         check.count(config, "patch_size")
         check.count(config, "image_size", minimum=config.patch_size)
         check.number(config, "rope_theta", above=0)
@@ -92,10 +93,10 @@ class SiglipNaViT(nn.Module):
         self.head_dim = config.hidden_size // config.num_heads
         self.out_dim = config.hidden_size
         self.table_side = config.image_size // config.patch_size
-        self.impl = mb.resolve_transformer_impl(config.transformer_impl)
+        self.impl = backend.resolve_transformer_impl(config.transformer_impl)
 
-        self.transformer_config = mb.tower_transformer_config(config, ctx, "siglip_navit")
-        device = mb.param_device(self.transformer_config)
+        self.transformer_config = siglip_tower.tower_transformer_config(config, ctx, "siglip_navit")
+        device = backend.param_device(self.transformer_config)
         side, width = config.patch_size, config.hidden_size
         self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
         self.position_embedding = nn.Embedding(self.table_side**2, width, device=device, dtype=ctx.dtype)
@@ -105,7 +106,7 @@ class SiglipNaViT(nn.Module):
             self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
         self.decoder = TransformerBlock(
             config=self.transformer_config,
-            spec=mb.encoder_block_spec(config.num_layers, self.impl, config.attention),
+            spec=siglip_tower.encoder_block_spec(config.num_layers, self.impl, config.attention, ctx.dtype),
             post_layer_norm=True,  # SigLIP's post_layernorm
             pre_process=True,
             post_process=True,
@@ -143,8 +144,8 @@ class SiglipNaViT(nn.Module):
         if len(seqlens) == 1 and self.impl != "transformer_engine":
             return None, None  # one block: full attention, no mask needed
         if self.impl == "transformer_engine" or self.config.attention == "sdpa":
-            return None, mb.packed_seq_params(seqlens, device)  # cu_seqlens: no [N, N] mask to build or scan
-        return mb.block_diagonal_mask(seqlens, device), None  # Megatron's DotProductAttention
+            return None, packing_masks.packed_seq_params(seqlens, device)  # cu_seqlens: no [N, N] mask to build or scan
+        return packing_masks.block_diagonal_mask(seqlens, device), None  # Megatron's DotProductAttention
 
     # --- forward -------------------------------------------------------------------------------
 
@@ -171,11 +172,11 @@ class SiglipNaViT(nn.Module):
 
     def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "visual.vision_model.") -> None:
         """Load SigLIP/Keye ViT weights (full tensors, HF names); each TP rank takes its slice."""
-        mb.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
+        tp_weights.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
 
     def hf_state_dict(self, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
         """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
-        return keye_to_hf_state_dict(mb.full_state_dict(self), self.config.num_heads, prefix)
+        return keye_to_hf_state_dict(tp_weights.full_state_dict(self), self.config.num_heads, prefix)
 
 
 def hf_to_keye_state_dict(
@@ -188,7 +189,7 @@ def hf_to_keye_state_dict(
     and packing table are skipped; anything else unknown is an error.
     """
     body = {name[len(prefix):]: t for name, t in hf.items() if name.startswith(prefix)}
-    out = mb.hf_encoder_to_megatron(body, num_heads)
+    out = hf_keys.hf_encoder_to_megatron(body, num_heads)
     direct = {
         "embeddings.patch_embedding.weight": "patch_embedding.weight",
         "embeddings.patch_embedding.bias": "patch_embedding.bias",
@@ -215,7 +216,7 @@ def keye_to_hf_state_dict(
         "decoder.final_layernorm.weight": "post_layernorm.weight",
         "decoder.final_layernorm.bias": "post_layernorm.bias",
     }
-    out = mb.megatron_encoder_to_hf(state, num_heads)
+    out = hf_keys.megatron_encoder_to_hf(state, num_heads)
     out.update({direct[name]: tensor for name, tensor in state.items() if name in direct})
     return {prefix + name: tensor for name, tensor in out.items()}
 

@@ -27,6 +27,7 @@ import torch
 from keye.data.batch import IGNORE, MicroBatch, TokenSample, collate_pack
 from keye.model.composition import VisionInputs
 from keye.testing.distributed import run_distributed
+from keye.testing.tensor_parallel import tp_gather
 
 ROOT = Path(__file__).resolve().parents[2]
 BLUEPRINT = ROOT / "blueprints" / "tiny" / "base.yaml"
@@ -116,23 +117,10 @@ def _build(ctx: Any) -> torch.nn.Module:
 
 def _global_names(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(global name, parameter): a PP stage numbers its LLM layers from 0, the global name does not."""
-    from keye.parallel.init import global_name
+    from keye.parallel.weight_init import global_name
 
     for name, param in model.named_parameters():
         yield global_name(model, name), param
-
-
-def _tp_gather(local: torch.Tensor, param: torch.nn.Parameter, ctx: Any) -> torch.Tensor:
-    """The full tensor from every TP rank's slice (Megatron splits ``tp * stride`` pieces along ``partition_dim``)."""
-    if not getattr(param, "tensor_model_parallel", False) or ctx.tp_size == 1:
-        return local.detach().clone()
-    from megatron.core import parallel_state as mpu
-
-    dim, stride = param.partition_dim, param.partition_stride
-    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
-    torch.distributed.all_gather(shards, local.detach().contiguous(), group=mpu.get_tensor_model_parallel_group())
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [tp rank][stride piece]
-    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(ctx.tp_size)], dim=dim)
 
 
 def _logits_step(data: Iterator[MicroBatch], model: torch.nn.Module) -> tuple[torch.Tensor, Any]:
@@ -167,7 +155,7 @@ def _run_layout(tensor: int, pipeline: int) -> dict[str, Any]:
 
     ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=SEED)
     model = _build(ctx)
-    weights = {name: _tp_gather(param, param, ctx) for name, param in _global_names(model)}
+    weights = {name: tp_gather(param, param) for name, param in _global_names(model)}
     config = model.config
     config.calculate_per_token_loss = True  # as TrainEngine: losses are (sum, tokens), grads / global tokens
     ddp = DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
@@ -182,7 +170,7 @@ def _run_layout(tensor: int, pipeline: int) -> dict[str, Any]:
         logits = forward_backward(forward_step_func=_logits_step, data_iterator=iter(batches), forward_only=True, **run)
     ddp.train()
     reports = forward_backward(forward_step_func=_loss_step, data_iterator=iter(batches), **run)
-    grads = {name: _tp_gather(param.main_grad, param, ctx) for name, param in _global_names(model)}
+    grads = {name: tp_gather(param.main_grad, param) for name, param in _global_names(model)}
     last = ctx.is_last_stage
     return {
         "schedule": forward_backward.__name__,

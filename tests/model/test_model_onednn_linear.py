@@ -62,7 +62,8 @@ def _specs() -> dict[str, Any]:
     from megatron.core.transformer import TransformerLayer
     from megatron.core.transformer.spec_utils import build_module
 
-    from keye.model import megatron_blocks as mb
+    from keye.model import siglip_tower
+    from keye.model.spec_swap import swap_spec_modules
     from keye.model.onednn_linear import OneDnnColumnParallelLinear, OneDnnRowParallelLinear
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
@@ -70,8 +71,8 @@ def _specs() -> dict[str, Any]:
     from keye_plugins.vision_encoder.siglip_navit import SiglipNaViT
 
     ctx = init_parallel(tensor=1, seed=3)
-    onednn_spec = mb.encoder_layer_spec("local")
-    megatron_spec, swapped = mb.swap_spec_modules(
+    onednn_spec = siglip_tower.encoder_layer_spec("local")
+    megatron_spec, swapped = swap_spec_modules(
         onednn_spec, {OneDnnColumnParallelLinear: ColumnParallelLinear, OneDnnRowParallelLinear: RowParallelLinear}
     )
     config = SiglipNaViT(SiglipNaViT.Config(**SiglipNaViT.SIZES["tiny"]), BuildContext(ctx)).transformer_config

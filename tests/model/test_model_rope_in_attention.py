@@ -60,7 +60,7 @@ def _layer_pair(spec: Any, config: Any, **overrides: Any) -> tuple[Any, Any]:
     from megatron.core.transformer.attention import SelfAttention
     from megatron.core.transformer.spec_utils import build_module
 
-    from keye.model.megatron_blocks import swap_spec_modules
+    from keye.model.spec_swap import swap_spec_modules
     from keye.model.sdpa_attention import KeyeSelfAttention
 
     config = dataclasses.replace(config, **overrides) if overrides else config
@@ -96,7 +96,7 @@ def _compare(pair: tuple[Any, Any], hidden: torch.Tensor, **inputs: Any) -> dict
 def _layers() -> dict[str, Any]:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from keye.model import megatron_blocks as mb
+    from keye.model import packing_masks, siglip_tower
     from keye.model.protocols import BuildContext
     from keye.model.sdpa_attention import KeyeSelfAttention, local_core_attention
     from keye.parallel import init_parallel
@@ -110,14 +110,14 @@ def _layers() -> dict[str, Any]:
 
     # ViT layer: 2D RoPE angles per patch, bidirectional, three images packed (thd) or one (bshd)
     vit_config = SiglipNaViT(SiglipNaViT.Config(**SiglipNaViT.SIZES["tiny"]), BuildContext(ctx)).transformer_config
-    vit_spec = mb.encoder_layer_spec("local", "sdpa")
+    vit_spec = siglip_tower.encoder_layer_spec("local", "sdpa")
     grids = torch.tensor([[1, 4, 4], [1, 2, 6], [2, 2, 3]])
     angles = Rope2DVision(Rope2DVision.Config(head_dim=16)).angles(grids)  # (N, 8)
     freqs = torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (N, 1, 1, 16)
     hidden = torch.randn(len(freqs), 1, 32, generator=gen)  # (N, 1, D)
     pair = _layer_pair(vit_spec, vit_config)
     out["vit_thd"] = _compare(pair, hidden, attention_mask=None, rotary_pos_emb=freqs,
-                              packed_seq_params=mb.packed_seq_params([16, 12, 12]))
+                              packed_seq_params=packing_masks.packed_seq_params([16, 12, 12]))
     out["vit_bshd"] = _compare(pair, hidden, attention_mask=None, rotary_pos_emb=freqs)
     out["vit_interleaved"] = _compare(_layer_pair(vit_spec, vit_config, rotary_interleaved=True), hidden,
                                       attention_mask=None, rotary_pos_emb=freqs)

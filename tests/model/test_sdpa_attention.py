@@ -62,7 +62,7 @@ def _module_cases() -> dict[str, Any]:
     from megatron.core.transformer.enums import AttnMaskType
 
     from keye.data.packing import block_attention_mask
-    from keye.model.megatron_blocks import block_diagonal_mask, packed_seq_params
+    from keye.model.packing_masks import block_diagonal_mask, packed_seq_params
     from keye.model.sdpa_attention import block_structure
     from keye.parallel import init_parallel
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from keye.parallel import ParallelContext, init_parallel
 from keye.testing.distributed import run_distributed
+from keye.testing.tensor_parallel import tp_gather, tp_shard
 
 SEED = 1234
 VOCAB, SEQ, MICRO_BATCH, MICRO_BATCHES = 128, 16, 2, 4
@@ -82,28 +83,6 @@ def _global_name(model: torch.nn.Module, name: str) -> str:
     return name
 
 
-def _tp_shard(full: torch.Tensor, param: torch.nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    """This TP rank's slice of a full tensor, laid out as Megatron's CPU initialisation splits it."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim, stride = param.partition_dim, param.partition_stride
-    pieces = full.split(full.shape[dim] // (ctx.tp_size * stride), dim=dim)  # tp*stride pieces
-    return torch.cat(pieces[ctx.tp_rank :: ctx.tp_size], dim=dim)
-
-
-def _tp_gather(local: torch.Tensor, param: torch.nn.Parameter, ctx: ParallelContext) -> torch.Tensor:
-    """The full tensor from every TP rank's slice (the inverse of ``_tp_shard``)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return local
-    from megatron.core import parallel_state as mpu
-
-    dim, stride = param.partition_dim, param.partition_stride
-    shards = [torch.empty_like(local) for _ in range(ctx.tp_size)]
-    torch.distributed.all_gather(shards, local.contiguous(), group=mpu.get_tensor_model_parallel_group())
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [tp rank][stride piece]
-    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(ctx.tp_size)], dim=dim)
-
-
 def _micro_batches() -> list[Batch]:
     """The same token ids on every rank and in every layout."""
     generator = torch.Generator().manual_seed(0)
@@ -147,7 +126,7 @@ def _train_step(
     full_weights = torch.load(weights)
     with torch.no_grad():
         for name, param in _named_parameters(chunks):
-            param.copy_(_tp_shard(full_weights[name], param, ctx))
+            param.copy_(tp_shard(full_weights[name], param))
 
     config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
@@ -163,7 +142,7 @@ def _train_step(
         seq_length=SEQ,
         micro_batch_size=MICRO_BATCH,
     )
-    grads = {name: _tp_gather(param.main_grad, param, ctx) for name, param in _named_parameters(chunks)}
+    grads = {name: tp_gather(param.main_grad, param) for name, param in _named_parameters(chunks)}
     return {
         "schedule": forward_backward.__name__,
         "loss": torch.stack([m["loss"] for m in losses]).mean().item() if ctx.is_last_stage else None,

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keye.model.megatron_blocks import fuse_qkv, split_qkv
+from keye.model.hf_keys import fuse_qkv, split_qkv
 from keye.testing.distributed import run_distributed
 from keye_plugins.vision_encoder import siglip_navit
 from keye_plugins.vision_encoder.siglip_navit import SiglipNaViT, hf_to_keye_state_dict, keye_to_hf_state_dict

@@ -6,7 +6,7 @@ does not change the weights, but a pipeline stage builds only its own layers, so
 a different RNG state: PP=2 would start from other weights than PP=1, and the loss curves of two layouts
 could not be compared. Here every parameter is drawn in full from its own generator, seeded by the run
 seed and the parameter's *global* name (pipeline stages renumber their layers from 0), then sliced for
-this tensor-parallel rank exactly as Megatron slices (``partition_dim``, ``partition_stride``).
+this tensor-parallel rank exactly as Megatron slices (`keye.parallel.tp_weights.tp_slice`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import hashlib
 from typing import Callable
 
 import torch
+
+from keye.parallel.tp_weights import tp_slice
 
 
 def global_name(model: torch.nn.Module, name: str, layers_attr: str = "decoder.layers") -> str:
@@ -32,15 +34,6 @@ def global_name(model: torch.nn.Module, name: str, layers_attr: str = "decoder.l
 def _generator(seed: int, name: str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
-
-
-def tp_slice(full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> torch.Tensor:
-    """This rank's slice of ``full``, as Megatron's CPU initialisation splits it."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return full
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    pieces = full.split(full.shape[dim] // (tp_size * stride), dim=dim)  # tp_size·stride pieces
-    return torch.cat(pieces[tp_rank::tp_size], dim=dim)
 
 
 @torch.no_grad()
