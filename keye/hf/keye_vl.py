@@ -347,8 +347,8 @@ def unfused_name(name: str) -> str:
 
 def load_hf_into(model: nn.Module, keye_state: dict[str, Tensor]) -> None:
     """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers."""
-    from keye.model.megatron_blocks import load_full_state_dict
-    from keye.parallel.init import global_name
+    from keye.parallel.tp_weights import load_full_state_dict
+    from keye.parallel.weight_init import global_name
 
     local = {name: keye_state[unfused_name(global_name(model, name))] for name, _ in model.named_parameters()}
     load_full_state_dict(model, local)
@@ -359,8 +359,8 @@ def gather_full_state(model: nn.Module) -> dict[str, Tensor] | None:
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
-    from keye.model.megatron_blocks import full_state_dict
-    from keye.parallel.init import global_name
+    from keye.parallel.tp_weights import full_state_dict
+    from keye.parallel.weight_init import global_name
 
     state = {unfused_name(global_name(model, name)): t for name, t in full_state_dict(model).items()}
     if mpu.get_pipeline_model_parallel_world_size() == 1:
