@@ -87,7 +87,7 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
 
     from keye.data.processor import Processor, ProcessorSettings
     from keye.hf import load_keye_vl
-    from keye_plugins.video_decoder.pyav import PyAVVideoDecoder
+    from keye.plugins import get_registry
 
     from keye.parallel import init_parallel
     from transformers.utils import logging as hf_logging
@@ -102,7 +102,8 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
         raise KeyeUserError(f"{path}: no tokenizer beside the weights ({str(exc).splitlines()[0]})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    processor = Processor(tokenizer, ProcessorSettings(), PyAVVideoDecoder(), mrope=keye.configs.mrope)
+    decoder = get_registry().cls("video_decoder", "pyav")  # through the registry: the core imports no plugin
+    processor = Processor(tokenizer, ProcessorSettings(), decoder(decoder.Config()), keye.configs.position_encoding())
     return EvalModel(make_generator(keye.model, tokenizer), processor, **settings)
 
 

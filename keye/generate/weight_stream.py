@@ -40,10 +40,11 @@ def hf_weight_stream(model: torch.nn.Module, configs: Any = None) -> Iterator[tu
     """Yield ``(released name, full tensor)`` for every weight of ``model`` (a ``KeyeVLModel`` in any TP/PP
     layout, or a loaded ``keye.hf.KeyeVL``), the same sequence on every rank. Collective (module docstring).
 
-    ``configs`` (``keye.hf.keye_vl.KeyeVLConfigs``): taken from a ``KeyeVL``, or read off a ``KeyeVLModel``
+    ``configs`` (``keye.hf.config.KeyeVLConfigs``): taken from a ``KeyeVL``, or read off a ``KeyeVLModel``
     that holds its vision encoder; pass it for a blueprint-built model on a later pipeline stage.
     """
-    from keye.hf.keye_vl import KeyeVL, configs_of
+    from keye.hf.config import configs_of
+    from keye.hf.forward import KeyeVL
 
     if configs is None:
         configs = model.configs if isinstance(model, KeyeVL) else configs_of(model)
@@ -70,39 +71,14 @@ def hf_weight_stream(model: torch.nn.Module, configs: Any = None) -> Iterator[tu
 def hf_tensors(name: str, tensor: Tensor, configs: Any) -> list[tuple[str, Tensor]]:
     """One ``KeyeVLModel`` full tensor (global layer numbers) → its released name(s) and tensor(s).
 
-    The per-tensor form of ``keye.hf.keye_vl.keye_to_hf_state`` (the test checks them against each other).
+    ``keye.hf.weights.keye_to_hf_state`` of that one tensor: the components' key maps work tensor by tensor.
     """
-    from keye.hf.keye_vl import LLM_PREFIX, VISION_PREFIX
-    from keye.hf.qwen3_weights import _RENAMES, _split_qkv
-    from keye_plugins.vision_encoder.siglip_navit import keye_to_hf_state_dict
+    from keye.hf.weights import keye_to_hf_state
 
-    if name.startswith("vision_encoder."):
-        pairs = keye_to_hf_state_dict({name[len("vision_encoder."):]: tensor}, configs.vision.num_heads, VISION_PREFIX)
-        if not pairs:
-            raise KeyError(f"weight stream: no released name for {name}")
-        return [(n, t.contiguous()) for n, t in pairs.items()]
-    if name.startswith("projector."):
-        return [("mlp_AR." + name[len("projector."):], tensor)]
-    if not name.startswith(LLM_PREFIX):
+    pairs = keye_to_hf_state({name: tensor}, configs)
+    if not pairs:
         raise KeyError(f"weight stream: no released name for {name}")
-    rest = name[len(LLM_PREFIX):]
-    plain = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
-             "decoder.final_layernorm.weight": "model.norm.weight", "output_layer.weight": "lm_head.weight"}
-    if rest in plain:
-        return [(plain[rest], tensor)]
-    layer, _, module = rest[len("decoder.layers."):].partition(".")
-    hf = f"model.layers.{layer}."
-    lm = configs.language
-    if module == "self_attention.linear_qkv.weight":
-        q, k, v = _split_qkv(tensor, lm.num_attention_heads, lm.num_query_groups, lm.head_dim)
-        return [(hf + f"self_attn.{p}_proj.weight", x.contiguous()) for p, x in zip("qkv", (q, k, v))]
-    if module == "mlp.linear_fc1.weight":
-        gate, up = tensor.chunk(2)
-        return [(hf + "mlp.gate_proj.weight", gate.contiguous()), (hf + "mlp.up_proj.weight", up.contiguous())]
-    released = {keye: released for released, keye in _RENAMES.items()}
-    if module not in released:
-        raise KeyError(f"weight stream: no released name for {name}")
-    return [(hf + released[module], tensor)]
+    return list(pairs.items())
 
 
 # --- pieces -------------------------------------------------------------------------------------------------
@@ -119,7 +95,7 @@ def _groups() -> tuple[Any, int, Any, int]:
 
 def _global_name(model: torch.nn.Module, name: str) -> str:
     """The parameter's name in a one-stage model, in the local spec's naming (what the HF mapping speaks)."""
-    from keye.hf.keye_vl import unfused_name
+    from keye.hf.weights import unfused_name
     from keye.parallel.weight_init import global_name
 
     return unfused_name(global_name(model, name))

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keye.hf.keye_vl import KeyeVL
-from keye_plugins.position_encoding.mrope_time_aligned import get_rope_index
+from keye.hf.forward import KeyeVL
 
 
 def hf_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = None, pixel_values: Tensor | None = None,
@@ -19,15 +18,15 @@ def hf_generate(model: Any, input_ids: Tensor, attention_mask: Tensor | None = N
                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                 top_p: float = 1.0, min_p: float = 0.0, eos_token_id: int | list[int] | None = None,
                 pad_token_id: int | None = None, seed: int | None = None, on_token: Any = None) -> Tensor:
-    """`keye.hf.keye_vl.KeyeVL.hf_generate` for ``model`` (a `KeyeVL`); see there."""
+    """`keye.hf.forward.KeyeVL.hf_generate` for ``model`` (a `KeyeVL`); see there."""
     from keye.generate.contract import GenerationRequest, GeneratorContext, SamplingSettings
     from keye.plugins import get_registry
 
     batch, length = input_ids.shape
     keep = (attention_mask.bool() if attention_mask is not None
             else torch.ones(batch, length, dtype=torch.bool)).cpu()  # (B, L)
-    positions, _ = get_rope_index(input_ids.cpu(), image_grid_thw, video_grid_thw, second_per_grid_ts,
-                                  keep.long(), model.configs.mrope)  # (3, B, L)
+    positions, _ = model.configs.position_encoding().get_rope_index(
+        input_ids.cpu(), image_grid_thw, video_grid_thw, second_per_grid_ts, keep.long())  # (3, B, L)
     patch = model.configs.vision.patch_size
     images = _RowSplitter(pixel_values, image_grid_thw, None, model.configs.projector.merge, patch, "pixel_values")
     videos = _RowSplitter(pixel_values_videos, video_grid_thw, second_per_grid_ts, model.configs.projector.merge,

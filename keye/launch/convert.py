@@ -41,21 +41,11 @@ from pathlib import Path
 import torch
 
 from keye.errors import KeyeUserError
-from keye.hf.keye_vl import (
-    HF_DTYPES,
-    INDEX_NAME,
-    KeyeVL,
-    KeyeVLConfigs,
-    build_keye_vl_model,
-    check_hf_names,
-    hf_configs,
-    hf_to_keye_state,
-    load_hf_into,
-    read_config,
-    read_weights,
-    save_keye_vl,
-    weight_files,
-)
+from keye.hf.config import KeyeVLConfigs, hf_configs
+from keye.hf.files import HF_DTYPES, INDEX_NAME, read_config, read_weights, weight_files
+from keye.hf.forward import KeyeVL
+from keye.hf.keye_vl import build_keye_vl_model, save_keye_vl
+from keye.hf.weights import check_hf_names, hf_to_keye_state, load_hf_into
 from keye.parallel.dist_checkpoint import load, save_strategy, sharded_state_dict
 
 META_NAME = "keye_checkpoint.json"

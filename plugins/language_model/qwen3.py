@@ -231,6 +231,37 @@ class Qwen3LanguageModel(torch.nn.Module):
             **layout,
         )
 
+    # --- Hugging Face weights (keye.hf.contract.HFWeights): Qwen3ForCausalLM's names ---------------------
+
+    @classmethod
+    def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
+        """Every weight of ``Qwen3ForCausalLM`` with this config and its shape, written out from Qwen3's layout
+        (not derived from the mapping), so a checkpoint is checked before converting."""
+        h, hd, ffn, vocab = config.hidden_size, config.head_dim, config.ffn_hidden_size, config.vocab_size
+        q, kv = config.num_attention_heads * hd, config.num_query_groups * hd
+        layer = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+                 "self_attn.o_proj": (h, q), "self_attn.q_norm": (hd,), "self_attn.k_norm": (hd,),
+                 "mlp.gate_proj": (ffn, h), "mlp.up_proj": (ffn, h), "mlp.down_proj": (h, ffn),
+                 "input_layernorm": (h,), "post_attention_layernorm": (h,)}  # no biases
+        shapes = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+        for i in range(config.num_layers):
+            shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+        return shapes
+
+    @classmethod
+    def hf_to_keye(cls, hf: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+        """``Qwen3ForCausalLM`` tensors → this module's (``gpt.`` + Megatron GPTModel names; keye.model.hf_keys)."""
+        from keye.model.hf_keys import hf_decoder_to_megatron
+
+        return hf_decoder_to_megatron(hf, config, prefix="gpt.")
+
+    @classmethod
+    def keye_to_hf(cls, state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+        """This module's full tensors → ``Qwen3ForCausalLM`` names, tensor by tensor (inverse of :meth:`hf_to_keye`)."""
+        from keye.model.hf_keys import megatron_decoder_to_hf
+
+        return megatron_decoder_to_hf(state, config, prefix="gpt.")
+
     def set_input_tensor(self, tensor: torch.Tensor) -> None:
         """Pipeline stages after the first receive their input here (Megatron's schedule calls it)."""
         self.gpt.set_input_tensor(tensor)

@@ -97,6 +97,27 @@ class PatchMergeMLP(nn.Module):
             if isinstance(width, int) and width != getattr(config, name):
                 check.fail(name, f"{getattr(config, name)}, but model.{slot}.hidden_size is {width}")
 
+    @classmethod
+    def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
+        """The released ``mlp_AR`` weights of this config and their shapes (keye.hf.contract.HFWeights):
+        the parameter names are the released ones, so the key map is the identity."""
+        merged = config.in_dim * config.merge**2
+        hidden = config.hidden or merged
+        fc1 = 2 * hidden if config.act == "swiglu" else hidden  # [gate; up] stacked
+        norm = config.in_dim if config.norm == "pre_merge" else merged
+        return {"pre_norm.weight": (norm,), "pre_norm.bias": (norm,), "linear_1.weight": (fc1, merged),
+                "linear_1.bias": (fc1,), "linear_2.weight": (config.out_dim, hidden), "linear_2.bias": (config.out_dim,)}
+
+    @classmethod
+    def hf_to_keye(cls, hf: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """Released tensors → parameters: the same names."""
+        return dict(hf)
+
+    @classmethod
+    def keye_to_hf(cls, state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """Parameters → released tensors: the same names."""
+        return dict(state)
+
     def __init__(self, config: PatchMergeMLP.Config | None = None, ctx: Any = None) -> None:
         super().__init__()
         self.config = config = config or self.Config()

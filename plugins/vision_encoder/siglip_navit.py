@@ -170,6 +170,39 @@ class SiglipNaViT(nn.Module):
 
     # --- Hugging Face weights ------------------------------------------------------------------
 
+    # The component's key map (keye.hf.contract.HFWeights): names relative to where a format puts the tower
+    # (``visual.vision_model.`` in Keye-VL, ``vision_model.`` in SiglipModel, nothing in SiglipVisionModel).
+
+    #: released weights the tower does not use (SigLIP's pooling head, Keye's packing table): kept, not loaded
+    HF_UNUSED = _UNUSED_HF_PREFIXES
+
+    @classmethod
+    def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
+        """Every released weight of a tower with this config (unused ones aside) and its shape, written out
+        from SigLIP's layout (not derived from the mapping), so a checkpoint is checked before converting."""
+        d, inner, patch = config.hidden_size, config.intermediate_size, config.patch_size
+        layer = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+                 "self_attn.out_proj": (d, d), "layer_norm1": (d,), "layer_norm2": (d,),
+                 "mlp.fc1": (inner, d), "mlp.fc2": (d, inner)}  # each with a bias of the first dim
+        shapes = {"embeddings.patch_embedding.weight": (d, 3, patch, patch), "embeddings.patch_embedding.bias": (d,),
+                  "embeddings.position_embedding.weight": ((config.image_size // patch) ** 2, d),
+                  "post_layernorm.weight": (d,), "post_layernorm.bias": (d,)}
+        for i in range(config.num_layers):
+            for name, shape in layer.items():
+                shapes[f"encoder.layers.{i}.{name}.weight"] = shape
+                shapes[f"encoder.layers.{i}.{name}.bias"] = shape[:1]
+        return shapes
+
+    @classmethod
+    def hf_to_keye(cls, hf: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """Released tensors (names as in :meth:`hf_weight_shapes`) → this module's parameter names."""
+        return hf_to_keye_state_dict(hf, config.num_heads, "")
+
+    @classmethod
+    def keye_to_hf(cls, state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """This module's full tensors → released names, tensor by tensor (the inverse of :meth:`hf_to_keye`)."""
+        return keye_to_hf_state_dict(state, config.num_heads, "")
+
     def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "visual.vision_model.") -> None:
         """Load SigLIP/Keye ViT weights (full tensors, HF names); each TP rank takes its slice."""
         tp_weights.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))

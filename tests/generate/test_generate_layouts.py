@@ -60,7 +60,8 @@ def _run(root: str, tensor: int, pipeline: int) -> dict:
 def _one_process_stream_checks(keye, checkpoint: Path, stream: list, fresh: Path) -> dict:
     from keye.generate.weight_stream import hf_tensors
     from keye.hf import load_keye_vl
-    from keye.hf.keye_vl import gather_full_state, keye_to_hf_state, read_weights, write_weights
+    from keye.hf.files import read_weights, write_weights
+    from keye.hf.weights import gather_full_state, keye_to_hf_state
 
     state = gather_full_state(keye.model)
     out = {

@@ -189,7 +189,9 @@ def _generate_all(root: str) -> dict:
     from keye.errors import KeyeUserError
     from keye.generate.contract import GeneratorContext, SamplingSettings
     from keye.hf import hf_configs, load_keye_vl
-    from keye.hf.keye_vl import build_keye_vl_model, hf_to_keye_state, load_hf_into, read_config, read_weights
+    from keye.hf.files import read_config, read_weights
+    from keye.hf.keye_vl import build_keye_vl_model
+    from keye.hf.weights import hf_to_keye_state, load_hf_into
     from keye.plugins import get_registry
 
     tokenizer = tiny_tokenizer()

@@ -55,7 +55,7 @@ def test_llm_norms_are_saved_under_transformer_engine_names(megatron_dir):
     """Megatron's local spec saves the pre-attention and pre-MLP RMSNorms under TE's fused names, so a
     model built with the TE spec (GPU) loads checkpoints written without TE; `unfused_name` maps a TE
     model's parameter names back to the names the HF mapping uses."""
-    from keye.hf.keye_vl import unfused_name
+    from keye.hf.weights import unfused_name
     from keye.parallel.dist_checkpoint import read_full_tensors
 
     keys = set(read_full_tensors(megatron_dir / "model"))

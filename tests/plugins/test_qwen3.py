@@ -1,6 +1,6 @@
 """The qwen3 language model (Megatron-Core GPTModel) against transformers' Qwen3ForCausalLM.
 
-Same weights (converted with keye.hf.qwen3_weights), same token ids: the logits must agree. M-RoPE with
+Same weights (converted with Qwen3LanguageModel.hf_to_keye), same token ids: the logits must agree. M-RoPE with
 equal (t, h, w) ids must equal 1D RoPE: text-only Keye is plain Qwen3. Runs in a spawned process because
 Megatron's parallel state is per process.
 """
@@ -16,7 +16,6 @@ TOLERANCE = 1e-5
 def _compare_with_transformers() -> dict:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from keye.hf.qwen3_weights import hf_to_keye, keye_to_hf
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
@@ -44,14 +43,14 @@ def _compare_with_transformers() -> dict:
     for embedding in ("rope", "mrope"):
         config = Qwen3LanguageModel.Config(**sizes, position_embedding=embedding)
         model = Qwen3LanguageModel(config, BuildContext(ctx)).eval()
-        model.load_state_dict(hf_to_keye(hf_state, config), strict=False)
+        model.load_state_dict(Qwen3LanguageModel.hf_to_keye(hf_state, config), strict=False)
         positions = torch.arange(24).expand(2, 24)  # (B, L)
         if embedding == "mrope":
             positions = positions.unsqueeze(0).expand(3, 2, 24)  # (3, B, L): text ids equal on all axes
         with torch.no_grad():
             logits = model(ids, positions, attention_mask=None)  # (B, L, V)
         results[embedding] = (logits - expected).abs().max().item()
-        back = keye_to_hf({k: v for k, v in model.state_dict().items() if v is not None}, config)
+        back = Qwen3LanguageModel.keye_to_hf({k: v for k, v in model.state_dict().items() if v is not None}, config)
         results[f"{embedding}_round_trip"] = all(torch.equal(back[name], hf_state[name]) for name in back) and set(back) == {
             n for n in hf_state if "rotary" not in n
         }

@@ -119,7 +119,7 @@ def keye_generate(generator: Any, prompts: list, samples: int, new_tokens: int) 
 @torch.no_grad()
 def keye_recompute(model: Any, prompts: list, samples: int, new_tokens: int) -> None:
     """Greedy without a cache: the whole padded batch through the full forward at every step."""
-    from keye.hf.keye_vl import causal_padding_mask
+    from keye.hf.forward import causal_padding_mask
     from keye.model.composition import VisionInputs
     from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, get_rope_index
 
