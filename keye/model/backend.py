@@ -19,6 +19,7 @@ and where a config's parameters live (:func:`param_device`).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,6 +75,33 @@ def cpu_fast_paths(impl: str, dtype: torch.dtype, device: torch.device | str | N
     or bf16 (where they are tested). Elsewhere the plain Megatron modules run."""
     on_cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     return impl == "local" and on_cpu and dtype in FAST_PATH_DTYPES
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What a Megatron-built component is made of: ``impl`` ('local' or 'transformer_engine'), ``fp8`` (None,
+    'te' or 'torch': `keye.parallel.fp8`) and ``fast`` (keye's CPU fast paths on: :func:`cpu_fast_paths`)."""
+
+    impl: str
+    fp8: str | None = None
+    fast: bool = False
+
+
+def choose_backend(dtype: torch.dtype, fp8: Any = None, impl: str | None = None) -> Backend:
+    """The one decision: TE or local layers (``impl``; None: the process-wide setting), FP8 on top (``fp8``: a
+    ``precision`` section, its ``fp8`` node or None) and whether the CPU fast paths run. FP8 'te' runs on TE's
+    layers and 'torch' replaces the local ones: a mismatch with the layers is a one-line ``KeyeUserError``."""
+    from keye.parallel.fp8 import fp8_backend
+
+    scaled = fp8_backend(fp8)
+    impl = resolve_transformer_impl(impl)
+    if scaled == "te" and impl != "transformer_engine":
+        raise KeyeUserError("precision.fp8.backend te runs on Transformer Engine layers, but transformer_impl is "
+                            f"{impl}: set {ENV}=auto (or transformer_engine), or precision.fp8.backend=torch")
+    if scaled == "torch" and impl == "transformer_engine":
+        raise KeyeUserError("precision.fp8.backend torch replaces Megatron's local linears; with Transformer "
+                            f"Engine layers use precision.fp8.backend=te (or {ENV}=local)")
+    return Backend(impl, scaled, cpu_fast_paths(impl, dtype))
 
 
 def param_device(transformer_config: Any) -> torch.device:

@@ -13,7 +13,8 @@ one step of the small benchmark model is about 20 ms (1.3%) faster on one CPU th
 
 ``SwiGLUMLP`` is Megatron's ``MLP`` (same submodules and state dict) that takes this path when the config
 asks exactly for SwiGLU (gated, ``F.silu``, no clamp or offset, no TE activation or fused bias-activation,
-no per-token scale); anything else is ``MLP.forward`` unchanged.
+no per-token scale); anything else is ``MLP.forward`` unchanged. ``to_swiglu_mlp`` switches the MLPs of a
+built model, where `keye.model.backend.cpu_fast_paths` allows it (CPU, fp32/bf16, local layers).
 """
 
 from __future__ import annotations
@@ -65,3 +66,17 @@ class SwiGLUMLP(MLP):
         if bias is not None:
             intermediate = intermediate + bias
         return self.linear_fc2(swiglu(intermediate))  # (output, output bias)
+
+
+def to_swiglu_mlp(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch every Megatron ``MLP`` of a built model to ``SwiGLUMLP`` in place (it adds no state).
+
+    After the build, not in the layer spec: Megatron's ``TransformerLayer`` recognises its own ``MLP`` by
+    identity (``submodules.mlp.module == MLP``) to hand it the tensor-parallel group, and logs "Unknown MLP
+    type" once per layer for any other class, a subclass included. With ``MLP`` in the spec Megatron builds
+    it as it always does; the switch only changes which ``forward`` runs.
+    """
+    for module in model.modules():
+        if type(module) is MLP:
+            module.__class__ = SwiGLUMLP
+    return model

@@ -115,13 +115,9 @@ class Qwen3LanguageModel(torch.nn.Module):
     def __init__(self, config: Config, ctx: BuildContext | None = None) -> None:
         super().__init__()
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-        from megatron.core.transformer.mlp import MLP
-        from megatron.core.transformer.transformer_layer import TransformerLayer
 
-        from keye.model.loss_rows import LossRowsTransformerLayer
-        from keye.model.sdpa_attention import local_core_attention, local_self_attention
-        from keye.model.swiglu import SwiGLUMLP
+        from keye.model.backend import choose_backend
+        from keye.model.gpt_layers import finish_gpt_model, gpt_layer_spec
 
         ctx = ctx or BuildContext()
         if sum(config.mrope_section) * 2 != config.head_dim:
@@ -131,33 +127,12 @@ class Qwen3LanguageModel(torch.nn.Module):
         self.config = config
         self.vocab_size = config.vocab_size
         self.transformer_config = self._transformer_config(config, ctx)
-        # Precision (keye.parallel.fp8): FP8 picks the layer spec. 'te': Transformer Engine's spec (Megatron
-        # enters TE's autocast from the fp8 fields of the config); 'torch': the local spec with keye's
-        # scaled-FP8 linears; FP8 off: the local spec. Fails here, in one line, if the backend cannot run.
-        fp8_backend = keye_fp8.fp8_backend(ctx.fp8)
-        core_attention = local_core_attention(config.attention)  # checks the name on the TE path too
-        if fp8_backend == "te":
-            from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-            spec = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-        else:
-            spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
-            # Local spec: core attention on SDPA (keye.model.sdpa_attention), which also applies the RoPE
-            # (KeyeSelfAttention: same submodules and state dict), unless attention=megatron.
-            spec.submodules.self_attention.module = local_self_attention(config.attention)
-            spec.submodules.self_attention.submodules.core_attention = core_attention
-            if spec.submodules.mlp.module is MLP:  # SwiGLU as one autograd function (keye.model.swiglu)
-                spec.submodules.mlp.module = SwiGLUMLP
-            if fp8_backend == "torch":
-                from keye.model.fp8_linear import fp8_layer_spec
-
-                spec = fp8_layer_spec(spec)
-            else:  # fp32 CPU matmuls on oneDNN (keye.model.onednn_linear; same parameters, elsewhere Megatron's)
-                from keye.model.onednn_linear import onednn_layer_spec
-
-                spec = onednn_layer_spec(spec)
-        if spec.module is TransformerLayer:  # same layer; its MLP can skip rows without a loss (keye.model.loss_rows)
-            spec.module = LossRowsTransformerLayer
+        # Which layers (keye.model.backend, one decision for every Megatron-built part): Transformer Engine's
+        # or Megatron's local ones, FP8 on top ('te': Megatron enters TE's autocast from the config's fp8
+        # fields; 'torch': keye's scaled-FP8 linears), keye's CPU fast paths only where they are tested. Fails
+        # here, in one line, if this machine cannot run the choice.
+        self.backend = choose_backend(ctx.dtype, ctx.fp8)
+        spec = gpt_layer_spec(self.backend, config.attention)
         self.gpt = GPTModel(
             config=self.transformer_config,
             transformer_layer_spec=spec,
@@ -171,16 +146,7 @@ class Qwen3LanguageModel(torch.nn.Module):
             parallel_output=True,
             vp_stage=ctx.vp_stage,
         )
-        if fp8_backend != "te":  # torch's RMSNorms of the local spec: fp32 CPU gradients in closed form
-            from keye.model.rms_norm import to_keye_rms_norm
-
-            to_keye_rms_norm(self.gpt)
-        if self.gpt.post_process:
-            from keye.model.loss_rows import install_output_rows_hook
-            from keye.model.onednn_linear import to_onednn
-
-            to_onednn(self.gpt.output_layer)  # fp32 CPU matmuls on oneDNN, like the layers' linears
-            install_output_rows_hook(self.gpt.output_layer)  # for only_loss_rows
+        finish_gpt_model(self.gpt, self.backend)  # SwiGLU, RMSNorm gradient, oneDNN output, loss rows: CPU only
         if ctx.parallel is not None:
             self._layout_invariant_init(config, ctx)
 
@@ -303,14 +269,15 @@ class Qwen3LanguageModel(torch.nn.Module):
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
         if logits_at is not None and labels is None and gpt.post_process:
-            if gpt.output_layer.sequence_parallel:
+            if gpt.output_layer.sequence_parallel or not self.backend.fast:  # no row selection: all, then pick
                 logits = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                              decoder_input=decoder_input)
                 return logits[logits_at][None]  # (1, K, V/TP)
             with only_loss_rows(gpt, logits_at):
                 return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                            decoder_input=decoder_input)  # (1, K, V/TP)
-        if labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel:
+        if (labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel
+                or not self.backend.fast):  # loss rows are a CPU fast path (keye.model.gpt_layers)
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, labels=labels)
         keep = loss_mask != 0  # (B, L)
