@@ -15,15 +15,9 @@ Warnings that keye's own code caused are fixed where they arise, not filtered he
 
 from __future__ import annotations
 
-import logging
 import re
 import sys
 import warnings
-
-#: Megatron-Core's TransformerLayer logs this (once per layer, on rank 0) for any MLP class other than its own
-#: ``MLP``, ``TEFusedMLP`` and the MoE ones, which it recognises by identity.
-UNKNOWN_MLP = "Unknown MLP type: <class 'megatron.core.transformer.spec_utils.ModuleSpec'>. Using default kwargs."
-MEGATRON_LAYER = "megatron.core.transformer.transformer_layer"
 
 _installed = False
 
@@ -72,26 +66,3 @@ def install() -> None:
         category=UserWarning,
         module=r"megatron\.core\.optimizer\.optimizer$",
     )
-    logging.getLogger(MEGATRON_LAYER).addFilter(_known_mlp_subclass)
-
-
-def _known_mlp_subclass(record: logging.LogRecord) -> bool:
-    """Drop Megatron's "Unknown MLP type" line when the layer it is building uses a subclass of Megatron's MLP.
-
-    keye's qwen3 builds ``keye.model.swiglu.SwiGLUMLP``, a subclass of ``MLP``. Megatron passes ``tp_group``
-    only to ``MLP`` itself, so it builds ours with ``tp_group=None``, which ``MLP`` (and its linears) resolve to
-    the model-parallel tensor group: the group keye always uses (it never passes its own ``pg_collection``).
-    The line's text does not name the class, so the filter looks at the layer being built (the caller's
-    ``submodules.mlp.module``): for any other class, a third party's MLP included, the line still shows.
-    """
-    if record.getMessage() != UNKNOWN_MLP:
-        return True
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "__init__" and frame.f_globals.get("__name__") == MEGATRON_LAYER:
-            from megatron.core.transformer.mlp import MLP
-
-            module = getattr(getattr(frame.f_locals.get("submodules"), "mlp", None), "module", None)
-            return not (isinstance(module, type) and issubclass(module, MLP))
-        frame = frame.f_back
-    return True

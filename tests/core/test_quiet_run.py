@@ -31,7 +31,7 @@ NOISY = '''
         warnings.warn(SHARDED, FUTURE)  # the known text, from a module the filter does not name
         megatron = logging.getLogger("megatron.core.transformer.transformer_layer")
         megatron.warning(ODD_MLP)  # the known logger, another text
-        megatron.warning(MLP)  # the known logger and text, but no layer with an MLP subclass is being built
+        megatron.warning(MLP)  # Megatron's text for an MLP it does not know: keye's layers never cause it, so it shows
         logging.getLogger("keye_noisy").warning(MLP)  # the known text, from another logger
 '''
 
