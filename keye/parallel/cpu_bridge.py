@@ -11,19 +11,27 @@ process that must keep stock torch behaviour.
 Why targeted patches and not a ``TorchFunctionMode`` that rewrites every cuda call: a catch-all mode
 was about 1.5x slower and is not active inside autograd backward (activation recompute still crashed).
 
-The bridges:
+The bridges, with every name they replace (this is the whole list of keye's process-wide patches):
 
 * RNG: ``model_parallel_cuda_manual_seed`` and ``get_cuda_rng_tracker().fork()`` (every attention
   forward, recompute) keep CUDA generator states. Here the tracker keeps CPU generator states and
-  forks the CPU default generator, so dropout inside ``fork()`` draws from the tracked stream as on GPU.
+  forks the CPU default generator, so dropout inside ``fork()`` draws from the tracked stream as on GPU
+  (``megatron.core.tensor_parallel.random``: ``CudaRNGStatesTracker``, ``_get_cuda_rng_state``,
+  ``_set_cuda_rng_state``).
 * ``torch.cuda.current_device()`` answers the CPU device (buffers for gathers, p2p, DDP, rotary).
 * ``device="cuda"`` hard-coded in a few modules (causal mask helpers, ``total_num_tokens`` in the
   pipeline schedules, the grad-norm helper, grad scaler, optimizer scalars): inside those modules
-  only, tensor factories map a cuda device to the CPU.
+  only (``_CUDA_FACTORY_MODULES``: their ``torch`` name), tensor factories map a cuda device to the CPU.
 * ``tensor.type()`` compared with ``'torch.cuda.FloatTensor'`` (clip-grad assert, optimizer wrappers):
-  while those functions run, CPU tensors report the CUDA type name of their dtype.
-* ``Tensor.cuda()`` (tied embeddings under PP, CLIP ViT) returns the tensor itself.
+  while those functions run (``clip_grad_by_total_norm_fp32`` in ``clip_grads`` and ``optimizer``; the
+  constructors of ``Float16OptimizerWithFloat16Params`` and ``DistributedOptimizer``, and the latter's
+  ``_build_model_and_main_param_groups``), ``torch.Tensor.type`` reports the CUDA type name of a CPU dtype.
+* ``torch.Tensor.cuda()`` (tied embeddings under PP, CLIP ViT) returns the tensor itself.
 * ``torch.cuda.synchronize()`` (p2p, DDP) is a no-op.
+
+Elsewhere keye changes nothing process-wide in torch or Megatron (``tests/model/test_backend.py`` scans for
+it): ``keye.quiet`` only adds warning filters for exact texts, and keye's CPU fast paths
+(`keye.model.gpt_layers`) switch the class of individual built modules, never a library class.
 """
 
 from __future__ import annotations
