@@ -24,8 +24,9 @@ inside the policy's schedule, whose point-to-point messages it would otherwise c
 
 Metrics each step: the loss, each MPO term, reward accuracy (r_c > r_r), margin, chosen and rejected rewards
 and δ. Evaluation on held-out pairs before and after training reports reward accuracy, margin, rewards, and
-the chosen replies' NLL and teacher-forced answer accuracy (the right answer must not be lost); the policy at
-the start *is* the reference, so the "before" rewards are 0 and reward accuracy 0.
+the chosen replies' NLL and teacher-forced answer accuracy (the right answer must not be lost; in a thinking
+mode, the final answer after the thought, as the `lm` stage scores it); the policy at the start *is* the
+reference, so the "before" rewards are 0 and reward accuracy 0.
 """
 
 from __future__ import annotations
@@ -118,17 +119,31 @@ def forward_logps(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_
 
 
 def forward_answers_correct(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int,
-                            precision: Any = None) -> list[float | None]:
-    """Per batch: how many pairs' chosen replies are the model's argmax at every token (teacher-forced, as the
-    `lm` stage's answer accuracy), on the last pipeline stage; None on the others."""
+                            precision: Any = None, final_answer: Any = None) -> list[float | None]:
+    """Per batch: how many pairs' chosen answers are the model's argmax at every token (teacher-forced, as the
+    `lm` stage's answer accuracy), on the last pipeline stage; None on the others.
+
+    ``final_answer(mask, labels)`` narrows a chosen reply's label mask ``(T,)`` to its final answer (the
+    processor's, `keye.data.processor.Processor._final_answer`: after the last ``<answer>`` or ``</analysis>``),
+    so a pair written in a thinking mode is scored on its answer given the thought, as the `lm` stage scores
+    conversations; None scores the whole reply."""
     if not batches:
         return []
+
+    def answer_positions(chosen: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if final_answer is None:
+            return chosen
+        mask = torch.zeros(len(labels), dtype=torch.bool)
+        mask[chosen] = True
+        return torch.nonzero(final_answer(mask, labels)).flatten()
 
     def loss_func(batch: MicroBatch, logits: torch.Tensor):
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
         predictions = gather_from_tensor_model_parallel_region(logits)[0].argmax(-1)  # (T,)
-        correct = sum(bool((predictions[c] == batch.labels[0][c]).all()) for c, _ in batch.pairs)
+        labels = batch.labels[0]
+        answers = [answer_positions(c, labels) for c, _ in batch.pairs]
+        correct = sum(bool((predictions[a] == labels[a]).all()) for a in answers)
         return logits.sum() * 0, torch.tensor(1, dtype=torch.int), {"correct": torch.tensor(float(correct))}
 
     def forward_step(data: Iterator[MicroBatch], model: torch.nn.Module):
@@ -377,12 +392,13 @@ class PreferenceStage(LMStage):
 
         if not self.ctx.stage.data.heldout:
             return {}
-        batches = micro_batches(self.ctx, split="heldout", preference=True).take(self.config.eval_batches)
+        stream = micro_batches(self.ctx, split="heldout", preference=True)
+        batches = stream.take(self.config.eval_batches)
         beta = float(loss.config.beta)
         sums = torch.zeros(len(EVAL_SUMS), dtype=torch.float64)
         chunks = list(engine.chunks)
         policy = forward_logps(chunks, batches, seq_len, precision)
-        correct = forward_answers_correct(chunks, batches, seq_len, precision)
+        correct = forward_answers_correct(chunks, batches, seq_len, precision, stream.processor._final_answer)
         for logps, ref, right in zip(policy, reference.logps(batches), correct):
             if logps is None:
                 continue

@@ -146,7 +146,8 @@ def test_synthetic_world_pairs_process():
 def test_synthetic_pairs_in_every_mode_ask_in_it_and_differ_only_in_the_answer():
     """With a mode_mix, a pair's prompt carries the mode's suffix and both replies are written in that mode
     (after the cold start a suffix-less prompt means auto-think, so bare-answer pairs would ask in the wrong
-    mode); the rejected reply is the chosen one with the wrong final answer, the sandbox output masked in both."""
+    mode); the rejected reply is the chosen one with the wrong final answer, the sandbox output masked in both;
+    the chosen answer the preference stage scores is the final answer."""
     from collections import Counter
 
     from keye.data.pipeline import load_tokenizer
@@ -179,4 +180,7 @@ def test_synthetic_pairs_in_every_mode_ask_in_it_and_differ_only_in_the_answer()
                 start, end = reply.index("<sandbox_output>"), reply.index("</sandbox_output>") + len("</sandbox_output>")
                 reply = reply[:start] + reply[end:]
             assert trained == (reply + "<|im_end|>").replace(" ", "")
+        # what the preference stage scores as the chosen answer: the final answer, as the lm stage does
+        final = processor.tokenizer.decode(item.labels[processor._final_answer(item.answer_mask, item.labels)])
+        assert final.replace(" ", "") == (meta["answer"] + ("" if direct else "</answer>") + "<|im_end|>").replace(" ", "")
     assert set(seen) == set(MODES)
