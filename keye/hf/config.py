@@ -15,7 +15,7 @@ plugin registry (`keye.plugins.get_registry`), never imported, so plugin isolati
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -132,8 +132,9 @@ def hf_configs(cfg: dict, where: str = "config.json") -> KeyeVLConfigs:
         num_layers=num(v + "num_hidden_layers"), patch_size=num(v + "patch_size"), image_size=num(v + "image_size"),
         layer_norm_eps=num(v + "layer_norm_eps", 1e-6, float), position_encoding={"name": "rope2d_vision"},
     )
-    projector = component_class("projector", "patch_merge_mlp").Config(in_dim=vision_hidden, out_dim=hidden, merge=merge, hidden=None, act="gelu",
-                                     norm="pre_merge", norm_eps=1e-5)
+    projector = component_class("projector", "patch_merge_mlp").Config(
+        in_dim=vision_hidden, out_dim=hidden, merge=merge, hidden=None, act="gelu", norm="pre_merge", norm_eps=1e-5
+    )
     mrope = component_class("position_encoding", POSITION_ENCODING).Config(
         mrope_section=list(section), spatial_merge_size=merge, theta=theta, head_dim=head_dim,
         tokens_per_second=num(v + "tokens_per_second", cfg.get("tokens_per_second", 2.0), float),
@@ -153,7 +154,8 @@ def hf_configs(cfg: dict, where: str = "config.json") -> KeyeVLConfigs:
 def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torch.dtype | None = None) -> dict:
     """A released-style config.json for these components; keys of ``base`` that are not ours are kept."""
     v, p, lm, mr = configs.vision, configs.projector, configs.language, configs.mrope
-    if (p.norm, p.act, p.hidden or p.in_dim * p.merge**2, lm.position_encoding["name"], v.position_encoding["name"]) != (
+    schemes = (lm.position_encoding["name"], v.position_encoding["name"])
+    if (p.norm, p.act, p.hidden or p.in_dim * p.merge**2, *schemes) != (
             "pre_merge", "gelu", p.in_dim * p.merge**2, POSITION_ENCODING, "rope2d_vision"):
         raise KeyeUserError("the Keye-VL-8B-Preview format needs patch_merge_mlp (norm pre_merge, act gelu, hidden "
                             f"null), qwen3 with position_encoding {POSITION_ENCODING}, siglip_navit with rope2d_vision")
@@ -180,17 +182,18 @@ def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torc
 
 
 def configs_of(model: nn.Module) -> KeyeVLConfigs:
-    """The settings of a (blueprint-built) ``KeyeVLModel``; M-RoPE keys the model does not hold take the
-    released values (tokens_per_second 2, vision_start_token_id 151652)."""
+    """The settings of a (blueprint-built) ``KeyeVLModel`` and the classes of its parts (their key maps): the
+    M-RoPE settings are its language model's position encoding's, with the projector's merge and the model's
+    pad token ids."""
     if getattr(model, "vision_encoder", None) is None or getattr(model, "projector", None) is None:
         raise KeyeUserError("save_keye_vl: the Keye-VL format needs a model with a vision encoder and a projector")
     lm = model.language_model.config
-    positions = getattr(model.language_model.position_encoding, "config", None)  # the built scheme's settings
+    scheme = model.language_model.position_encoding  # built: its config holds the model's settings
     if lm.position_encoding.get("name") != POSITION_ENCODING:
-        raise KeyeUserError(f"save_keye_vl: the Keye-VL format needs language_model.position_encoding {POSITION_ENCODING}")
-    mrope = component_class("position_encoding", POSITION_ENCODING).Config(mrope_section=list(positions.mrope_section), theta=positions.theta, head_dim=lm.head_dim,
-                                    tokens_per_second=positions.tokens_per_second,
-                                    spatial_merge_size=model.projector.config.merge,
-                                    image_token_id=model.image_token_id, video_token_id=model.video_token_id)
+        raise KeyeUserError("save_keye_vl: the Keye-VL format needs language_model.position_encoding "
+                            f"{POSITION_ENCODING}")
+    mrope = replace(scheme.config, spatial_merge_size=model.projector.config.merge,
+                    image_token_id=model.image_token_id, video_token_id=model.video_token_id)
     classes = {kind: type(getattr(model, kind)) for kind in ("vision_encoder", "projector", "language_model")}
+    classes["position_encoding"] = type(scheme)
     return KeyeVLConfigs(model.vision_encoder.config, model.projector.config, lm, mrope, classes)

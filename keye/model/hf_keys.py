@@ -113,7 +113,8 @@ _DECODER_RENAMES_BACK = {v: k for k, v in DECODER_RENAMES.items()}
 
 
 def fuse_gqa_qkv(q: Tensor, k: Tensor, v: Tensor, heads: int, groups: int, head_dim: int) -> Tensor:
-    """Separate q ``[heads·D, H]``, k/v ``[groups·D, H]`` → Megatron's GQA ``linear_qkv`` ``[G·(heads/G + 2)·D, H]``."""
+    """Separate q ``[heads·D, H]``, k/v ``[groups·D, H]`` → Megatron's GQA ``linear_qkv``
+    ``[G·(heads/G + 2)·D, H]``."""
     hidden = q.shape[1]
     q = q.view(groups, heads // groups * head_dim, hidden)  # (G, heads/G·D, H)
     k = k.view(groups, head_dim, hidden)
@@ -144,24 +145,23 @@ def hf_decoder_to_megatron(hf: dict[str, Tensor], config: Any, *, hf_prefix: str
         for hf_name, name in DECODER_RENAMES.items():
             out[dst + name] = hf[src + hf_name]
         out[dst + "self_attention.linear_qkv.weight"] = fuse_gqa_qkv(
-            hf[src + "self_attn.q_proj.weight"], hf[src + "self_attn.k_proj.weight"], hf[src + "self_attn.v_proj.weight"],
-            heads, groups, head_dim,
+            *(hf[f"{src}self_attn.{part}_proj.weight"] for part in "qkv"), heads, groups, head_dim
         )
-        out[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + "mlp.gate_proj.weight"], hf[src + "mlp.up_proj.weight"]])
+        out[dst + "mlp.linear_fc1.weight"] = torch.cat([hf[src + f"mlp.{part}_proj.weight"] for part in ("gate", "up")])
     return out
 
 
 def megatron_decoder_to_hf(state: dict[str, Tensor], config: Any, *, hf_prefix: str = "model.",
                            head: str = "lm_head.weight", prefix: str = "gpt.") -> dict[str, Tensor]:
-    """The inverse of :func:`hf_decoder_to_megatron`, tensor by tensor (keys outside ``prefix`` are ignored; an
-    unknown name under it is a ``KeyError``)."""
+    """The inverse of :func:`hf_decoder_to_megatron`, tensor by tensor (keys outside ``prefix`` and
+    ``_extra_state`` entries are ignored; an unknown parameter name under it is a ``KeyError``)."""
     heads, groups, head_dim = config.num_attention_heads, config.num_query_groups, config.head_dim
     plain = {"embedding.word_embeddings.weight": f"{hf_prefix}embed_tokens.weight",
              "decoder.final_layernorm.weight": f"{hf_prefix}norm.weight", "output_layer.weight": head}
     out: dict[str, Tensor] = {}
     for name, tensor in state.items():
-        if not name.startswith(prefix):
-            continue
+        if not name.startswith(prefix) or name.endswith("_extra_state"):
+            continue  # another part's, or Megatron's non-parameter extra state
         rest = name[len(prefix):]
         if rest in plain:
             out[plain[rest]] = tensor

@@ -97,9 +97,8 @@ def encoder_block_spec(num_layers: int, impl: str | None = "local", attention: s
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     impl = resolve_transformer_impl(impl)
-    return TransformerBlockSubmodules(
-        layer_specs=[encoder_layer_spec(impl, attention, dtype)] * num_layers, layer_norm=spec_provider(impl).layer_norm()
-    )
+    layer = encoder_layer_spec(impl, attention, dtype)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=spec_provider(impl).layer_norm())
 
 
 def encoder_transformer_config(
