@@ -5,7 +5,7 @@ names it loads (the released Keye-VL names, spec §1.7), without ever holding th
 `hf_weight_stream` walks the parameters of the composed ``KeyeVLModel`` stage by stage, and for each one:
 
 1. the stage that holds it gathers its tensor-parallel shards into the full tensor (``all_gather`` over the
-   TP group, shards put back in Megatron's ``partition_dim``/``partition_stride`` order);
+   TP group, shards put back in Megatron's ``partition_dim``/``partition_stride`` order: `keye.parallel.tp_weights`);
 2. that stage broadcasts the full tensor to the other pipeline stages (``broadcast`` over the PP group), so
    every rank yields the same stream;
 3. the tensor is renamed (and, for the fused ones, split: Megatron's ``linear_qkv`` → ``q_proj``/``k_proj``/
@@ -44,6 +44,7 @@ def hf_weight_stream(model: torch.nn.Module, configs: Any = None) -> Iterator[tu
     that holds its vision encoder; pass it for a blueprint-built model on a later pipeline stage.
     """
     from keye.hf.config import configs_of
+    from keye.parallel.tp_weights import tp_gather
     from keye.hf.forward import KeyeVL
 
     if configs is None:
@@ -60,7 +61,7 @@ def hf_weight_stream(model: torch.nn.Module, configs: Any = None) -> Iterator[tu
     for stage, entries in enumerate(stages):
         for local_name, name, shape, dtype in entries:
             if stage == my_stage:
-                full = _gather_tp(params[local_name], tp_group, tp_size)
+                full = tp_gather(params[local_name], params[local_name], tp_group, tp_size)
             else:
                 full = torch.empty(shape, dtype=dtype, device=_device(keye_model))
             if pp_size > 1:
@@ -106,18 +107,6 @@ def _full_shape(param: Tensor, tp_size: int) -> tuple[int, ...]:
     if getattr(param, "tensor_model_parallel", False) and tp_size > 1:
         shape[param.partition_dim] *= tp_size
     return tuple(shape)
-
-
-@torch.no_grad()
-def _gather_tp(param: Tensor, group: Any, tp_size: int) -> Tensor:
-    """The full tensor of one parameter: TP shards gathered and put back in order (``partition_stride`` pieces)."""
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return param.detach().clone()
-    dim, stride = param.partition_dim, param.partition_stride
-    shards = [torch.empty_like(param) for _ in range(tp_size)]
-    dist.all_gather(shards, param.detach().contiguous(), group=group)
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [rank][stride piece]
-    return torch.cat([pieces[r][s] for s in range(stride) for r in range(tp_size)], dim=dim)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
