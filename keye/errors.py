@@ -26,3 +26,8 @@ class BlueprintError(KeyeUserError):
 
 class PluginOverrideError(KeyeUserError):
     """``KEYE_OVERRIDE`` (the user's request to replace a registered component on purpose) is malformed."""
+
+
+class ContractError(TypeError):
+    """A plugin's component class does not meet its kind's contract (`keye.contracts`): the plugin's bug,
+    reported in one line naming the plugin, the class and the missing member; that plugin fails to load."""

@@ -2,7 +2,9 @@
 
 Core code finds components only here (no `if name == ...` switches). Every entry records which
 distribution registered it, so an unknown name can list what exists and a duplicate can name both
-providers. A component class must carry a nested `Config` dataclass: its blueprint schema.
+providers. A component class must carry a nested `Config` dataclass (its blueprint schema) and meet its
+kind's contract (`keye.contracts`: the methods it must have, the constructor the host calls); both are
+checked here, at registration, so a bad plugin fails when it loads, in one line, not minutes into a run.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
+from keye.contracts import check_contract
 from keye.errors import DuplicateComponentError, UnknownComponentError
 
 #: Every component kind, in the order `keye-launch plugins` shows them. One hook per kind.
@@ -67,6 +70,7 @@ class Registry:
         for an override the user asked for (``KEYE_OVERRIDE``, see `keye.plugins`).
         """
         check_component(kind, name, cls)
+        check_contract(kind, name, cls, str(provenance))
         existing = self._components[kind].get(name)
         if existing is not None and not replace:
             raise DuplicateComponentError(

@@ -34,20 +34,25 @@ split ``mrope_section * 2 = [16, 24, 24, 16, 24, 24]`` where chunk c takes axis 
 
 Megatron-Core: ``GPTModel(position_embedding_type="mrope")`` with ``TransformerConfig.mrope_section``
 does exactly this split in ``MultimodalRotaryEmbedding`` and the same rotate-half rotation, taking
-``position_ids [3, B, L]`` as made here; that is the route for the LM. :func:`megatron_rotary_pos_emb`
-gives the same ``[L, B, 1, D]`` tensor for code that calls Megatron attention directly.
+``position_ids [3, B, L]`` as made here. :func:`megatron_rotary_pos_emb` gives the same ``[L, B, 1, D]``
+tensor, and is what a language model that selects this scheme (``position_encoding: {name:
+mrope_time_aligned}``, `keye.model.protocols.TokenPositions`) hands Megatron's attention. The data
+pipeline builds the same node for the ids of every sample, so ``mrope_section``, ``tokens_per_second``
+and ``spatial_merge_size`` in a blueprint reach both; generators ask it for decode positions.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from keye import hookimpl
 from keye.config import doc
+from keye.model.protocols import next_position_ids
 
 #: Padding positions keep this id (as in Qwen2.5-VL); attention never looks at them.
 PAD_POSITION = 1
@@ -283,7 +288,8 @@ class MRopeTimeAligned(nn.Module):
         tokens_per_second: float = doc("Temporal ids per second of video (2: +1 id = 0.5 s).", 2.0)
         spatial_merge_size: int = doc("Side of the projector's patch merge (2: 2x2 ViT patches per token).", 2)
         theta: float = doc("RoPE base (Qwen3: 1e6; Keye-VL-1.5 raises it to 8e6 for 128K context).", 1_000_000.0)
-        head_dim: int = doc("Per-head width of the LLM attention (Qwen3-8B: 128).", 128)
+        head_dim: Optional[int] = doc("Per-head width of the LLM attention; null: 2 * sum(mrope_section). A model "
+                                      "part that selects this scheme sets it to its own head width.", None)
         image_token_id: int = doc("<|image_pad|>: one per merged image token.", 151655)
         video_token_id: int = doc("<|video_pad|>: one per merged video token.", 151656)
         vision_start_token_id: int = doc(
@@ -292,9 +298,20 @@ class MRopeTimeAligned(nn.Module):
             151652,
         )
 
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        section = config.mrope_section
+        if len(section) != 3 or not all(isinstance(n, int) and n >= 0 for n in section):
+            check.fail("mrope_section", f"{list(section)} must be three non-negative sizes (time, height, width)")
+        check.number(config, "tokens_per_second", above=0)
+        check.number(config, "theta", above=0)
+        check.count(config, "spatial_merge_size")
+
     def __init__(self, config: MRopeTimeAligned.Config | None = None, ctx: Any = None) -> None:
         super().__init__()
         self.config = config = config or self.Config()
+        if config.head_dim is None:  # built on its own (the data pipeline): the width its sections describe
+            config = self.config = dataclasses.replace(config, head_dim=2 * sum(config.mrope_section))
         if 2 * sum(config.mrope_section) != config.head_dim:
             raise ValueError(
                 f"mrope_time_aligned: 2 * sum(mrope_section) = {2 * sum(config.mrope_section)} "
@@ -314,6 +331,34 @@ class MRopeTimeAligned(nn.Module):
                             video_grid_thw: Tensor | None = None, second_per_grid_ts: Tensor | None = None) -> Tensor:
         """See :func:`packed_position_ids`."""
         return packed_position_ids(input_ids, cu_seqlens, image_grid_thw, video_grid_thw, second_per_grid_ts, self.config)
+
+    # --- TokenPositions (a language model's position_encoding) --------------------------------------
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return self.config.spatial_merge_size
+
+    def position_ids(self, input_ids: Tensor, *, image_token_id: int | None = None, video_token_id: int | None = None,
+                     image_grid_thw: Tensor | None = None, video_grid_thw: Tensor | None = None,
+                     second_per_grid_ts: Sequence[float] | None = None) -> Tensor:
+        """``[3, L]`` ids of one sample ``[L]`` on its own; the pad token ids default to this config's."""
+        config = dataclasses.replace(
+            self.config,
+            image_token_id=self.config.image_token_id if image_token_id is None else image_token_id,
+            video_token_id=self.config.video_token_id if video_token_id is None else video_token_id,
+        )
+        return packed_position_ids(input_ids, [0, input_ids.shape[-1]], image_grid_thw, video_grid_thw,
+                                   second_per_grid_ts, config)
+
+    def decode_position_ids(self, position_ids: Tensor, count: int) -> Tensor:
+        """Generated token k sits at ``max(prompt ids) + 1 + k`` on all axes (``rope_deltas``)."""
+        return next_position_ids(position_ids, count)
+
+    def rotary_pos_emb(self, position_ids: Tensor) -> Tensor:
+        """Megatron's angles ``[L, B, 1, D]`` for ``position_ids [3, B, L]`` (``[B, L]``: equal axes)."""
+        if position_ids.dim() == 2:
+            position_ids = position_ids.expand(3, *position_ids.shape)
+        return self.megatron_rotary_pos_emb(position_ids)
 
     def forward(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         emb = mrope_angles(position_ids.to(self.inv_freq.device), self.inv_freq)  # (3, B, L, D)

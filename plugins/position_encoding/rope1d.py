@@ -2,8 +2,14 @@
 
 ``inv_freq[k] = theta ** (-2k / head_dim)`` for k < head_dim / 2; a token at position p rotates the
 pair of dims (k, k + head_dim/2) by ``p * inv_freq[k]``. This is what Megatron-Core's ``rope``
-position embedding computes with ``rotary_interleaved=False``; the module exists for code that runs
-outside Megatron's GPT model (text towers, reference checks) and as the text-only special case of M-RoPE.
+position embedding computes with ``rotary_interleaved=False``.
+
+As a language model's ``position_encoding`` (`keye.model.protocols.TokenPositions`): every token, text or
+image/video pad, is one position (0, 1, 2, ... per sample; a generated token continues after the prompt's
+last), and ``rotary_pos_emb`` gives Megatron the angles of row 0 of the ``[3, B, L]`` ids. Vision tokens
+then carry no 2D/time structure: this is the text-only special case of M-RoPE (equal ids on the three axes
+give the same rotation), and the way to train an LLM stage with plain RoPE
+(``model.language_model.position_encoding.name=rope1d``).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from torch import Tensor, nn
 
 from keye import hookimpl
 from keye.config import doc
+from keye.model.protocols import next_position_ids, sequential_position_ids
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -40,8 +47,16 @@ class Rope1D(nn.Module):
 
     @dataclass
     class Config:
-        head_dim: int = doc("Per-head width that is rotated (Qwen3-8B: 128). Must be even.", 128)
+        head_dim: int = doc("Per-head width that is rotated (Qwen3-8B: 128). Must be even. A model part that "
+                            "selects this scheme sets it to its own head width.", 128)
         theta: float = doc("RoPE base (Qwen3: 1e6; Keye-VL-1.5 anneals at 8e6 for 128K context).", 1_000_000.0)
+        spatial_merge_size: int = doc("ViT patches per LLM token along each side (the projector's merge): how "
+                                      "many pad tokens the data pipeline writes per image or video.", 2)
+
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        check.number(config, "theta", above=0)
+        check.count(config, "spatial_merge_size")
 
     def __init__(self, config: Rope1D.Config | None = None, ctx: Any = None) -> None:
         super().__init__()
@@ -56,6 +71,25 @@ class Rope1D(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, L, D/2)
         emb = torch.cat([freqs, freqs], dim=-1)  # (B, L, D)
         return emb.cos(), emb.sin()
+
+    # --- TokenPositions (a language model's position_encoding) --------------------------------------
+
+    @property
+    def spatial_merge_size(self) -> int:
+        return self.config.spatial_merge_size
+
+    def position_ids(self, input_ids: Tensor, **vision: Any) -> Tensor:
+        """``[3, L]``: 0..L-1 on every row; images and videos take one position per pad token."""
+        return sequential_position_ids(input_ids.shape[-1]).to(input_ids.device)
+
+    def decode_position_ids(self, position_ids: Tensor, count: int) -> Tensor:
+        return next_position_ids(position_ids, count)
+
+    def rotary_pos_emb(self, position_ids: Tensor) -> Tensor:
+        """Angles ``[L, B, 1, D]`` of row 0 of ``position_ids [3, B, L]`` (or of ``[B, L]``), Megatron's layout."""
+        ids = position_ids[0] if position_ids.dim() == 3 else position_ids  # (B, L)
+        freqs = ids.to(self.inv_freq.device)[..., None].float() * self.inv_freq  # (B, L, D/2)
+        return torch.cat([freqs, freqs], dim=-1).transpose(0, 1)[:, :, None, :].contiguous()  # (L, B, 1, D)
 
 
 @hookimpl

@@ -12,6 +12,10 @@ Those angles go to flash-attn's ``apply_rotary_emb`` in non-interleaved (rotate-
 flash-attn's kernel computes.
 
 The math is done in float32 (as flash-attn's kernel does internally) and cast back to the input dtype.
+
+As a vision encoder's ``position_encoding`` (`keye.model.protocols.PatchPositions`, the default of
+``siglip_navit``): ``patch_rotary_pos_emb(grid_thw)`` gives Megatron's attention the angles
+``[rows, cols, rows, cols]`` per patch, ``[N, 1, 1, head_dim]``.
 """
 
 from __future__ import annotations
@@ -68,8 +72,13 @@ class Rope2DVision(nn.Module):
 
     @dataclass
     class Config:
-        head_dim: int = doc("Per-head width of the ViT attention (Keye: 1152 / 16 heads = 72). Must divide by 4.", 72)
+        head_dim: int = doc("Per-head width of the ViT attention (Keye: 1152 / 16 heads = 72). Must divide by 4. "
+                            "A vision encoder that selects this scheme sets it to its own head width.", 72)
         theta: float = doc("RoPE base of the inverse frequencies (Keye: 10000).", 10000.0)
+
+    @classmethod
+    def check_config(cls, config: Config, check: Any) -> None:
+        check.number(config, "theta", above=0)
 
     def __init__(self, config: Rope2DVision.Config | None = None, ctx: Any = None) -> None:
         super().__init__()
@@ -86,6 +95,11 @@ class Rope2DVision(nn.Module):
         rows = ids[:, :1].float() * self.inv_freq  # (N, 18)
         cols = ids[:, 1:].float() * self.inv_freq  # (N, 18)
         return torch.cat([rows, cols], dim=-1)  # (N, 36)
+
+    def patch_rotary_pos_emb(self, grid_thw: Tensor) -> Tensor:
+        """``[N, 1, 1, head_dim]`` angles for Megatron's rotate-half RoPE: ``[rows, cols, rows, cols]`` per patch."""
+        angles = self.angles(grid_thw)  # (N, head_dim / 2): [row * inv_freq, col * inv_freq]
+        return torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (N, 1, 1, head_dim)
 
     def forward(self, grid_thw: Tensor) -> tuple[Tensor, Tensor]:
         emb = self.angles(grid_thw)

@@ -11,9 +11,10 @@ from omegaconf import MISSING, OmegaConf
 from keye import hookimpl
 from keye.config import component, doc, load_blueprint, render_blueprint
 from keye.errors import BlueprintError
+from keye.testing.stubs import Stub
 
 
-class ToyEncoder:
+class ToyEncoder(Stub):
     @dataclass
     class Config:
         width: int = doc("Feature width.", 16)
@@ -21,27 +22,27 @@ class ToyEncoder:
         rope: Dict[str, Any] = component("position_encoding", "Rotary scheme.", {"name": "toy_rope"})
 
 
-class ToyRope:
+class ToyRope(Stub):
     @dataclass
     class Config:
         theta: float = doc("Base.", 10000.0)
 
 
-class ToyProjector:
+class ToyProjector(Stub):
     @dataclass
     class Config:
         out_dim: int = doc("Output width (required).", MISSING)
         act: str = doc("Activation.", "gelu")
 
 
-class ToyStage:
+class ToyStage(Stub):
     @dataclass
     class Config:
         eval_every: int = doc("Evaluate every N steps.", 0)
         tags: List[str] = doc("Free-form tags.", default_factory=list)
 
 
-class Plain:
+class Plain(Stub):
     @dataclass
     class Config:
         path: Optional[str] = None

@@ -12,11 +12,12 @@ from keye import hookimpl, hookspecs
 from keye.errors import DuplicateComponentError
 from keye.plugins import PluginHost, PluginLoadWarning
 from keye.registry import KINDS
+from keye.testing.stubs import Stub
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-class Toy:
+class Toy(Stub):
     @dataclass
     class Config:
         width: int = 8

@@ -22,9 +22,10 @@ FOREIGN_NAVIT = '''
     from dataclasses import dataclass
 
     from keye import hookimpl
+    from keye.testing.stubs import Stub
 
 
-    class ForeignNavit:
+    class ForeignNavit(Stub):
         @dataclass
         class Config:
             size: str = "tiny"
@@ -40,9 +41,10 @@ LM_TOOLS = '''
     from dataclasses import dataclass
 
     from keye import hookimpl
+    from keye.testing.stubs import Stub
 
 
-    class LmToolsEval:
+    class LmToolsEval(Stub):
         @dataclass
         class Config:
             pass

@@ -6,12 +6,13 @@ import pytest
 
 from keye.errors import DuplicateComponentError, UnknownComponentError
 from keye.registry import KINDS, Provenance, Registry
+from keye.testing.stubs import Stub
 
 HERE = Provenance("keye-test", "1.0", "here")
 THERE = Provenance("keye-other", "2.3", "there")
 
 
-class Good:
+class Good(Stub):
     @dataclass
     class Config:
         width: int = 4

@@ -53,6 +53,9 @@ TOY_PROJECTOR = '''
         def __init__(self, config, ctx=None):
             self.config = config
 
+        def forward(self, features, grid_thw):
+            return features
+
 
     @hookimpl
     def keye_register_projectors(register):
