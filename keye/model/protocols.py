@@ -26,7 +26,7 @@ class BuildContext:
     ``parallel`` is a `keye.parallel.ParallelContext` (None: a plain single process without Megatron
     parallel state). ``pre_process``/``post_process`` say whether this pipeline stage holds the
     model's input embedding / output head (Megatron's names). ``seed`` is the run seed, for
-    initialisations that must not depend on the parallel layout (`keye.parallel.init`).
+    initialisations that must not depend on the parallel layout (`keye.parallel.weight_init`).
     """
 
     parallel: Any = None
