@@ -27,11 +27,13 @@ the unit is the reply (``sequence_mean``, ``constant``, GSPO) or the reply token
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
@@ -63,6 +65,7 @@ class RLSettings:
     dynamic_sampling: bool = True
     mask_truncated: bool = True
     max_vision_patches: int | None = None
+    rollouts_file: Path | None = None  # where data-parallel rank 0 appends every rollout (None: nowhere)
 
 
 @dataclass
@@ -157,6 +160,7 @@ class RLStep:
     def __init__(self, settings: RLSettings, parts: RLParts) -> None:
         self.settings = settings
         self.parts = parts
+        self._trimmed = False  # rollouts_file not yet cut back to the steps before this run's first
 
     def sampling(self, step: int, dp_rank: int) -> SamplingSettings:
         from dataclasses import replace
@@ -213,6 +217,25 @@ class RLStep:
             weights.view(-1, s.group_size)[equal] = 0.0
         return weights
 
+    def save(self, step: int, rollouts: list, rewards: torch.Tensor, advantages: torch.Tensor,
+             weights: torch.Tensor) -> None:
+        """Append the step's rollouts to ``rollouts_file`` (global rank 0 only: data-parallel rank 0's rollouts)."""
+        path = self.settings.rollouts_file
+        if path is None or (dist.is_initialized() and dist.get_rank() != 0):
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not self._trimmed and path.is_file():  # a fresh stage starts anew; a resumed one drops the redone steps
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self._trimmed = True
+        with path.open("a") as handle:
+            for i, r in enumerate(rollouts):
+                handle.write(json.dumps({
+                    "step": step, "prompt": r.rendered.prompt.key, "group": r.group, "mode": r.rendered.mode,
+                    "token_ids": r.token_ids, "text": r.text, "finish_reason": r.finish_reason,
+                    "reward": float(rewards[i]), "advantage": float(advantages[i]), "trained": bool(weights[i] > 0),
+                }) + "\n")
+
     def filler(self, rollouts: list) -> list[int]:
         """One rollout that can be packed (no vision pad id in its reply), to ride along with weight 0; none if
         no rollout can."""
@@ -233,6 +256,7 @@ class RLStep:
         began = time.perf_counter()
         advantages = parts.loss.advantages(rewards, s.group_size) if rollouts else torch.zeros(0)
         weights = self.weights(rollouts, rewards, stats)
+        self.save(stream.step, rollouts, rewards, advantages, weights)
         chosen = [i for i in range(len(rollouts)) if weights[i] > 0] or self.filler(rollouts)
         stats.count("trained_rollouts", len([i for i in chosen if weights[i] > 0]))
         for reason, n in skipped.items():

@@ -21,6 +21,8 @@ Options (``stages[i].options``):
   ``top_k``, ``max_new_tokens`` of the rollouts; ``data.max_tokens`` must hold prompt + ``max_new_tokens``
   (a longer prompt is skipped and counted);
 - ``dynamic_sampling``, ``mask_truncated`` (both on by default);
+- ``save_rollouts``: append every rollout (ids, text, reward, advantage, trained or not) to the stage folder's
+  ``rollouts.jsonl`` (data-parallel rank 0's rollouts; a fresh or overwritten stage starts the file anew);
 - ``eval_prompts``: held-out prompts (``data.heldout``, per data-parallel rank) answered greedily before and
   after training; ``max_bad_steps``.
 
@@ -80,6 +82,8 @@ class RLStage(LMStage):
         max_new_tokens: int = doc("Tokens per rollout at most; a reply that reaches it is truncated.", 64)
         dynamic_sampling: bool = doc("Drop groups whose rewards are all equal (DAPO): no signal, only dilution.", True)
         mask_truncated: bool = doc("Replies cut by max_new_tokens carry no loss (DAPO's overlong masking).", True)
+        save_rollouts: bool = doc("Append every rollout (ids, text, reward, advantage) to rollouts.jsonl in the "
+                                  "stage folder (data-parallel rank 0's).", False)
         eval_prompts: int = doc("Held-out prompts answered greedily before and after training (0: no evaluation).", 32)
         max_bad_steps: int = doc("Stop after this many consecutive steps with a non-finite loss/grad.", 5)
 
@@ -156,7 +160,8 @@ class RLStage(LMStage):
         settings = RLSettings(config.prompts_per_step, config.group_size, config.updates, sampling, seq_len,
                               seed=ctx.blueprint.run.seed, mode_mix=dict(config.mode_mix),
                               dynamic_sampling=config.dynamic_sampling, mask_truncated=config.mask_truncated,
-                              max_vision_patches=stage.data.max_vision_patches)
+                              max_vision_patches=stage.data.max_vision_patches,
+                              rollouts_file=Path(ctx.output_dir) / "rollouts.jsonl" if config.save_rollouts else None)
         engine.rl = RLStep(settings, RLParts(generator, rewards, loss, processor, model, reference, precision))
         stream = PromptStream(ctx)
 
