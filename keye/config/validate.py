@@ -154,7 +154,9 @@ def with_size_preset(kind: str, cls: type, body: dict, path: str, origin: Origin
     """Expand ``size: <name>`` from the component's ``SIZES`` presets; keys set in the node win.
 
     Named sizes (``tiny``, ``small``, ``keye_vl_8b``) live beside the component that owns the numbers,
-    so a blueprint says ``{name: qwen3, size: tiny}`` and print-config shows every resolved value.
+    so a blueprint says ``{name: qwen3, size: tiny}`` and print-config shows every resolved value. A preset's
+    nested component node (qwen3's ``position_encoding``) takes the node's keys key by key, unless the node
+    names another component (then the preset's settings of the old one are dropped: `keye.config.swap`).
     """
     size = body.get("size")
     presets = getattr(cls, "SIZES", None)
@@ -165,7 +167,9 @@ def with_size_preset(kind: str, cls: type, body: dict, path: str, origin: Origin
         raise BlueprintError(
             f"{origin(path + '.size')}: {path}.size: unknown size '{short(size)}' for {kind} '{cls.__name__}'; known: {known}"
         )
-    return {**presets[size], **body}
+    from keye.config.swap import merge_nodes
+
+    return merge_nodes(presets[size], body)  # a nested node merges unless it names another component
 
 
 def build_component_config(kind: str, node: Any, registry: Registry) -> tuple[type, Any]:

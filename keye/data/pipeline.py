@@ -94,7 +94,19 @@ def build_processor(ctx: Any) -> Processor:
         video_max_tokens=data.video_max_tokens,
         max_tokens=data.max_tokens,
     )
-    return Processor(tokenizer, settings, cls(config))
+    return Processor(tokenizer, settings, cls(config), language_positions(bp.model, ctx.registry))
+
+
+def language_positions(model_cfg: Any, registry: Any) -> Any:
+    """The language model's position encoding, built without weights (position ids of samples); None when the
+    blueprint has no language model or it selects none (the processor then uses its default)."""
+    from keye.model.protocols import BuildContext
+
+    node = model_cfg.language_model
+    if node is None or node.get("position_encoding") is None:
+        return None
+    owner = {"head_dim": node["head_dim"]} if "head_dim" in node else {}  # as the model builds it
+    return BuildContext(registry=registry).build("position_encoding", node["position_encoding"], **owner)
 
 
 def build_sources(ctx: Any, group: str, read_all: bool = False) -> dict[str, Any]:

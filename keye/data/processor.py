@@ -2,8 +2,11 @@
 
 For a conversation: every image and video part is decoded and patchified within the token budgets
 (`keye.data.vision`, `keye.data.video`, videos at the recomputed sampling fps), the chat template
-expands each into its merged token count and produces labels on assistant tokens only, and the
-time-aligned M-RoPE ids are computed for the sample on its own (so they stay valid when packed).
+expands each into its merged token count and produces labels on assistant tokens only, and the position
+ids are computed for the sample on its own (so they stay valid when packed) by the language model's
+position encoding: the processor is given the built ``model.language_model.position_encoding`` node
+(`keye.data.pipeline.build_processor`), so its ``mrope_section``, ``tokens_per_second`` and
+``spatial_merge_size`` (the pad tokens per image/video) are those the model trains with.
 For an image-text pair (stage 0): the image patches and the caption's token ids. For a preference pair
 (MPO): one sample whose chosen and rejected replies share the prompt and its vision (`keye.data.preference`).
 
@@ -31,6 +34,10 @@ from keye.data.tokenizer import SpecialTokens
 from keye.data.video import preprocess_video
 from keye.data.vision import preprocess_image
 from keye.model.composition import VisionInputs
+from keye.model.protocols import BuildContext
+
+#: The position encoding of a processor given none: Keye's (the ``qwen3`` default).
+DEFAULT_POSITIONS = {"name": "mrope_time_aligned"}
 
 TOKEN = 28 * 28  # pixels per merged LLM token (14-px patches, 2×2 merge)
 
@@ -65,22 +72,16 @@ class ProcessorSettings:
 
 
 class Processor:
-    def __init__(self, tokenizer: Any, settings: ProcessorSettings, video_decoder: Any = None, mrope: Any = None,
+    def __init__(self, tokenizer: Any, settings: ProcessorSettings, video_decoder: Any = None, positions: Any = None,
                  root: str | Path | None = None) -> None:
-        from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned
-
+        """``positions``: the language model's built position encoding (`keye.model.protocols.TokenPositions`);
+        None builds `DEFAULT_POSITIONS` from the registry."""
         self.tokenizer = tokenizer
         self.settings = settings
         self.video_decoder = video_decoder
         self.special = SpecialTokens.from_tokenizer(tokenizer)
-        base = mrope or MRopeTimeAligned.Config()
-        self.mrope = MRopeTimeAligned.Config(
-            mrope_section=list(base.mrope_section), tokens_per_second=base.tokens_per_second,
-            spatial_merge_size=base.spatial_merge_size, theta=base.theta, head_dim=base.head_dim,
-            image_token_id=self.special.image_pad, video_token_id=self.special.video_pad,
-            vision_start_token_id=self.special.vision_start,
-        )
-        self.merge = self.mrope.spatial_merge_size ** 2
+        self.positions = positions if positions is not None else BuildContext().build("position_encoding", DEFAULT_POSITIONS)
+        self.merge = self.positions.spatial_merge_size ** 2  # ViT patches per LLM token
         self.root = Path(root) if root is not None else None
         self._tag_ids: dict[str, list[int]] = {}
         self.modes = ModeStats()  # conversations and loss tokens per thinking mode (keye.data.modes)
@@ -159,14 +160,19 @@ class Processor:
                 vision.counts.append(int(inputs.grid_thw.prod()) // self.merge)
         return vision
 
-    def _positions(self, input_ids: torch.Tensor, vision: _Vision) -> torch.Tensor:
-        """M-RoPE ids ``(3, L)`` of one sample on its own."""
-        from keye_plugins.position_encoding.mrope_time_aligned import packed_position_ids
+    def position_ids(self, input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None = None,
+                     video_grid_thw: torch.Tensor | None = None, seconds: list[float] | None = None) -> torch.Tensor:
+        """Position ids ``(3, L)`` of one sample ``(L,)`` on its own, from the language model's position encoding
+        (grids in reading order; ``seconds``: per video, seconds per temporal grid step)."""
+        return self.positions.position_ids(
+            input_ids, image_token_id=self.special.image_pad, video_token_id=self.special.video_pad,
+            image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw, second_per_grid_ts=seconds or None,
+        )
 
+    def _positions(self, input_ids: torch.Tensor, vision: _Vision) -> torch.Tensor:
         image_grids = torch.cat([i.grid_thw for i in vision.images]) if vision.images else None
         video_grids = torch.cat([v.grid_thw for v in vision.videos]) if vision.videos else None
-        return packed_position_ids(input_ids, [0, len(input_ids)], image_grids, video_grids,
-                                   vision.seconds or None, config=self.mrope)  # (3, L)
+        return self.position_ids(input_ids, image_grids, video_grids, vision.seconds)  # (3, L)
 
     def _check_length(self, key: str, length: int) -> None:
         if self.settings.max_tokens is not None and length > self.settings.max_tokens:

@@ -38,8 +38,6 @@ def conversation_request(
     ``think``, ``no_think``, ``auto``, ``agentic`` or None (`keye.data.chat.MODE_SUFFIXES`). Bad media raise
     the processor's one-line `SampleError` naming ``key``.
     """
-    from keye_plugins.position_encoding.mrope_time_aligned import packed_position_ids
-
     media = media or {}
     images: list[VisionInputs] = []
     videos: list[VisionInputs] = []
@@ -60,9 +58,8 @@ def conversation_request(
     encoded = encode_conversation(messages, processor.tokenizer, counts, thinking_mode, add_generation_prompt=True)
     ids = torch.tensor(encoded.input_ids, dtype=torch.long)  # (L,)
     image_pack, video_pack = _pack(images), _pack(videos)
-    positions = packed_position_ids(
-        ids, [0, len(ids)], image_pack.grid_thw if image_pack else None,
-        video_pack.grid_thw if video_pack else None, seconds or None, config=processor.mrope,
+    positions = processor.position_ids(  # the language model's position encoding, as for training samples
+        ids, image_pack.grid_thw if image_pack else None, video_pack.grid_thw if video_pack else None, seconds,
     )  # (3, L)
     return GenerationRequest(ids, images=image_pack, videos=video_pack, video_seconds=seconds or None,
                              position_ids=positions, thinking_mode=thinking_mode, n=n)

@@ -12,12 +12,14 @@ knows which encoder or LLM it is holding.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from keye.config import build_component_config
+from keye.contracts import check_built
 from keye.errors import KeyeUserError
 from keye.model.protocols import BuildContext
 from keye.registry import Registry
@@ -36,7 +38,11 @@ class VisionInputs:
 
 def build_component(kind: str, node: Any, registry: Registry, ctx: BuildContext) -> torch.nn.Module:
     cls, config = build_component_config(kind, node, registry)
-    return cls(config, ctx)
+    if ctx.registry is None:  # nested nodes (a position_encoding) are found where this component was
+        ctx = dataclasses.replace(ctx, registry=registry)
+    component = cls(config, ctx)
+    check_built(kind, node["name"], component)  # the attributes its Protocol names (keye.contracts)
+    return component
 
 
 class KeyeVLModel(torch.nn.Module):

@@ -3,9 +3,13 @@
 Qwen3 in Megatron terms: pre-RMSNorm layers, GQA, RMSNorm on q and k per head before RoPE
 (``qk_layernorm``), SwiGLU MLP without biases, untied input/output embeddings, rotary base 1e6.
 Keye feeds it multimodal inputs through ``decoder_input`` (token embeddings with the vision embeddings
-scattered in) and 3D M-RoPE position ids ``[3, B, L]`` (Megatron's ``mrope`` path, split by
-``mrope_section`` over the 64 rotary frequencies, Qwen2-VL style). Text-only use takes ``[B, L]`` ids
-with ``rope: rope1d``-style positions.
+scattered in) and position ids ``[3, B, L]``.
+
+Positions are a nested component, ``position_encoding`` (default ``mrope_time_aligned``: Keye's
+time-aligned 3D M-RoPE; ``rope1d`` for plain RoPE, ``none``, or any registered scheme): it is built with
+this model's ``head_dim`` and fills Megatron's rotary slot (`_SchemeAngles`), so Megatron's attention
+rotates q and k by the angles the scheme computes from the ids. The data pipeline builds the same node
+for the ids of each sample, and generators ask ``self.position_encoding`` for decode positions.
 
 Named sizes (``size: tiny | small | keye_vl_8b``) are the presets in ``SIZES``; ``keye_vl_8b`` is the
 released Keye-VL-8B-Preview LLM (Qwen3-8B) exactly.
@@ -14,12 +18,12 @@ released Keye-VL-8B-Preview LLM (Qwen3-8B) exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
 from keye import hookimpl
-from keye.config import doc
+from keye.config import component, doc
 from keye.model.protocols import BuildContext
 from keye.parallel import fp8 as keye_fp8
 
@@ -27,12 +31,14 @@ from keye.parallel import fp8 as keye_fp8
 class Qwen3LanguageModel(torch.nn.Module):
     SIZES = {
         "tiny": dict(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, head_dim=16,
-                     ffn_hidden_size=192, vocab_size=1024, mrope_section=[2, 3, 3], max_position_embeddings=4096),
+                     ffn_hidden_size=192, vocab_size=1024, max_position_embeddings=4096,
+                     position_encoding={"name": "mrope_time_aligned", "mrope_section": [2, 3, 3]}),
         "small": dict(hidden_size=256, num_layers=4, num_attention_heads=4, num_query_groups=2, head_dim=64,
-                      ffn_hidden_size=768, vocab_size=4096, mrope_section=[8, 12, 12], max_position_embeddings=8192),
+                      ffn_hidden_size=768, vocab_size=4096, max_position_embeddings=8192,
+                      position_encoding={"name": "mrope_time_aligned", "mrope_section": [8, 12, 12]}),
         "keye_vl_8b": dict(hidden_size=4096, num_layers=36, num_attention_heads=32, num_query_groups=8, head_dim=128,
-                           ffn_hidden_size=12288, vocab_size=151936, mrope_section=[16, 24, 24],
-                           max_position_embeddings=40960),
+                           ffn_hidden_size=12288, vocab_size=151936, max_position_embeddings=40960,
+                           position_encoding={"name": "mrope_time_aligned", "mrope_section": [16, 24, 24]}),
     }
 
     @dataclass
@@ -47,11 +53,10 @@ class Qwen3LanguageModel(torch.nn.Module):
         vocab_size: int = doc("Vocabulary size (rows of the embedding and the output head).", 151936)
         max_position_embeddings: int = doc("Longest sequence the rotary tables are sized for.", 40960)
         rms_norm_eps: float = doc("RMSNorm epsilon (layers, q/k norms, final norm).", 1e-6)
-        rope_theta: float = doc("Rotary base.", 1_000_000.0)
-        position_embedding: str = doc("mrope (3D ids [3, B, L], Keye) or rope (1D ids [B, L]).", "mrope")
-        mrope_section: List[int] = doc(
-            "Rotary frequencies given to the (time, height, width) axes; sums to head_dim / 2.",
-            default_factory=lambda: [16, 24, 24],
+        position_encoding: Dict[str, Any] = component(
+            "position_encoding", "Positions of the tokens: ids for the data pipeline and decoding, rotary angles "
+            "for attention (built with this model's head_dim). mrope_time_aligned (Keye), rope1d, none, ...",
+            {"name": "mrope_time_aligned"},
         )
         init_std: float = doc("Std of the normal weight initialisation.", 0.02)
         recompute: bool = doc("Recompute each layer's activations in backward (saves memory).", False)
@@ -71,21 +76,17 @@ class Qwen3LanguageModel(torch.nn.Module):
         check.count(config, "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "head_dim",
                     "ffn_hidden_size", "vocab_size", "max_position_embeddings")
         check.number(config, "rms_norm_eps", above=0)
-        check.number(config, "rope_theta", above=0)
         check.number(config, "init_std", low=0)
-        check.one_of(config, "position_embedding", ("mrope", "rope"))
         check.one_of(config, "attention", ("sdpa", "megatron"))  # keye.model.sdpa_attention.ATTENTION_IMPLS
         if config.head_dim % 2:
             check.fail("head_dim", f"{config.head_dim} must be even (rotary pairs)")
         if config.num_attention_heads % config.num_query_groups:
             check.fail("num_query_groups", f"{config.num_query_groups} does not divide num_attention_heads "
                                            f"({config.num_attention_heads})")
-        if config.position_embedding == "mrope" and (
-            len(config.mrope_section) != 3 or not all(isinstance(n, int) and n >= 0 for n in config.mrope_section)
-            or sum(config.mrope_section) * 2 != config.head_dim
-        ):
-            check.fail("mrope_section", f"{list(config.mrope_section)} must be three sizes summing to head_dim/2 = "
-                                        f"{config.head_dim // 2}")
+        section = (config.position_encoding or {}).get("mrope_section")  # a scheme with per-axis frequencies
+        if isinstance(section, list) and all(isinstance(n, int) for n in section) and sum(section) * 2 != config.head_dim:
+            check.fail("position_encoding.mrope_section", f"{list(section)} must sum to head_dim/2 = "
+                                                          f"{config.head_dim // 2}")
         tp = check.tensor
         for name in ("num_attention_heads", "ffn_hidden_size", "vocab_size"):
             check.divisible(config, name, tp, "parallel.tensor")
@@ -120,11 +121,8 @@ class Qwen3LanguageModel(torch.nn.Module):
         from keye.model.gpt_layers import finish_gpt_model, gpt_layer_spec
 
         ctx = ctx or BuildContext()
-        if sum(config.mrope_section) * 2 != config.head_dim:
-            raise ValueError(
-                f"qwen3: mrope_section {list(config.mrope_section)} must sum to head_dim/2 = {config.head_dim // 2}"
-            )
         self.config = config
+        self.position_encoding = ctx.build("position_encoding", config.position_encoding, head_dim=config.head_dim)
         self.vocab_size = config.vocab_size
         self.transformer_config = self._transformer_config(config, ctx)
         # Which layers (keye.model.backend, one decision for every Megatron-built part): Transformer Engine's
@@ -141,11 +139,11 @@ class Qwen3LanguageModel(torch.nn.Module):
             pre_process=ctx.pre_process,
             post_process=ctx.post_process,
             share_embeddings_and_output_weights=False,
-            position_embedding_type=config.position_embedding,
-            rotary_base=int(config.rope_theta),
+            position_embedding_type="mrope",  # Megatron's one rotary path that passes the ids on: to _SchemeAngles
             parallel_output=True,
             vp_stage=ctx.vp_stage,
         )
+        self.gpt.rotary_pos_emb = _SchemeAngles(self.position_encoding, next(self.gpt.parameters()).device)
         finish_gpt_model(self.gpt, self.backend)  # SwiGLU, RMSNorm gradient, oneDNN output, loss rows: CPU only
         if ctx.parallel is not None:
             self._layout_invariant_init(config, ctx)
@@ -188,7 +186,7 @@ class Qwen3LanguageModel(torch.nn.Module):
             add_bias_linear=False,
             add_qkv_bias=False,
             init_method_std=config.init_std,
-            mrope_section=list(config.mrope_section) if config.position_embedding == "mrope" else None,
+            mrope_section=[config.head_dim // 2, 0, 0],  # required by Megatron's mrope path; _SchemeAngles ignores it
             **common_transformer_kwargs(ctx.dtype, config.recompute),
             num_layers_in_first_pipeline_stage=(
                 config.pipeline_first_stage_layers if ctx.parallel is not None and ctx.parallel.pp_size > 1 else None
@@ -285,6 +283,22 @@ class Qwen3LanguageModel(torch.nn.Module):
             kept_loss = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                             decoder_input=decoder_input, labels=labels[keep][None])  # (1, K)
         return kept_loss.new_zeros(labels.shape).masked_scatter(keep, kept_loss)  # (B, L)
+
+
+class _SchemeAngles(torch.nn.Module):
+    """Megatron's rotary slot (``GPTModel.rotary_pos_emb``) filled by the position encoding: Megatron's mrope
+    path calls it with the ids ``[3, B, L]`` (and a section it does not need); the scheme returns the angles
+    ``[L, B, 1, head_dim]``, or None for no rotation. Holds no parameters."""
+
+    def __init__(self, scheme: Any, device: Any = None) -> None:
+        super().__init__()
+        self.scheme = scheme
+        if device is not None and isinstance(scheme, torch.nn.Module):
+            scheme.to(device)
+
+    def forward(self, position_ids: torch.Tensor, mrope_section: Any = None, cp_group: Any = None) -> torch.Tensor | None:
+        angles = self.scheme.rotary_pos_emb(position_ids)
+        return None if angles is None else angles.to(position_ids.device)
 
 
 @hookimpl

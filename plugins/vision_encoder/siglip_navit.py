@@ -17,7 +17,8 @@ the patches came (raster order ``(t, h, w)`` per image/video, images/videos one 
    qkv with bias, GELU-tanh MLP with bias, and the block's final LayerNorm is SigLIP's ``post_layernorm``.
    Tensor parallelism comes from Megatron's column/row-parallel linears. The tower is never split across
    pipeline stages (it lives on the first stage).
-4. **2D RoPE** in every layer (``use_rope``), from ``rope2d_vision``: per patch the ``head_dim/2`` angles
+4. **2D RoPE** in every layer, from the ``position_encoding`` node (``rope2d_vision``; ``none`` turns it off;
+   any scheme with ``patch_rotary_pos_emb``, `keye.model.protocols.PatchPositions`): per patch the ``head_dim/2`` angles
    ``[row * inv_freq, col * inv_freq]``, duplicated to ``head_dim`` and given to Megatron's attention as
    ``rotary_pos_emb`` ``[N, 1, 1, head_dim]``. Megatron's unfused RoPE is ``t * cos + rotate_half(t) * sin``
    over the last ``freqs.shape[-1]`` dims with ``rotate_half([x1, x2]) = [-x2, x1]``: with freqs of the
@@ -40,17 +41,17 @@ released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Dict
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keye import hookimpl
-from keye.config import doc
+from keye.config import component, doc
 from keye.model import backend, hf_keys, packing_masks, siglip_tower
 from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
-from keye_plugins.position_encoding.rope2d_vision import Rope2DVision
 
 # Released weights (spec §1.7): keys the module has no use for.
 _UNUSED_HF_PREFIXES = ("head.", "embeddings.packing_position_embedding.")
@@ -70,8 +71,11 @@ class SiglipNaViT(nn.Module):
         num_heads: int = doc("Attention heads; head_dim = hidden_size / num_heads must divide by 4 (2D RoPE).", 16)
         patch_size: int = doc("Side of a square patch in pixels.", 14)
         image_size: int = doc("Pre-training resolution: the position table is (image_size // patch_size)².", 384)
-        use_rope: bool = doc("Apply the 2D RoPE (rows, cols) to q and k in every layer (Keye: true).", True)
-        rope_theta: float = doc("Base of the 2D RoPE inverse frequencies.", 10000.0)
+        position_encoding: Dict[str, Any] = component(
+            "position_encoding", "Rotary positions of the patches inside attention, built with this encoder's "
+            "head_dim: rope2d_vision (Keye's 2D RoPE, rows and cols), none, or any scheme with "
+            "patch_rotary_pos_emb.", {"name": "rope2d_vision"},
+        )
 
     @classmethod
     def check_config(cls, config: Config, check: object) -> None:
@@ -79,10 +83,6 @@ class SiglipNaViT(nn.Module):
         siglip_tower.check_tower_config(config, check)
         check.count(config, "patch_size")
         check.count(config, "image_size", minimum=config.patch_size)
-        check.number(config, "rope_theta", above=0)
-        if config.use_rope and (config.hidden_size // config.num_heads) % 4:
-            check.fail("num_heads", f"head_dim = hidden_size / num_heads = {config.hidden_size // config.num_heads} "
-                                    "must divide by 4 for the 2D RoPE")
 
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()
@@ -101,9 +101,10 @@ class SiglipNaViT(nn.Module):
         self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
         self.position_embedding = nn.Embedding(self.table_side**2, width, device=device, dtype=ctx.dtype)
         nn.init.normal_(self.position_embedding.weight, std=config.init_std)
-        self.rope = None  # holds no parameters, only the inverse frequencies
-        if config.use_rope:
-            self.rope = Rope2DVision(Rope2DVision.Config(head_dim=self.head_dim, theta=config.rope_theta)).to(device)
+        # holds no parameters (rope2d_vision: only the inverse frequencies)
+        self.rope = ctx.build("position_encoding", config.position_encoding, head_dim=self.head_dim)
+        if isinstance(self.rope, nn.Module):
+            self.rope.to(device)
         self.decoder = TransformerBlock(
             config=self.transformer_config,
             spec=siglip_tower.encoder_block_spec(config.num_layers, self.impl, config.attention, ctx.dtype),
@@ -134,10 +135,10 @@ class SiglipNaViT(nn.Module):
             out.append(resized[(h, w)].repeat(t, 1))  # (t*h*w, D)
         return torch.cat(out, dim=0)
 
-    def rotary_pos_emb(self, grid_thw: Tensor) -> Tensor:
-        """``[N, 1, 1, head_dim]`` angles for Megatron's rotate-half RoPE: ``[rows, cols, rows, cols]`` per patch."""
-        angles = self.rope.angles(grid_thw)  # (N, head_dim / 2): [row * inv_freq, col * inv_freq]
-        return torch.cat([angles, angles], dim=-1)[:, None, None, :]  # (N, 1, 1, head_dim)
+    def rotary_pos_emb(self, grid_thw: Tensor) -> Tensor | None:
+        """``[N, 1, 1, head_dim]`` angles for Megatron's rotate-half RoPE from the position encoding (rope2d_vision:
+        ``[rows, cols, rows, cols]`` per patch), or None for no rotation."""
+        return self.rope.patch_rotary_pos_emb(grid_thw)
 
     def attention_layout(self, seqlens: list[int], device: torch.device) -> tuple[Tensor | None, object | None]:
         """(mask, packed_seq_params) that make attention block-diagonal over ``seqlens``."""
@@ -159,7 +160,8 @@ class SiglipNaViT(nn.Module):
         x = self.embed_patches(patches)  # (N, D)
         x = x + self.position_embeddings(grid_thw).to(x.device)
         mask, packed = self.attention_layout(seqlens, x.device)
-        rotary = self.rotary_pos_emb(grid_thw).to(x.device) if self.rope is not None else None
+        rotary = self.rotary_pos_emb(grid_thw)
+        rotary = rotary.to(x.device) if rotary is not None else None
         hidden = self.decoder(
             hidden_states=x[:, None, :],  # (N, 1, D): Megatron is sequence-first, the pack is one sequence
             attention_mask=mask,
@@ -169,7 +171,6 @@ class SiglipNaViT(nn.Module):
         return hidden[:, 0, :]  # (N, D)
 
     # --- Hugging Face weights ------------------------------------------------------------------
-
     # The component's key map (keye.hf.contract.HFWeights): names relative to where a format puts the tower
     # (``visual.vision_model.`` in Keye-VL, ``vision_model.`` in SiglipModel, nothing in SiglipVisionModel).
 

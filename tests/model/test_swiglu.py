@@ -35,7 +35,7 @@ def _mlp_against_megatron() -> dict:
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
     ctx = init_parallel(seed=7)
-    config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], position_embedding="rope")
+    config = Qwen3LanguageModel.Config(**{**Qwen3LanguageModel.SIZES["tiny"], "position_encoding": {"name": "rope1d"}})
     model = Qwen3LanguageModel(config, BuildContext(ctx))
     mlps = [m for m in model.modules() if isinstance(m, MLP)]
     built = sorted({type(m).__name__ for m in mlps})

@@ -41,7 +41,8 @@ def _compare_with_transformers() -> dict:
 
     hf_state = reference.state_dict()
     for embedding in ("rope", "mrope"):
-        config = Qwen3LanguageModel.Config(**sizes, position_embedding=embedding)
+        scheme = {"rope": {"name": "rope1d"}, "mrope": sizes["position_encoding"]}[embedding]
+        config = Qwen3LanguageModel.Config(**{**sizes, "position_encoding": scheme})
         model = Qwen3LanguageModel(config, BuildContext(ctx)).eval()
         model.load_state_dict(Qwen3LanguageModel.hf_to_keye(hf_state, config), strict=False)
         positions = torch.arange(24).expand(2, 24)  # (B, L)
@@ -82,7 +83,7 @@ def _masked_and_full_loss() -> dict:
     masks = {"some": (torch.rand(2, 16, generator=generator) > 0.6).float(), "none": torch.zeros(2, 16)}
     results = {}
     for recompute in (False, True):
-        config = Qwen3LanguageModel.Config(**Qwen3LanguageModel.SIZES["tiny"], position_embedding="rope",
+        config = Qwen3LanguageModel.Config(**{**Qwen3LanguageModel.SIZES["tiny"], "position_encoding": {"name": "rope1d"}},
                                            recompute=recompute)
         model = Qwen3LanguageModel(config, BuildContext(ctx))
         with only_loss_rows(model.gpt, masks["some"].bool()) as where:

@@ -140,6 +140,8 @@ def _patchify(pixels: torch.Tensor) -> torch.Tensor:
 def _build(ctx: Any, **overrides: Any) -> SiglipNaViT:
     from keye.model.protocols import BuildContext
 
+    if "use_rope" in overrides:  # the 2D RoPE on or off: the position_encoding node
+        overrides["position_encoding"] = {"name": "rope2d_vision" if overrides.pop("use_rope") else "none"}
     return SiglipNaViT(SiglipNaViT.Config(**{**TINY, **overrides}), BuildContext(parallel=ctx)).eval()
 
 

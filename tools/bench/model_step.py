@@ -209,8 +209,8 @@ def build_transformers(model_cfg: Any) -> torch.nn.Module:
             num_key_value_heads=lm["num_query_groups"], rms_norm_eps=lm["rms_norm_eps"],
             max_position_embeddings=lm["max_position_embeddings"], tie_word_embeddings=False,
             bos_token_id=None, eos_token_id=None, pad_token_id=None,  # Qwen's ids lie outside the small vocabulary
-            rope_parameters={"rope_type": "default", "rope_theta": lm["rope_theta"],
-                             "mrope_section": list(lm["mrope_section"])},
+            rope_parameters={"rope_type": "default", "rope_theta": lm["position_encoding"]["theta"],
+                             "mrope_section": list(lm["position_encoding"]["mrope_section"])},
         ),
         vision_config=dict(
             depth=vit["num_layers"], hidden_size=vit["hidden_size"], num_heads=vit["num_heads"],
@@ -274,7 +274,7 @@ def keye_positions(batch: Batch, model_cfg: Any) -> torch.Tensor:
     from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, packed_position_ids
 
     lm = model_cfg.language_model
-    config = MRopeTimeAligned.Config(mrope_section=list(lm["mrope_section"]), head_dim=lm["head_dim"],
+    config = MRopeTimeAligned.Config(mrope_section=list(lm["position_encoding"]["mrope_section"]), head_dim=lm["head_dim"],
                                      image_token_id=IMAGE_PAD, video_token_id=VIDEO_PAD,
                                      vision_start_token_id=VISION_START)
     ids = batch.input_ids[0]
