@@ -56,6 +56,17 @@ class KVCache:
         values[:, :, self.length:end] = value.permute(1, 2, 0, 3)
         return keys[:, :, :end].permute(2, 0, 1, 3), values[:, :, :end].permute(2, 0, 1, 3)  # (length + s, B, g, d)
 
+    def append(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """One decode step's ``key``/``value`` ``[B, g, d]`` stored at position ``length`` of a layer that
+        `extend` has filled (the prefill); the cached prefix with them, batch-major ``[B, g, length + 1, d]``
+        (`keye.generate.lean_decode` attends in that layout, so nothing is permuted)."""
+        if self.length >= self.max_length:
+            raise ValueError(f"KVCache: {self.length + 1} positions exceed the {self.max_length} it was made for")
+        keys, values = self._layers[layer]
+        keys[:, :, self.length] = key
+        values[:, :, self.length] = value
+        return keys[:, :, :self.length + 1], values[:, :, :self.length + 1]
+
     def advance(self, positions: int) -> None:
         self.length += positions
 

@@ -10,9 +10,10 @@ with a KV cache. One batch (requests whose samples fit ``max_batch_size``) goes 
    computed; with left padding it is every row's last prompt token.
 2. **Samples share the prefill.** The cache rows of prompt b are repeated ``n_b`` times and so are its last
    logits: the ``n`` samples of a prompt cost one prompt forward.
-3. **Decode**, one token per sample per step, against the cache. M-RoPE: the k-th generated token (from 0)
-   of a prompt with ids up to ``P`` sits at ``P + 1 + k`` on all three axes, which is the released
-   ``get_rope_index`` + ``rope_deltas`` rule (slot ``L + k`` plus ``delta = P + 1 - L``) for any padding.
+3. **Decode**, one token per sample per step, against the cache. Positions come from the language model's
+   ``position_encoding`` (``decode_position_ids``; prompts without ids: ``position_ids``): with M-RoPE the
+   k-th generated token (from 0) of a prompt with ids up to ``P`` sits at ``P + 1 + k`` on all three axes,
+   the released ``get_rope_index`` + ``rope_deltas`` rule (slot ``L + k`` plus ``delta = P + 1 - L``).
 
 The cache (``Config.kv_cache``), two kinds, measured:
 
@@ -88,9 +89,6 @@ class MegatronGenerator:
             "Samples (prompts x n) decoded together; further requests run in later batches. A request with more "
             "samples than this runs alone.", 32
         )
-        tokens_per_second: float = doc(
-            "M-RoPE temporal ids per second of video, for requests that come without position ids (Keye: 2).", 2.0
-        )
         pad_token_id: int = doc("Id written into left padding (never attended; any id in the vocabulary).", 0)
         kv_cache: str = doc(
             "auto: keye's own cache where the LLM's attention is keye's SDPA (keys stored after RoPE), else Megatron's "
@@ -98,6 +96,10 @@ class MegatronGenerator:
         )
         stop_string_window: int = doc(
             "Stop strings are looked for in the decoded last (4 x longest stop string + this) tokens.", 8
+        )
+        lean_decode: bool = doc(
+            "Decode steps with keye's cache through keye.generate.lean_decode (the layers' weights in one lean loop, "
+            "CPU fp32 TP=1; elsewhere the model's forward); false: always the model's forward.", True
         )
 
     def __init__(self, config: Config, ctx: GeneratorContext) -> None:
@@ -171,11 +173,14 @@ class MegatronGenerator:
         if logits is not None:
             logits = logits[rows.to(logits.device)]  # (S, V)
         pos, keep = pos[:, rows], keep[rows]  # (3, S, L), (S, L)
-        next_pos = pos.amax(dim=(0, 2)) + 1  # (S,): max prompt id + 1 (padding holds 1, below any real max)
-        # Positions and padding mask of every step, made once on the device; step t reads a slice of them.
-        steps = torch.arange(settings.max_new_tokens - 1)  # the generated tokens that are fed back
-        pos = torch.cat([pos, (next_pos[:, None] + steps).expand(3, -1, -1)], dim=2).to(device)  # (3, S, L + T - 1)
-        masked = torch.cat([~keep, torch.zeros(total, len(steps), dtype=torch.bool)], dim=1).to(device)
+        # Positions and padding mask of every step, made once on the device; step t reads a slice of them. The
+        # ids of the generated tokens that are fed back come from the language model's position encoding.
+        steps = settings.max_new_tokens - 1
+        scheme = self.model.language_model.position_encoding
+        decode = torch.stack([scheme.decode_position_ids(p, steps) for p in positions])[rows]  # (S, 3, T - 1)
+        pos = torch.cat([pos, decode.transpose(0, 1)], dim=2).to(device)  # (3, S, L + T - 1)
+        masked = torch.cat([~keep, torch.zeros(total, steps, dtype=torch.bool)], dim=1).to(device)
+        lean = self._lean_decoder(cache, pos[:, :, length:], masked)  # None: the model's forward decodes
         masked = masked[:, None, None, :]  # (S, 1, 1, L + T - 1): True = masked (left padding)
         generators = [sample_generator(settings.seed, index, j, device)
                       for index, r in zip(batch.indices, requests) for j in range(r.n)]
@@ -196,7 +201,7 @@ class MegatronGenerator:
             if all(f is not None for f in finish) or step == settings.max_new_tokens - 1:
                 break
             seen = length + step + 1  # the prompt and the tokens fed back so far, this one included
-            logits = self._forward(tokens[:, None].to(device), pos[:, :, :seen], masked[..., :seen], cache)
+            logits = self._forward(tokens[:, None].to(device), pos[:, :, :seen], masked[..., :seen], cache, lean=lean)
             cache.advance(1)
 
         return [
@@ -219,13 +224,40 @@ class MegatronGenerator:
                                 "use kv_cache 'megatron'")
         return "megatron" if choice == "megatron" or not supported else "keye"
 
+    def decode_path(self) -> str:
+        """How decode steps run here: ``lean`` (keye.generate.lean_decode) or ``model forward: <why>``."""
+        from keye.generate.lean_decode import unsupported
+
+        if not self.config.lean_decode:
+            return "model forward: lean_decode is off"
+        if self.kv_cache() != "keye":
+            return "model forward: the megatron cache"
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            why = unsupported(self.model.language_model)
+        finally:
+            self.model.train(was_training)
+        return "lean" if why is None else f"model forward: {why}"
+
+    def _lean_decoder(self, cache: Any, positions: Tensor, masked: Tensor) -> Any:
+        """A `LeanDecoder` for this batch's decode steps (``positions [3, S, T]`` of the fed-back tokens,
+        ``masked [S, L + T]``), or None where the model's forward decodes."""
+        from keye.generate.lean_decode import LeanDecoder, unsupported
+
+        if not (self.config.lean_decode and isinstance(cache, _KeyeCache)) or positions.shape[-1] == 0:
+            return None
+        if unsupported(self.model.language_model) is not None:
+            return None
+        return LeanDecoder(self.model.language_model, cache.cache, positions, masked)
+
     def _new_cache(self, batch: int, max_length: int) -> "_KeyeCache | _MegatronCache":
         return _KeyeCache(max_length) if self.kv_cache() == "keye" else _MegatronCache(batch, max_length)
 
     def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: Any, images: VisionInputs | None = None,
-                 videos: VisionInputs | None = None) -> Tensor | None:
+                 videos: VisionInputs | None = None, lean: Any = None) -> Tensor | None:
         """One forward of this stage on ``ids [B, s]`` with the prefix's positions ``pos [3, B, offset + s]``;
-        the last stage returns the last position's logits ``[B, V]``."""
+        the last stage returns the last position's logits ``[B, V]``. ``lean``: a decode step's `LeanDecoder`."""
         model = self.model
         pipeline = _pipeline_group()
         if model.pre_process:
@@ -233,10 +265,15 @@ class MegatronGenerator:
                 decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
             else:  # generated ids are plain tokens, whatever they are
                 decoder_input = model.language_model.embed(ids)
+        elif lean is not None:
+            decoder_input = _recv_prev(pipeline, ids.shape, model)
         else:
             decoder_input = None
             model.set_input_tensor(_recv_prev(pipeline, ids.shape, model))
-        output = cache.run(model.language_model, ids, pos, mask, decoder_input)
+        if lean is not None:
+            output = lean.step(decoder_input)
+        else:
+            output = cache.run(model.language_model, ids, pos, mask, decoder_input)
         if not model.post_process:
             _send_next(pipeline, output)
             return None
@@ -271,19 +308,12 @@ class MegatronGenerator:
         """The request's M-RoPE ids ``(3, L)``, computed from its grids as the data pipeline does if not given."""
         if request.position_ids is not None:
             return request.position_ids.long().cpu()
-        from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, packed_position_ids
-
-        model = self.model
-        projector = getattr(model, "projector", None)
-        merge = getattr(getattr(projector, "config", None), "merge", 2)
-        config = MRopeTimeAligned.Config(tokens_per_second=self.config.tokens_per_second, spatial_merge_size=merge,
-                                         image_token_id=model.image_token_id, video_token_id=model.video_token_id)
-        ids = request.prompt_ids
-        return packed_position_ids(
-            ids, [0, len(ids)],
-            request.images.grid_thw if request.images is not None else None,
-            request.videos.grid_thw if request.videos is not None else None,
-            request.video_seconds, config,
+        model = self.model  # the language model's own position encoding (the settings it trains with)
+        return model.language_model.position_encoding.position_ids(
+            request.prompt_ids, image_token_id=model.image_token_id, video_token_id=model.video_token_id,
+            image_grid_thw=request.images.grid_thw if request.images is not None else None,
+            video_grid_thw=request.videos.grid_thw if request.videos is not None else None,
+            second_per_grid_ts=request.video_seconds,
         )
 
     def _check_window(self, length: int, max_new_tokens: int) -> None:

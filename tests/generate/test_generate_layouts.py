@@ -7,7 +7,9 @@ One process writes the tiny released-format checkpoint of ``test_megatron_genera
 - **generation** (the ``megatron`` generator, each of its two KV caches: keye's and Megatron's static
   context): the three prompts of ``test_megatron_generator`` (an image, text only, a video and an image;
   n = 1, 2, 3), greedy and sampled with a seed. Every rank must return the one-process tokens and finish
-  reasons, and log-probabilities within float rounding (TP splits the matmuls: the last bits differ).
+  reasons, and log-probabilities within float rounding (TP splits the matmuls: the last bits differ). With
+  keye's cache, PP stages decode through ``keye.generate.lean_decode`` and TP ranks through the model's
+  forward, so both decode paths are held to the one-process tokens.
 - **the weight stream** (``keye.generate.weight_stream.hf_weight_stream``): on every rank, each released
   tensor the model uses exactly once, bit for bit the checkpoint's, in the same order on all ranks. In one
   process, the per-tensor mapping equals the whole-state one (``keye_to_hf_state``), and the stream written
@@ -48,6 +50,7 @@ def _run(root: str, tensor: int, pipeline: int) -> dict:
     for cache in CACHES:
         generator = Generator(Generator.Config(kv_cache=cache),
                               GeneratorContext(model=keye.model, tokenizer=tokenizer, parallel=parallel))
+        out[cache, "decode_path"] = generator.decode_path()
         for name, settings in (("greedy", SamplingSettings(max_new_tokens=NEW, temperature=0.0)),
                                ("sampled", SamplingSettings(max_new_tokens=NEW, seed=3, **SAMPLED))):
             outputs = generator.generate(reqs, settings)
@@ -111,6 +114,9 @@ def test_layout_generates_and_streams_as_one_process(one_process, tensor, pipeli
     root, expected = one_process
     ranks = run_distributed(_run, tensor * pipeline, root, tensor, pipeline)
     for rank, got in enumerate(ranks):
+        # keye's cache decodes lean on each pipeline stage; TP ranks run the model's forward (keye.generate.lean_decode)
+        assert got["keye", "decode_path"] == ("lean" if tensor == 1 else "model forward: tensor parallel")
+        assert got["megatron", "decode_path"] == "model forward: the megatron cache"
         _check_stream(got["stream"], expected["checkpoint"])
         assert [name for name, _ in got["stream"]] == [name for name, _ in ranks[0]["stream"]]  # in step
         for cache in CACHES:  # every cache against the one-process default (keye's)

@@ -202,7 +202,7 @@ def _generate_all(root: str) -> dict:
     Generator = get_registry().cls("generator", "megatron")
     generator = Generator(Generator.Config(), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out: dict = {"lengths": [r.prompt_ids.numel() for r in reqs], "modes": [r.thinking_mode for r in reqs],
-                 "kv_cache": generator.kv_cache()}
+                 "kv_cache": generator.kv_cache(), "decode_path": generator.decode_path()}
 
     def run(settings, gen=generator):
         outputs = gen.generate(reqs, settings)
@@ -219,6 +219,10 @@ def _generate_all(root: str) -> dict:
     out["modes_back"] = [o.thinking_mode for o in generator.generate(reqs[:2], SamplingSettings(max_new_tokens=1))]
     small = Generator(Generator.Config(max_batch_size=3), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out["greedy_small_batches"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), small)
+    modules = Generator(Generator.Config(lean_decode=False), GeneratorContext(model=keye.model, tokenizer=tokenizer))
+    out["modules_decode_path"] = modules.decode_path()
+    out["greedy_modules"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), modules)
+    out["sampled_modules"] = run(SamplingSettings(max_new_tokens=NEW, seed=7, **SAMPLED), modules)
     megatron = Generator(Generator.Config(kv_cache="megatron"), GeneratorContext(model=keye.model, tokenizer=tokenizer))
     out["greedy_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), megatron)
     out["sampled_megatron_cache"] = run(SamplingSettings(max_new_tokens=NEW, seed=7, **SAMPLED), megatron)
@@ -296,6 +300,18 @@ def test_greedy_with_cache_equals_the_no_cache_released_forward(generated):
         for (tokens, logprobs, *rest), (tokens_full, logprobs_full, *rest_full) in zip(small, full):
             assert (tokens, rest) == (tokens_full, rest_full)
             assert logprobs == pytest.approx(logprobs_full, abs=1e-5)
+
+
+def test_lean_decode_steps_equal_the_model_forward(generated):
+    """The default decode steps (keye.generate.lean_decode: the layers' weights in one loop) against the model's
+    own forward with the same cache: the same tokens, log-probs within fp32 rounding (other GEMM kernels)."""
+    assert generated["decode_path"] == "lean"
+    assert generated["modules_decode_path"] == "model forward: lean_decode is off"
+    for name in ("greedy", "sampled"):
+        for modules, lean in zip(generated[f"{name}_modules"], generated[name]):
+            for (tokens, logprobs, *rest), (tokens_lean, logprobs_lean, *rest_lean) in zip(modules, lean):
+                assert (tokens, rest) == (tokens_lean, rest_lean)
+                assert logprobs == pytest.approx(logprobs_lean, abs=1e-5)
 
 
 def test_megatron_static_context_gives_the_same_samples(generated):
