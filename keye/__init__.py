@@ -9,7 +9,10 @@ Plugins import ``hookimpl`` from here::
         register("my_projector", MyProjector)
 """
 
+from keye import megatron_jit
 from keye.hookspecs import hookimpl
+
+megatron_jit.install()  # before any Megatron import: see keye/megatron_jit.py
 
 __version__ = "0.1.0"
 __all__ = ["hookimpl", "__version__"]

@@ -29,6 +29,10 @@ The bridges, with every name they replace (this is the whole list of keye's proc
 * ``torch.Tensor.cuda()`` (tied embeddings under PP, CLIP ViT) returns the tensor itself.
 * ``torch.cuda.synchronize()`` (p2p, DDP) is a no-op.
 
+One more, at import time rather than in ``install_cpu_bridge``: without CUDA, Megatron's ``torch.compile``
+fuser is switched off with its own ``megatron.core.jit.disable_jit_fuser()`` as ``megatron.core.jit`` is first
+imported (`keye.megatron_jit`, installed by ``import keye``): it saves ~2 s of TorchDynamo set-up per process.
+
 Elsewhere keye changes nothing process-wide in torch or Megatron (``tests/model/test_backend.py`` scans for
 it): ``keye.quiet`` only adds warning filters for exact texts, and keye's CPU fast paths
 (`keye.model.gpt_layers`) switch the class of individual built modules, never a library class.
