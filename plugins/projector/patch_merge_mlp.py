@@ -96,6 +96,11 @@ class PatchMergeMLP(nn.Module):
             width = (model[slot] or {}).get("hidden_size")
             if isinstance(width, int) and width != getattr(config, name):
                 check.fail(name, f"{getattr(config, name)}, but model.{slot}.hidden_size is {width}")
+        # the data pipeline writes t*h*w / side² pad tokens per image with the language model's scheme's side
+        side = ((model.language_model or {}).get("position_encoding") or {}).get("spatial_merge_size")
+        if isinstance(side, int) and side != config.merge:
+            check.fail("merge", f"{config.merge}, but model.language_model.position_encoding.spatial_merge_size is "
+                                f"{side} (pad tokens per image are counted with it)")
 
     @classmethod
     def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
