@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-EVAL_KEYS = ("heldout_loss", "answer_accuracy", "image_to_text_top1", "text_to_image_top1", "chance")
+EVAL_KEYS = ("heldout_loss", "answer_accuracy", "image_to_text_top1", "text_to_image_top1", "chance", "heldout_reward")
 
 
 def _read_metrics(path: Path) -> dict[str, list[dict[str, Any]]]:
