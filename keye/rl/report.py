@@ -54,7 +54,8 @@ def plot_reward_curve(records: list[dict[str, Any]], summary: dict[str, Any], pa
     for key in modes:
         axis.plot(steps, smooth([_number(r.get(key)) for r in records], window), linewidth=0.9, linestyle="--",
                   label=key.split("/", 1)[1])
-    for name, marker, x in (("eval_before", "o", steps[0] if steps else 0), ("eval_after", "s", steps[-1] if steps else 0)):
+    ends = (steps[0], steps[-1]) if steps else (0, 0)
+    for name, marker, x in (("eval_before", "o", ends[0]), ("eval_after", "s", ends[1])):
         value = (summary.get(name) or {}).get("heldout_reward")
         if isinstance(value, (int, float)):
             axis.scatter([x], [value], marker=marker, color="black", zorder=3,

@@ -80,7 +80,8 @@ def sample_rollouts(generator: Any, rendered: Sequence[Rendered], settings: Samp
     for group, (item, output) in enumerate(zip(rendered, outputs)):
         for sample in output.samples:
             text = clean(tokenizer.decode(list(sample.token_ids), skip_special_tokens=False))
-            rollouts.append(Rollout(group, item, list(sample.token_ids), list(sample.logprobs), sample.finish_reason, text))
+            rollouts.append(Rollout(group, item, list(sample.token_ids), list(sample.logprobs), sample.finish_reason,
+                                    text))
     return rollouts
 
 

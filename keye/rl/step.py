@@ -44,7 +44,7 @@ from keye.rl.logps import fill_logps, reply_logits, reply_targets, token_logps
 from keye.rl.metrics import Rollouts
 from keye.rl.packing import RolloutPack, pack_rollouts
 from keye.rl.prompts import PromptStream, choose_mode
-from keye.rl.rollouts import render, reward_samples, sample_rollouts
+from keye.rl.rollouts import Rollout, render, reward_samples, sample_rollouts
 from keye.train.engine import StepResult, TrainEngine, _sum_over_pipeline_and_data
 
 #: per-update sums of the loss metrics (token-weighted), on the last pipeline stage
@@ -116,7 +116,10 @@ def _policy_loss(loss: Any, pack: RolloutPack, sums: _LossSums, logits: torch.Te
         return zero, torch.tensor(0, dtype=torch.int), {"loss_sum": zero.detach().clone(), "tokens": torch.tensor(0.0)}
     lengths = pack.lengths
     mask = (torch.arange(max(lengths)) < torch.tensor(lengths).unsqueeze(1)).float()[train]  # (n', T)
-    rows = partial(lambda flat: _rows(flat, lengths)[train])
+
+    def rows(flat: torch.Tensor) -> torch.Tensor:  # [K] -> [n', T]: the trained replies, one per row
+        return _rows(flat, lengths)[train]
+
     ref = rows(pack.ref_logp) if pack.ref_logp is not None else None
     value, metrics = loss(rows(logp), rows(pack.old_logp), pack.advantages[train], mask, ref_logp=ref,
                           entropy=rows(entropy))
@@ -203,8 +206,7 @@ class RLStep:
         weights = torch.ones(len(rollouts))
         if not rollouts:
             return weights
-        pads = {self.parts.processor.special.image_pad, self.parts.processor.special.video_pad}
-        vision = torch.tensor([any(t in pads for t in r.token_ids) for r in rollouts])
+        vision = torch.tensor([self.has_vision_pad(r) for r in rollouts])
         weights[vision] = 0.0  # an image/video pad id in a reply has no features to embed: cannot be trained on
         stats.count("vision_token_in_reply", int(vision.sum()))
         if s.mask_truncated:
@@ -236,11 +238,14 @@ class RLStep:
                     "reward": float(rewards[i]), "advantage": float(advantages[i]), "trained": bool(weights[i] > 0),
                 }) + "\n")
 
+    def has_vision_pad(self, rollout: Rollout) -> bool:
+        special = self.parts.processor.special
+        return special.image_pad in rollout.token_ids or special.video_pad in rollout.token_ids
+
     def filler(self, rollouts: list) -> list[int]:
         """One rollout that can be packed (no vision pad id in its reply), to ride along with weight 0; none if
         no rollout can."""
-        pads = {self.parts.processor.special.image_pad, self.parts.processor.special.video_pad}
-        return next(([i] for i, r in enumerate(rollouts) if not any(t in pads for t in r.token_ids)), [])
+        return next(([i] for i, r in enumerate(rollouts) if not self.has_vision_pad(r)), [])
 
     def __call__(self, engine: RLEngine, stream: PromptStream) -> StepResult:
         s, parts = self.settings, self.parts

@@ -7,7 +7,8 @@ processes for the same seed. Shared runs (module fixture), checked for:
   times, counts) in metrics.jsonl, before/after held-out reward in the summary, the reward curve report;
 - bad input handled by rule and counted, never a crash: a prompt without a reference (``answer_match``
   scores it 0 and counts it), a conversation that asks nothing (skipped by reason) and a prompt whose image is
-  missing (skipped by the source, by kind), replies cut by the length limit (counted), groups whose rewards are all equal (counted).
+  missing (skipped by the source, by kind), replies cut by the length limit (counted), groups whose rewards
+  are all equal (counted).
 """
 
 import json
