@@ -38,9 +38,9 @@ class SyntheticSource(DataSource):
         num_samples: int = doc("Samples per pass.", 1000)
         check_media: bool = doc("Decode the generated media before yielding (off: the generator made them).", False)
         mode_mix: dict[str, float] = doc(
-            "Thinking modes of the conversations, by weight (think, no_think, auto, agentic), e.g. "
-            "{think: 0.4, no_think: 0.3, auto: 0.2, agentic: 0.1}: each conversation is written in a mode drawn "
-            "by these weights. Empty: each task's own format.",
+            "Thinking modes of the conversations and preference pairs, by weight (think, no_think, auto, agentic), "
+            "e.g. {think: 0.4, no_think: 0.3, auto: 0.2, agentic: 0.1}: each conversation (each pair's two replies) "
+            "is written in a mode drawn by these weights. Empty: each task's own format.",
             default_factory=dict,
         )
 
