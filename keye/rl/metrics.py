@@ -58,13 +58,14 @@ class Rollouts:
 
     def reduce(self) -> dict[str, float]:
         """Means and counts over every data-parallel rank (every rank gets the same dict)."""
-        from megatron.core import parallel_state as mpu
-
         local = {"sums": {k: list(v) for k, v in self.sums.items()}, "counts": dict(self.counts)}
         parts = [local]
-        if dist.is_initialized() and mpu.get_data_parallel_world_size() > 1:
-            parts = [None] * mpu.get_data_parallel_world_size()
-            dist.all_gather_object(parts, local, group=mpu.get_data_parallel_group())
+        if dist.is_initialized():
+            from megatron.core import parallel_state as mpu
+
+            if mpu.get_data_parallel_world_size() > 1:
+                parts = [None] * mpu.get_data_parallel_world_size()
+                dist.all_gather_object(parts, local, group=mpu.get_data_parallel_group())
         sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
         counts: dict[str, float] = defaultdict(float)
         for part in parts:
