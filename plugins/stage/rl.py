@@ -33,8 +33,14 @@ Metrics per step (``metrics.jsonl``; `keye.rl.metrics`): the loss, ``reward`` an
 (``reward/<model>``, ``reward/<model>/<part>``), ``reward_by_mode/<mode>``, ``think_ratio``, ``response_tokens``,
 ``kl`` (with a reference), ``clip_fraction``, ``entropy``, ``ratio``, ``rollout_time_s``, ``update_time_s``,
 ``updates`` (0: nothing to learn from on any rank), and counts: ``rollouts``, ``truncated``, ``groups``,
-``groups_all_equal``, ``trained_rollouts``, ``skipped/<reason>`` (prompts that could not be rendered or were
-not prompts), ``count/<model>/<event>`` (what a reward model handled by rule, e.g. a missing reference).
+``groups_all_equal``, ``trained_rollouts``, ``vision_token_in_reply`` (a reply holding an image/video pad id
+has no features to embed: scored, never trained on), ``skipped/<reason>`` (prompts that could not be rendered
+or were not prompts), ``count/<model>/<event>`` (what a reward model handled by rule, e.g. a missing
+reference). ``rollout_time_s`` covers rendering, generation and scoring; ``update_time_s`` packing, the
+log-prob passes and the μ updates.
+
+Resume: the prompt stream's position and step count are saved with ``run.checkpoint_every``, and rollout
+seeds depend on (run seed, step, data-parallel rank) only, so a resumed stage redoes its steps exactly.
 The summary has the held-out mean reward (overall, per component and per mode, think ratio, reply length)
 before and after, and the stage folder a ``report.md`` with the reward curve (``reward_curve.png``).
 """
