@@ -138,7 +138,7 @@ def check_contract(kind: str, name: str, cls: type, who: str) -> None:
         contract = CONTRACTS[kind]
         raise ContractError(
             f"{kind} '{name}' ({cls.__qualname__}) from {who} does not meet the {kind} contract: missing "
-            f"{', '.join(missing)} (see {contract.protocol.split(' | ')[0]} and keye.contracts)"
+            f"{', '.join(missing)} (see {contract.protocol} and keye.contracts)"
         )
 
 
@@ -171,10 +171,6 @@ def _constructible(cls: type, count: int) -> bool:
     except TypeError:
         return False
     return True
-
-
-def iter_contracts() -> Iterator[Contract]:
-    yield from CONTRACTS.values()
 
 
 # --- Protocols of the kinds that have no other home ---------------------------------------------------
