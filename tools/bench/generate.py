@@ -1,5 +1,5 @@
-"""Batched rollouts in tokens/s: keye's ``megatron`` generator (its two KV caches) against recomputing without a
-cache and against transformers' Qwen2.5-VL ``generate``, at the same dimensions, in one run.
+"""Batched rollouts in tokens/s: keye's ``megatron`` generator (its two KV caches, its two decode paths) against
+recomputing without a cache and against transformers' Qwen2.5-VL ``generate``, at the same dimensions, in one run.
 
     python tools/bench/generate.py            # the full measurement (8 prompts x 4 samples, 128 new tokens)
     python tools/bench/generate.py --quick    # CI: 2 prompts x 2 samples, 4 new tokens (checks that it runs)
@@ -11,46 +11,53 @@ with the same dimensions; random weights, fp32, eval mode):
 - the prompts: ``--prompts`` prompts, each with one image of a different size (4 to 24 LLM tokens) between
   two random text chunks, ``--samples`` samples each, ``--new-tokens`` tokens per sample, no stop token
   (every sample runs to the end), temperature 1 with no filter;
-- **keye (kv_cache keye)**: the generator with keye's cache (keys after RoPE): one prefill per prompt for all
-  prompts together, the samples sharing it, then one batched decode step per token;
-- **keye (kv_cache megatron)**: the same with Megatron-Core's ``StaticInferenceContext``;
+- **keye (kv_cache keye)**, the default generator: keye's cache (keys after RoPE), one prefill per prompt for
+  all prompts together, the samples sharing it, then one batched decode step per token through
+  ``keye.generate.lean_decode`` (the layers' own weights in one lean loop);
+- **keye (kv_cache keye, lean_decode off)**: the same with every decode step through the model's forward;
+- **keye (kv_cache megatron)**: Megatron-Core's ``StaticInferenceContext`` as the cache, Megatron's forward;
 - **keye without a cache**: every step runs the whole left-padded batch (prompts x samples rows) through the
   full forward again (the prompts' vision included), greedy over the text ids;
-- **transformers**: ``generate(do_sample=True, num_return_sequences=samples, top_k=0)`` on the left-padded
-  batch (transformers repeats each prompt, its image included, ``samples`` times before the prefill).
+- **transformers**: ``generate(do_sample=True, num_return_sequences=samples, top_k=0, use_cache=True)`` on the
+  left-padded batch (transformers repeats each prompt, its image included, ``samples`` times before the prefill).
 
-Tokens/s counts generated tokens (prompts x samples x new tokens) over the case's time: this process's CPU
-time with one thread (default; a busy machine still gives an idle core's numbers), or wall time with
-``--threads N``; each cached case runs ``--repeat`` times (default 3, interleaved with the others) and its
-fastest run counts, since other work on the machine only ever adds time. Prints a table and the ratios to
-transformers (target: keye >= 2x).
+Fair by construction: both models in fp32 with the same dimensions (hidden 256, 4 layers, 4 heads / 2 KV
+groups, vocabulary 4,096; the ViT's FLOPs matched), transformers' attention on SDPA (keye's too in the
+prefill; its lean decode step attends with two batched matmuls, the same math); the same prompts,
+images and number of generated tokens (``min_new_tokens = max_new_tokens``, no stop id on either side);
+transformers with its KV cache on (``DynamicCache``) and sampling from the full softmax as keye does; the
+same thread count (``torch.set_num_threads``) for both in one process, on one clock. Tokens/s counts generated
+tokens (prompts x samples x new tokens) over the case's time: this process's CPU time with one thread
+(default; a busy machine still gives an idle core's numbers), or wall time with ``--threads N``; each cached
+case runs ``--repeat`` times (default 3, interleaved with the others) and its fastest run counts, since other
+work on the machine only ever adds time. Prints a table and the ratios to transformers (target: keye >= 2x).
 
-What it showed (2-core CPU box shared with other work, one thread, December 2026). Before the decode-overhead
-work: keye's cache 1.88-1.95 s (three single runs), transformers 2.07-2.38 s: **keye/transformers 1.09-1.22x**
-(1.25x in one run on the day of the work). After it (one full run and two without the no-cache case, fastest of
-3 each): keye's cache 1.42-1.65 s (2,480-2,880 tokens/s), Megatron's static context 2.95-3.18 s, transformers
-1.79-1.93 s, no cache 90.8 s: **keye/transformers 1.14-1.26x, short of the 2x target**; keye/no cache 64x.
-The box's load (4-8 on 2 cores) moves a run by 10-30%, more than the changes; A/B'd as the fastest of 15
-runs of 1 and 17 new tokens (two rounds, interleaved), a decode step of 32 rows went from 11.0-11.3 ms to
-9.9-10.8 ms (prefill about 85 ms, unchanged).
+What it shows (2-core Xeon box shared with five other sessions, load average 8-20, one thread, December 2026;
+three runs without the no-cache case, each the fastest of 3 per case): keye 0.78-1.06 s (3,850-5,240
+tokens/s), keye with lean_decode off 1.51-2.15 s, Megatron's static context 2.89-3.56 s, transformers
+1.82-2.37 s: **keye/transformers 2.23x, 2.32x, 2.46x (median 2.32x)**; lean_decode off 1.10-1.29x (what it was
+before the lean path: 1.14-1.26x). The load moves a run by 10-30% but hits every case of a run alike.
 
-Changes this benchmark led to, all with the same tokens bit for bit: keye's SDPA attention does not repeat
-k/v for GQA under an explicit mask on CPU (1.1 instead of 5.9 ms per call; it was 0.58x before); sampling
-draws an exponential race from ``torch.rand`` instead of ``multinomial`` (``exponential_`` with a generator is
-10x slower on CPU), in one in-place buffer; the KV cache is batch-major ``[B, g, L, d]`` (CPU flash attention
-reads a slice of it about 1.4x faster than the strided view of a sequence-major one); positions and the
-padding mask are made once per batch, the decode mask inverted once per step (not per layer), the core
-attentions found once per batch, RoPE without an autograd Function under ``no_grad``.
+Where a decode step's time goes now (torch.profiler, the self CPU time of 64 steps minus a run of 1, 32 rows,
+loaded box: 7.3 ms a step): GEMMs 40% (17 ``mm``: 4 per layer and the 4,096-wide output layer), attention's
+two batched matmuls 18% (they read the whole cache: memory-bound), sampling 15% (32 seeded ``rand`` rows of
+the vocabulary 9%, max, log-softmax, two logs), RMSNorm pieces about 5%, the cache writes and the rest small
+ops. The prefill (vision, 8 prompts) is about 0.1 s of a run; transformers' is about 0.29 s, as it repeats each
+prompt per sample. keye's decode step is now about half of transformers' (it was about the same).
 
-Why not 2x: the win over transformers is the prefill (keye: one per prompt, about 0.08-0.14 s; transformers
-repeats every prompt, its image included, per sample: about 0.29 s), while the decode steps cost about the
-same (one loaded run: 13.8 ms keye, 14.6 ms transformers per step of 32 rows), and 127 of them are most of
-the time. 2x needs keye's step at half of transformers', whose GEMMs are the same math. What is left of a
-keye decode step (torch.profiler, 32 rows): the GEMMs about 45% (oneDNN's ``_linear_pointwise``; at these
-32-row shapes MKL's ``mm``, which transformers uses, is about 25% faster per call in a micro-benchmark,
-but the choice lives in ``keye.model.onednn_linear``), SDPA 12-15%, sampling about 10% (32 seeded
-``rand`` rows of the vocabulary, argmax, log-softmax), 17 RMSNorms per step about 5-8%, the rest
-Megatron's per-layer module and autograd-Function overhead at these tiny shapes.
+What the lean path changed, A/B'd per call at 32 rows (one thread): the GEMMs on MKL ``mm`` with weights
+transposed once per batch, 1.1 ms a layer + output layer against 1.7 ms on oneDNN's ``_linear_pointwise`` (the
+training path's, which wins at training's row counts) and 1.5 ms on ``F.linear``; attention as batched matmuls
+0.33 against 0.46 ms for SDPA's flash kernel with a padding mask; no per-layer module, autograd Function or
+mask handling. Not taken: inverse-CDF sampling (0.37 against 1.07 ms a sampling step) draws other tokens
+from a seed (``keye.generate.sampling`` says why that matters); a bf16 or shared-prefix cache (the prompt's
+keys read once for its samples) would cut the attention's memory traffic but change numerics or the cache.
+
+Earlier changes this benchmark led to, all with the same tokens bit for bit: keye's SDPA attention does not
+repeat k/v for GQA under an explicit mask on CPU (1.1 instead of 5.9 ms per call); sampling draws an
+exponential race from ``torch.rand`` instead of ``multinomial`` (``exponential_`` with a generator is 10x
+slower on CPU), in one in-place buffer; the KV cache is batch-major ``[B, g, L, d]``; positions and the
+padding mask are made once per batch; RoPE without an autograd Function under ``no_grad``.
 """
 
 from __future__ import annotations
@@ -124,8 +131,8 @@ def keye_recompute(model: Any, prompts: list, samples: int, new_tokens: int) -> 
     from keye_plugins.position_encoding.mrope_time_aligned import MRopeTimeAligned, get_rope_index
 
     ms = _model_step()
-    config = MRopeTimeAligned.Config(mrope_section=list(model.language_model.config.mrope_section),
-                                     head_dim=model.language_model.config.head_dim,
+    scheme = model.language_model.position_encoding.config  # the model's mrope_time_aligned settings
+    config = MRopeTimeAligned.Config(mrope_section=list(scheme.mrope_section), head_dim=scheme.head_dim,
                                      image_token_id=ms.IMAGE_PAD, video_token_id=ms.VIDEO_PAD)
     rows = [p for p in prompts for _ in range(samples)]
     ids, mask, _ = left_padded(rows, 1)
@@ -148,7 +155,7 @@ def transformers_generate(model: Any, prompts: list, samples: int, new_tokens: i
         pixel_values=torch.cat([p for _, p, _ in prompts]).flatten(1),  # (N, 3 * 1 * 14 * 14)
         image_grid_thw=torch.cat([g for _, _, g in prompts]),
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=samples,
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+        max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, use_cache=True,
     )
     assert out.shape == (len(prompts) * samples, ids.shape[1] + new_tokens), tuple(out.shape)
 
@@ -190,18 +197,24 @@ def main(argv: list[str] | None = None) -> int:
     hf = ms.build_transformers(model_cfg).eval()
     prompts = make_prompts(prompts_n)
     Generator = get_registry().cls("generator", "megatron")
-    caches = {cache: Generator(Generator.Config(kv_cache=cache, max_batch_size=prompts_n * samples),
-                               GeneratorContext(model=keye)) for cache in ("keye", "megatron")}
+    variants = {"keye": dict(kv_cache="keye"), "modules": dict(kv_cache="keye", lean_decode=False),
+                "megatron": dict(kv_cache="megatron")}
+    caches = {name: Generator(Generator.Config(max_batch_size=prompts_n * samples, **options),
+                              GeneratorContext(model=keye)) for name, options in variants.items()}
+    if caches["keye"].decode_path() != "lean":
+        raise AssertionError(f"the default generator does not decode lean here: {caches['keye'].decode_path()}")
     cases: dict[str, Callable[[], None]] = {
         "keye megatron generator, kv_cache keye": lambda: keye_generate(caches["keye"], prompts, samples, new_tokens),
+        "keye megatron generator, kv_cache keye, lean_decode off": lambda: keye_generate(
+            caches["modules"], prompts, samples, new_tokens),
         "keye megatron generator, kv_cache megatron": lambda: keye_generate(caches["megatron"], prompts, samples,
                                                                             new_tokens),
         "transformers Qwen2.5-VL generate": lambda: transformers_generate(hf, prompts, samples, new_tokens),
     }
     if not args.no_recompute:
         cases["keye without a cache (full forward per step)"] = lambda: keye_recompute(keye, prompts, samples, new_tokens)
-    keye_generate(caches["keye"], prompts[:1], 1, 2)  # warm-up: first calls set up kernels and tables
-    keye_generate(caches["megatron"], prompts[:1], 1, 2)
+    for generator in caches.values():  # warm-up: first calls set up kernels and tables
+        keye_generate(generator, prompts[:1], 1, 2)
     transformers_generate(hf, prompts[:1], 1, 2)
     seconds = {name: float("inf") for name in cases}
     for run in range(max(1, args.repeat)):  # interleaved: a busy spell of the machine hits every case
@@ -223,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<{width}}  {value:>8.2f}  {generated / value:>9.1f}")
     print()
     theirs = seconds["transformers Qwen2.5-VL generate"]
-    for name in list(cases)[:2]:
-        print(f"{name.split(', ')[1]}/transformers: {theirs / seconds[name]:.2f}x  (tokens/s; target >= 2.0x)")
+    for name in list(cases)[:3]:
+        label = ", ".join(name.split(", ")[1:])
+        print(f"{label}/transformers: {theirs / seconds[name]:.2f}x  (tokens/s; target >= 2.0x)")
     if not args.no_recompute:
         recompute = seconds["keye without a cache (full forward per step)"]
         print(f"kv_cache keye/no cache: {recompute / seconds['keye megatron generator, kv_cache keye']:.2f}x")
