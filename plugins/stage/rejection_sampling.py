@@ -22,6 +22,10 @@ after it starts from the model that produced the data without an ``init_from``, 
 (`keye.config.repeat`) each round's MPO starts from the last round's model with no reference at all. Every
 rank generates every prompt (generation is collective over the model-parallel group); data-parallel ranks
 repeat the work, as in ``cot_build``.
+
+With ``outputs: []`` it only measures: the rewards of the model's samples on its prompts (e.g. held-out ones,
+with a fixed seed, to compare two stages). A round that finds no pair writes an empty ``pairs.jsonl``, and the
+``preference`` stage reading it stops with one line saying its source is empty (its ``no_pair`` counts say why).
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class RejectionSamplingStage:
             "Reward models by label: {name: <reward_model>, weight: w, ...}; name defaults to the label "
             "(required, e.g. {answer_match: {weight: 1.0}, format: {weight: 0.5}}).", default_factory=dict)
         margin: float = doc("A pair needs best − worst reward of at least this much.", 0.5)
-        outputs: List[str] = doc("What to write: pairs (pairs.jsonl) and/or sft (sft.jsonl).",
+        outputs: List[str] = doc("What to write: pairs (pairs.jsonl) and/or sft (sft.jsonl); empty: measure only "
+                                 "(the rewards of the model's samples, in the summary).",
                                  default_factory=lambda: ["pairs"])
         sft_min_score: float = doc("The best reply becomes an SFT target when it scores at least this.", 1.0)
         save_weights: bool = doc("Publish the sampled model's weights as this stage's, so the next stage starts "
@@ -101,7 +106,7 @@ class RejectionSamplingStage:
             check.fail("temperature", f"must be > 0 to sample n different replies, got {config.temperature!r}")
         check.number(config, "margin", above=0.0)
         check.number(config, "sft_min_score")
-        if not config.outputs or any(o not in OUTPUTS for o in config.outputs):
+        if any(o not in OUTPUTS for o in config.outputs):
             check.fail("outputs", f"expected some of {', '.join(OUTPUTS)}, got {list(config.outputs)!r}")
         if not config.rewards:
             check.fail("rewards", "no reward models: give at least one, e.g. {answer_match: {weight: 1.0}}")
@@ -200,6 +205,8 @@ class RejectionSamplingStage:
                 sft.append(sft_record(group, best, origin, prefix))
         stats.pairs, stats.sft = len(pairs), len(sft)
         writer = not dist.is_initialized() or dist.get_rank() == 0
+        if writer:
+            Path(ctx.output_dir).mkdir(parents=True, exist_ok=True)
         written = {}
         for name, items in (("pairs", pairs), ("sft", sft)):
             if name in config.outputs:

@@ -19,6 +19,7 @@ def test_tiny_recipe_has_every_stage_of_keye_vl(keye_registry):
         ("sft", "lm"), ("cot", "cot_build"), ("cold_start", "lm"), ("mpo", "preference"), ("rl", "rl"),
         ("rs_r1", "rejection_sampling"), ("mpo_r1", "preference"), ("rs_r2", "rejection_sampling"),
         ("mpo_r2", "preference"), ("eval_rl", "eval"), ("final_eval", "eval"),
+        ("reward_rl", "rejection_sampling"), ("reward_final", "rejection_sampling"),
     ]
     by_name = {stage.name: stage for stage in cfg.stages}
     assert by_name["sft"].init_from == "stage3_merge"
@@ -27,6 +28,9 @@ def test_tiny_recipe_has_every_stage_of_keye_vl(keye_registry):
         assert by_name[f"mpo_r{k}"].data.sources.pairs.path == f"runs/tiny-recipe/rs_r{k}/pairs.jsonl"
         assert by_name[f"rs_r{k}"].options.rewards.judge.stage == "rl"
     assert by_name["final_eval"].options.stage == "mpo_r2" and by_name["eval_rl"].options.stage == "rl"
+    measures = (by_name["reward_rl"].options, by_name["reward_final"].options)  # the same measure of two models
+    assert [m.stage for m in measures] == ["rl", "mpo_r2"] and measures[0].seed == measures[1].seed
+    assert all(m.outputs == [] and not m.save_weights for m in measures)
 
 
 def test_cluster_recipe_validates_for_its_layout(keye_registry):

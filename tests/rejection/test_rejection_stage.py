@@ -58,6 +58,10 @@ def run(tmp_path_factory):
                  "data": {**BUDGETS, "sources": {
                      "pairs": {"name": "jsonl", "path": "${run.output_dir}/rs_r{round}/pairs.jsonl"}}}},
             ]},
+            {"name": "measure", "kind": "rejection_sampling",  # measure only: nothing written, no weights
+             "options": {"stage": "sft", "n": 2, "num_prompts": 2, "max_new_tokens": 4, "outputs": [],
+                         "save_weights": False, "modes": {"no_think": 1}, "rewards": {"answer_match": {}}},
+             "data": {**BUDGETS, "sources": {"p": {"name": "synthetic", "tasks": ["color"], "num_samples": 2}}}},
         ],
     })
     result = subprocess.run([sys.executable, "-m", "keye.launch.cli", "run", str(path)], env=ENV,
@@ -72,7 +76,7 @@ def lines(path):
 
 def test_rounds_chain_and_each_mpo_reads_its_round(run):
     out, stages = run
-    assert list(stages) == ["sft", "rs_r1", "mpo_r1", "rs_r2", "mpo_r2"]
+    assert list(stages) == ["sft", "rs_r1", "mpo_r1", "rs_r2", "mpo_r2", "measure"]
     assert stages["rs_r1"]["policy"] == "stage sft" and stages["rs_r2"]["policy"] == "stage mpo_r1"
     assert stages["mpo_r1"]["initialised_from"] == str(out / "rs_r1" / "weights")  # = the model rs_r1 sampled
     assert stages["mpo_r2"]["initialised_from"] == str(out / "rs_r2" / "weights")
@@ -121,3 +125,11 @@ def test_bad_input_is_counted_not_fatal(run):
         assert 0.0 <= summary["components"]["judge"] <= 1.0
         assert set(summary["reward_by_mode"]) <= {"think", "no_think"}
         assert summary["mean_best_reward"] >= summary["mean_reward"]
+
+
+def test_measure_only_writes_nothing(run):
+    out, stages = run
+    measure = stages["measure"]
+    assert measure["outputs"] == {} and measure["samples"] == 4 and measure["policy"] == "stage sft"
+    assert 0.0 <= measure["mean_reward"] <= 1.0 and set(measure["reward_by_mode"]) == {"no_think"}
+    assert sorted(p.name for p in (out / "measure").iterdir()) == ["done.json", "rejection_summary.json"]
