@@ -26,14 +26,21 @@ The cache (``Config.kv_cache``), two kinds, measured:
   cached prefix again at every step, so each step is given the position ids of the whole prefix
   ``[3, S, L + t]`` (Megatron builds its M-RoPE table from the ids passed in).
 
+**Decode steps** with keye's cache run through `keye.generate.lean_decode` by default (``Config.lean_decode``):
+the LLM layers' own weights in one lean loop, no module calls, the same math up to fp32 rounding (CPU fp32,
+TP=1, each PP stage its own layers; `decode_path` says which path runs and why). Elsewhere, and with
+``lean_decode: false``, a step is the model's ordinary forward on the new tokens.
+
 Measured with ``tools/bench/generate.py`` (CPU, 1 thread, the small model: Qwen3 hidden 256 x 4 layers; 8
-prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, fastest of 3, a shared 2-core box):
-``keye`` 1.42-1.65 s, ``megatron`` 2.95-3.18 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat``
-per layer and step, is most of the difference), no cache (the padded batch through the full forward every
-step) 91 s; transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.79-1.93 s (``keye`` 1.14-1.26x of
-it; the bench's docstring says where a decode step's time goes). The decode loop does per batch what does
-not change per step: the positions and padding mask of every step are made once on the device and sliced.
-The caches and the no-cache forward give the same greedy tokens (tests/generate).
+prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, fastest of 3, a shared 2-core box,
+December 2026): ``keye`` 0.78-1.06 s with lean decode steps, 1.51-2.15 s with the model's forward;
+``megatron`` 2.9-3.6 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
+most of its difference); no cache (the padded batch through the full forward every step) about 91 s;
+transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.82-2.37 s: ``keye`` 2.23-2.46x of it (1.10-1.29x
+with lean_decode off; the bench's docstring says where a decode step's time goes). The decode loop does per
+batch what does not change per step: the positions and padding mask of every step are made once on the
+device and sliced. The caches, both decode paths and the no-cache forward give the same greedy tokens
+(tests/generate).
 
 Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
 tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).
