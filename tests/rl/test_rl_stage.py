@@ -1,8 +1,9 @@
-"""The ``rl`` stage through ``keye-launch run`` on a fresh tiny model: one process, and TP=2 in two real gloo
-processes for the same seed. Shared runs (module fixture), checked for:
+"""The ``rl`` stage through ``keye-launch run`` on a fresh tiny model: one process, and TP=2 and PP=2 in two real
+gloo processes each, for the same seed. Shared runs (module fixture), checked for:
 
 - the same rollouts (token ids of every step, the second drawn after an update) and the same losses,
-  gradient norms, KL and held-out rewards in both layouts: rollouts, update and reference agree across TP;
+  gradient norms, KL and held-out rewards in every layout: rollouts (the in-process generator under TP/PP),
+  update and reference agree;
 - the step metrics (reward per component and mode, think ratio, reply length, KL, clip fraction, entropy,
   times, counts) in metrics.jsonl, before/after held-out reward in the summary, the reward curve report;
 - bad input handled by rule and counted, never a crash: a prompt without a reference (``answer_match``
@@ -111,19 +112,21 @@ def runs(tmp_path_factory):
                        {"keye_test_rl_reward.py": REWARD_PLUGIN})
     launch(site, str(blueprint(folder, "one")))
     launch(site, str(blueprint(folder, "tp2", tensor=2)), "--nproc", "2")
+    launch(site, str(blueprint(folder, "pp2", pipeline=2)), "--nproc", "2")
     return folder
 
 
-def test_tensor_parallel_gives_the_same_rollouts_and_update(runs):
-    one, tp2 = lines(runs / "one" / "rl" / "rollouts.jsonl"), lines(runs / "tp2" / "rl" / "rollouts.jsonl")
+@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+def test_model_parallel_layouts_give_the_same_rollouts_and_update(runs, layout):
+    one, other = lines(runs / "one" / "rl" / "rollouts.jsonl"), lines(runs / layout / "rl" / "rollouts.jsonl")
     assert {line["step"] for line in one} == set(range(1, STEPS + 1))
-    assert [line["token_ids"] for line in tp2] == [line["token_ids"] for line in one]
-    assert [line["reward"] for line in tp2] == pytest.approx([line["reward"] for line in one], abs=1e-6)
-    first, second = lines(runs / "one" / "metrics.jsonl"), lines(runs / "tp2" / "metrics.jsonl")
+    assert [line["token_ids"] for line in other] == [line["token_ids"] for line in one]
+    assert [line["reward"] for line in other] == pytest.approx([line["reward"] for line in one], abs=1e-6)
+    first, second = lines(runs / "one" / "metrics.jsonl"), lines(runs / layout / "metrics.jsonl")
     assert all(line["updates"] == 2 for line in first), first  # something to learn from at every step
     for name in ("loss", "grad_norm", "kl", "clip_fraction", "entropy", "reward"):
         assert [line[name] for line in second] == pytest.approx([line[name] for line in first], abs=2e-5), name
-    after = json.loads((runs / "tp2" / "summary.json").read_text())["stages"]["rl"]["eval_after"]
+    after = json.loads((runs / layout / "summary.json").read_text())["stages"]["rl"]["eval_after"]
     expected = json.loads((runs / "one" / "summary.json").read_text())["stages"]["rl"]["eval_after"]
     assert after == pytest.approx(expected, abs=1e-6)
 
