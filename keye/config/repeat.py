@@ -23,8 +23,9 @@ becomes ``rs_r1, mpo_r1, rs_r2, mpo_r2``. Within round k (from 1):
 Nothing else changes: each round starts from the stage before it as any stage does (round 1 from the stage
 before the group, round k from round k − 1's last stage), so the rounds chain. The expansion happens per
 file, before the layers merge onto the schema, so everything downstream (overrides ``stages.N.…``,
-validation, ``print-config``, the runner) sees plain stages. A malformed group is one `BlueprintError` line
-naming the file and ``stages.N``. Groups do not nest (the placeholder would be ambiguous).
+validation, ``print-config``, the runner) sees plain stages; an error inside a round names the expanded stage
+(``stages.N`` of the list print-config shows). A malformed group is one `BlueprintError` line naming the file
+and ``stages.N``. Groups do not nest (the placeholder would be ambiguous).
 """
 
 from __future__ import annotations

@@ -99,7 +99,7 @@ class RejectionSamplingStage:
             if mode not in MODES:
                 check.fail(f"modes.{mode}", f"unknown mode; known: {', '.join(MODES)}")
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or math.isinf(weight):
-                check.fail(f"modes.{mode}", f"must be a finite weight >= 0, got {weight!r}")
+                check.fail(f"modes.{mode}", f"must be a finite weight >= 0, got {short(weight)}")
         if not sum(config.modes.values()) > 0:
             check.fail("modes", "the weights add up to 0")
         if not config.temperature > 0:
@@ -118,16 +118,16 @@ class RejectionSamplingStage:
     def _check_rewards(config: Config, check: Any) -> None:
         """Each reward node against its component's Config (and its own check_config), named by its key."""
         from keye.config.semantics import ConfigCheck
-        from keye.config.validate import build_component_config, validate_component
+        from keye.config.validate import build_component_config, short, validate_component
         from keye.plugins import get_registry
 
         registry = get_registry()
         for label, node in config.rewards.items():
             if node is not None and not isinstance(node, dict):
-                check.fail(f"rewards.{label}", f"expected a reward_model node {{name: ..., weight: ...}}, got {node!r}")
+                check.fail(f"rewards.{label}", f"expected a reward_model node {{name: ..., weight: ...}}, got {short(node)}")
             body, weight = reward_nodes({label: node})[label]
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                check.fail(f"rewards.{label}.weight", f"must be a finite number, got {weight!r}")
+                check.fail(f"rewards.{label}.weight", f"must be a finite number, got {short(weight)}")
             path = check.key(f"rewards.{label}")
             validated = validate_component("reward_model", body, path, registry, check._origin)
             component, reward_config = build_component_config("reward_model", validated, registry)
