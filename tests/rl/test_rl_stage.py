@@ -158,7 +158,15 @@ def test_bad_input_is_handled_by_rule_and_counted(runs):
     total = lambda name: sum(line.get(name, 0) for line in metrics)  # noqa: E731
     assert total("count/answer_match/missing_reference") >= 3  # the prompt without a reference, G rollouts
     assert total("truncated") >= 1 and total("count/format/truncated") == total("truncated")
-    assert total("groups_all_equal") <= total("groups")
+    # dynamic sampling: a group whose rewards are all equal is counted and none of its rollouts trains
+    rollouts = lines(runs / "one" / "rl" / "rollouts.jsonl")
+    groups: dict = {}
+    for line in rollouts:
+        groups.setdefault((line["step"], line["group"]), []).append(line)
+    equal = [g for g in groups.values() if len({line["reward"] for line in g}) == 1]
+    assert total("groups") == len(groups) and total("groups_all_equal") == len(equal)
+    assert not any(line["trained"] for g in equal for line in g)
+    assert total("trained_rollouts") == sum(line["trained"] for line in rollouts)
     skipped = json.loads((runs / "one" / "summary.json").read_text())["stages"]["rl"]["data"]["skipped_prompts"]
     assert skipped.get("no_user_turn", 0) >= 1
     bad = json.loads((runs / "one" / "summary.json").read_text())["stages"]["rl"]["data"]["bad_inputs"]
