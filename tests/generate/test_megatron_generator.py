@@ -233,6 +233,7 @@ def _generate_all(root: str) -> dict:
     load_hf_into(unfused, hf_to_keye_state(read_weights(Path(root) / "ckpt"), configs))
     fallback = Generator(Generator.Config(), GeneratorContext(model=unfused.eval(), tokenizer=tokenizer))
     out["fallback_cache"] = fallback.kv_cache()
+    out["fallback_decode_path"] = fallback.decode_path()
     out["greedy_megatron_attention"] = run(SamplingSettings(max_new_tokens=NEW, temperature=0.0), fallback)
     start = time.perf_counter()
     alone = [reference_greedy_alone(keye, r) for r in reqs]
@@ -325,6 +326,7 @@ def test_megatron_static_context_gives_the_same_samples(generated):
 
 def test_megatron_core_attention_falls_back_to_the_static_context(generated):
     assert generated["fallback_cache"] == "megatron"
+    assert generated["fallback_decode_path"] == "model forward: the megatron cache"
     for other, ours in zip(generated["greedy_megatron_attention"], generated["greedy"]):
         assert [s[0] for s in other] == [s[0] for s in ours]
         assert all(s[1] == pytest.approx(o[1], abs=1e-4) for s, o in zip(other, ours))
