@@ -1,7 +1,8 @@
 """The RL training forward against independent formulations, on the tiny model in one process: per-token
 log-probs and entropy of packed replies (logits at the reply positions only, vocab-parallel cross entropy)
 equal a full forward's log-softmax; and the per-pack (sum, unit) the loss reports adds up, over packs, to the
-published GRPO objective over the whole batch, for the sequence-mean (Keye-VL) and token-mean (DAPO) forms."""
+published GRPO objective over the whole batch, for the sequence-mean (Keye-VL) and token-mean (DAPO) forms;
+and the gradients through that path equal those of the objective written out on a full forward."""
 
 import torch
 
@@ -62,7 +63,6 @@ def _check() -> dict:
 
     model, packs, rollouts, advantages, weights = _tiny_model_and_packs()
     out = {"packs": len(packs), "logp": [], "expected_logp": [], "entropy": [], "expected_entropy": []}
-    per_rollout = {}
     for pack in packs:
         batch = pack.batch
         with torch.no_grad():
@@ -74,8 +74,6 @@ def _check() -> dict:
         out["expected_logp"].append(full[keep].gather(1, batch.labels[0][keep].unsqueeze(1))[:, 0])
         out["entropy"].append(entropy)
         out["expected_entropy"].append(-(full[keep].exp() * full[keep]).sum(-1))
-        for j, index in enumerate(pack.rollouts):
-            per_rollout[index] = batch.answer_segments[j]
         pack.old_logp = logp - 0.3 * torch.sin(torch.arange(len(logp), dtype=torch.float32))  # ratios off 1
 
     for aggregation in ("sequence_mean", "token_mean"):
@@ -105,9 +103,45 @@ def _check() -> dict:
         else:
             expected = sum(float(t.sum()) for t in terms) / sum(len(t) for t in terms)
         out[aggregation] = (total / units, expected, units)
+    out["grad"] = _gradients(model, packs[0], advantages, weights)
     out["trained"] = int(weights.sum())
     out["reply_tokens"] = sum(len(rollouts[i].token_ids) for i in range(len(rollouts)) if weights[i] > 0)
     return out
+
+
+def _gradients(model, pack, advantages, weights) -> tuple:
+    """Gradients of every parameter from one pack's loss (the stage's path: logits at the reply positions,
+    vocab-parallel cross entropy, the loss component) and from the objective written out on a full forward."""
+    from keye.rl.logps import reply_logits
+    from keye.rl.step import _LossSums, _policy_loss
+    from keye_plugins.loss.grpo import GRPOLoss
+
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads():
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
+        model.zero_grad()
+        return flat
+
+    model.zero_grad()
+    loss = GRPOLoss(GRPOLoss.Config(clip_low=CLIP, clip_high=CLIP))
+    _policy_loss(loss, pack, _LossSums(), reply_logits(model, pack))[0].backward()
+    got = grads()
+    batch = pack.batch
+    full = model(batch.input_ids, batch.position_ids, batch.attention_mask, images=batch.images,
+                 videos=batch.videos)[0].float().log_softmax(-1)  # (T, V)
+    total = 0.0
+    for j, index in enumerate(pack.rollouts):
+        if weights[index] == 0:
+            continue
+        positions = batch.answer_segments[j]
+        new = full[positions].gather(1, batch.labels[0][positions].unsqueeze(1))[:, 0]
+        start = sum(pack.lengths[:j])
+        ratio = torch.exp(new - pack.old_logp[start: start + len(positions)])
+        a = float(advantages[index])
+        total = total - torch.minimum(ratio * a, ratio.clamp(1 - CLIP, 1 + CLIP) * a).mean()  # a sum over replies
+    total.backward()
+    return got, grads()
 
 
 def test_reply_logps_entropy_and_loss_against_independent_formulas():
@@ -120,6 +154,8 @@ def test_reply_logps_entropy_and_loss_against_independent_formulas():
     mean, expected, units = out["sequence_mean"]
     assert units == out["trained"]  # the unit of the Keye-VL form is the reply
     assert abs(mean - expected) < 1e-5 and abs(expected) > 1e-3
+    got, expected = out["grad"]
+    assert expected.abs().max() > 1e-4 and torch.allclose(got, expected, atol=1e-6, rtol=1e-4)
     mean, expected, units = out["token_mean"]
     assert units == out["reply_tokens"]  # DAPO's unit is the reply token
     assert abs(mean - expected) < 1e-5
