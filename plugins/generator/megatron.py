@@ -33,11 +33,11 @@ TP=1, each PP stage its own layers; `decode_path` says which path runs and why).
 
 Measured with ``tools/bench/generate.py`` (CPU, 1 thread, the small model: Qwen3 hidden 256 x 4 layers; 8
 prompts of 32-85 tokens with an image each x 4 samples x 128 tokens, fastest of 3, a shared 2-core box,
-December 2026): ``keye`` 0.78-1.06 s with lean decode steps, 1.51-2.15 s with the model's forward;
-``megatron`` 2.9-3.6 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
-most of its difference); no cache (the padded batch through the full forward every step) about 91 s;
-transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.82-2.37 s: ``keye`` 2.23-2.46x of it (1.10-1.29x
-with lean_decode off; the bench's docstring says where a decode step's time goes). The decode loop does per
+December 2026): ``keye`` 0.78-1.43 s with lean decode steps, 1.51-2.33 s with the model's forward;
+``megatron`` 2.9-4.4 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
+most of its difference); no cache (the padded batch through the full forward every step) 114 s;
+transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.82-2.75 s: ``keye`` 1.92-2.46x of it over four
+runs, median 2.28x (1.10-1.29x with lean_decode off; the bench's docstring says where a decode step's time goes). The decode loop does per
 batch what does not change per step: the positions and padding mask of every step are made once on the
 device and sliced. The caches, both decode paths and the no-cache forward give the same greedy tokens
 (tests/generate).

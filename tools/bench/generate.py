@@ -33,10 +33,13 @@ case runs ``--repeat`` times (default 3, interleaved with the others) and its fa
 work on the machine only ever adds time. Prints a table and the ratios to transformers (target: keye >= 2x).
 
 What it shows (2-core Xeon box shared with five other sessions, load average 8-20, one thread, December 2026;
-three runs without the no-cache case, each the fastest of 3 per case): keye 0.78-1.06 s (3,850-5,240
-tokens/s), keye with lean_decode off 1.51-2.15 s, Megatron's static context 2.89-3.56 s, transformers
-1.82-2.37 s: **keye/transformers 2.23x, 2.32x, 2.46x (median 2.32x)**; lean_decode off 1.10-1.29x (what it was
-before the lean path: 1.14-1.26x). The load moves a run by 10-30% but hits every case of a run alike.
+four runs, each case the fastest of 3 in its run; the no-cache case in the fourth only): keye 0.78-1.43 s
+(2,870-5,240 tokens/s), keye with lean_decode off 1.51-2.33 s, Megatron's static context 2.89-4.42 s,
+transformers 1.82-2.75 s, no cache 114 s: **keye/transformers 2.23x, 2.32x, 2.46x and 1.92x (the fourth, run
+while the load rose to 20): median 2.28x, spread 1.92-2.46x**; lean_decode off 1.10-1.29x (before the lean
+path: 1.14-1.26x); keye/no cache 80x. The load moves a run by 10-30% and did not hit the cases alike: in the
+fourth run keye's time rose most (1.43 against 0.78-1.06 s, transformers' 2.75 against 1.82-2.37 s), so take
+the ratio on a quiet machine as the figure and the spread as what a busy one does to it.
 
 Where a decode step's time goes now (torch.profiler, the self CPU time of 64 steps minus a run of 1, 32 rows,
 loaded box: 7.3 ms a step): GEMMs 40% (17 ``mm``: 4 per layer and the 4,096-wide output layer), attention's
