@@ -37,10 +37,10 @@ December 2026): ``keye`` 0.78-1.43 s with lean decode steps, 1.51-2.33 s with th
 ``megatron`` 2.9-4.4 s (the re-rotation of the whole prefix, ``cos``/``sin``/``cat`` per layer and step, is
 most of its difference); no cache (the padded batch through the full forward every step) 114 s;
 transformers' Qwen2.5-VL ``generate`` at the same dimensions 1.82-2.75 s: ``keye`` 1.92-2.46x of it over four
-runs, median 2.28x (1.10-1.29x with lean_decode off; the bench's docstring says where a decode step's time goes). The decode loop does per
-batch what does not change per step: the positions and padding mask of every step are made once on the
-device and sliced. The caches, both decode paths and the no-cache forward give the same greedy tokens
-(tests/generate).
+runs, median 2.28x (1.10-1.29x with lean_decode off; the bench's docstring says where a decode step's time
+goes). The decode loop does per batch what does not change per step: the positions and padding mask of every
+step are made once on the device and sliced. The caches, both decode paths and the no-cache forward give the
+same greedy tokens (tests/generate).
 
 Stops: a sampled id in ``stop_token_ids`` (kept as the last id), or a stop string appearing in the decoded
 tail of the continuation (the token that completes it is kept), or ``max_new_tokens`` (``length``).
