@@ -17,6 +17,7 @@ import dataclasses
 import math
 from typing import Any, Mapping
 
+from keye.config.validate import short
 from keye.errors import KeyeUserError
 from keye.rewards.contract import WeightedRewards
 
@@ -24,6 +25,8 @@ WEIGHT = "weight"
 
 
 def _split(name: str, node: Any) -> tuple[float, dict[str, Any]]:
+    if node is not None and not isinstance(node, Mapping):
+        raise KeyeUserError(f"rewards.{name}: expected {{weight: w, <its settings>}}, got {short(node)}")
     node = dict(node or {})
     weight = node.pop(WEIGHT, 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):

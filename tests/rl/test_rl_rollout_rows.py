@@ -124,6 +124,7 @@ def test_reward_options_fail_in_one_line_naming_the_key(keye_empty_host):
         "rewards.format.weight: must be a finite number": {"format": {"weight": "high"}},
         "rewards.length: ": {"length": {"max_length": "many"}},
         "rewards: no reward model": {},
+        "rewards.format: expected {weight: w, <its settings>}, got 1": {"format": 1},
     }
     for expected, spec in cases.items():
         with pytest.raises(KeyeUserError) as caught:
