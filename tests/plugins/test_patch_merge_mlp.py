@@ -153,21 +153,11 @@ def _forward_backward(module: PatchMergeMLP, name: str) -> dict[str, torch.Tenso
     return {"out": out.detach(), "loss": loss.detach(), "input_grad": features.grad}
 
 
-def _gather(local: torch.Tensor, param: torch.nn.Parameter, tp_size: int) -> torch.Tensor:
-    """The full tensor from the TP ranks' slices (Megatron's split: ``tp * stride`` pieces; rank r keeps r, r + tp)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return local
-    dim, stride = param.partition_dim, param.partition_stride
-    shards = [torch.empty_like(local) for _ in range(tp_size)]
-    torch.distributed.all_gather(shards, local.contiguous())
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]  # [rank][stride piece]
-    return torch.cat([pieces[rank][k] for k in range(stride) for rank in range(tp_size)], dim=dim)
-
-
 def _tp2_rank() -> dict[str, dict]:
     """Every TP case on this rank of a TP=2 group (one spawn for all cases: starting ranks is the slow part)."""
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
+    from keye.testing.tensor_parallel import tp_gather
 
     ctx = init_parallel(tensor=2, pipeline=1, seed=99)
     results = {}
@@ -179,8 +169,8 @@ def _tp2_rank() -> dict[str, dict]:
         result["types"] = {n: type(m).__name__ for n, m in module.named_children()}
         result["local_shapes"] = {n: tuple(p.shape) for n, p in module.named_parameters()}
         result["linear_1_local"] = module.linear_1.weight.detach().clone()
-        result["weights"] = {n: _gather(p.detach(), p, ctx.tp_size) for n, p in module.named_parameters()}
-        result["grads"] = {n: _gather(p.grad, p, ctx.tp_size) for n, p in module.named_parameters()}
+        result["weights"] = {n: tp_gather(p, p) for n, p in module.named_parameters()}
+        result["grads"] = {n: tp_gather(p.grad, p) for n, p in module.named_parameters()}
         results[name] = result
     return results
 
