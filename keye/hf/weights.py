@@ -42,8 +42,8 @@ def expected_hf_shapes(configs: KeyeVLConfigs) -> dict[str, tuple[int, ...]]:
 
 def check_hf_names(shapes: dict[str, tuple[int, ...]], configs: KeyeVLConfigs, where: str) -> list[str]:
     """Raise a ``KeyeUserError`` naming missing/unexpected/misshapen weights; return the skipped unused names."""
-    expected = expected_hf_shapes(configs)
-    unused = sorted(name for name in shapes if name.startswith(unused_prefixes(configs)))
+    expected, skip = expected_hf_shapes(configs), unused_prefixes(configs)
+    unused = sorted(name for name in shapes if name.startswith(skip))
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected) - set(unused))
     wrong = [f"{name} {tuple(shapes[name])} (config says {expected[name]})"
