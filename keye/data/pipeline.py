@@ -11,9 +11,10 @@ stops only when the bad share passes ``max_bad_fraction``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -122,8 +123,10 @@ class MicroBatchStream:
     """An iterator of `MicroBatch` (or lists of `PairItem` for contrastive stages) with running stats."""
 
     def __init__(self, ctx: Any, split: str = "train", pairs: bool = False,
-                 pair_batch: int = 32, caption_length: int = 16, *, preference: bool = False, once: bool = False) -> None:
+                 pair_batch: int = 32, caption_length: int = 16, *, preference: bool = False, once: bool = False,
+                 view: Callable[[Iterator[Any]], Iterator[Any]] | None = None) -> None:
         data = ctx.stage.data
+        self.view = view  # a transform of the samples read in order (held-out), e.g. `swapped_media`
         group = "sources" if split == "train" else "heldout"
         parallel = ctx.parallel
         self.dp_rank, self.dp_size = (parallel.dp_rank, parallel.dp_size) if parallel is not None else (0, 1)
@@ -164,8 +167,8 @@ class MicroBatchStream:
         return iter(mixer)
 
     def _in_order(self) -> Iterator[Any]:
-        for source in self.sources.values():
-            yield from source
+        samples = (loaded for source in self.sources.values() for loaded in source)
+        yield from (self.view(samples) if self.view is not None else samples)
 
     def _next_processed(self) -> Any | None:
         for loaded in self._samples:
@@ -275,8 +278,31 @@ class MicroBatchStream:
 
 def micro_batches(ctx: Any, split: str = "train", pairs: bool = False,
                   pair_batch: int = 32, caption_length: int = 16, *, preference: bool = False,
-                  once: bool = False) -> MicroBatchStream:
+                  once: bool = False, view: Callable[[Iterator[Any]], Iterator[Any]] | None = None) -> MicroBatchStream:
     """Packed micro-batches of ``split``; with ``pairs``, lists of ``pair_batch`` image-text pairs instead;
     with ``preference``, preference pairs only (shared-prompt samples); with ``once``, the training sources
-    in order, one pass."""
-    return MicroBatchStream(ctx, split, pairs, pair_batch, caption_length, preference=preference, once=once)
+    in order, one pass; ``view`` transforms the samples of a split read in order (held-out, ``once``)."""
+    return MicroBatchStream(ctx, split, pairs, pair_batch, caption_length, preference=preference, once=once, view=view)
+
+
+def swapped_media(samples: Iterable[Any], keys: Collection[str] | None = None) -> Iterator[Any]:
+    """The samples (only those named in ``keys``, when given), each with the media of the next one of the same
+    kind (file extension; the last takes the first's): every question asked about another question's picture,
+    every video question about another clip.
+
+    Why: a model that answers from the question's wording alone does as well on these as on its own media;
+    the held-out loss difference is how much it uses its images (the ``lm`` stage's ``eval_swapped_images``).
+    ``keys`` lets that pass cover exactly the samples the first pass evaluated. A sample with several media
+    members (a JSONL conversation can have them) keeps its own. Reads all of its input first.
+    """
+    items = [s for s in samples if keys is None or s.sample.key in keys]
+    by_kind: dict[str, list[int]] = {}
+    for index, loaded in enumerate(items):
+        if len(loaded.media) == 1:
+            by_kind.setdefault(next(iter(loaded.media)).rsplit(".", 1)[-1], []).append(index)
+    out = list(items)
+    for indices in by_kind.values():
+        for mine, theirs in zip(indices, indices[1:] + indices[:1]):
+            (name,) = items[mine].media
+            out[mine] = dataclasses.replace(items[mine], media={name: next(iter(items[theirs].media.values()))})
+    yield from out

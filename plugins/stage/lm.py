@@ -96,6 +96,10 @@ class LMStage:
         num_microbatches: int = doc("Micro-batches per optimiser step on each data-parallel rank.", 1)
         eval_batches: int = doc("Held-out micro-batches per evaluation (per data-parallel rank).", 8)
         max_bad_steps: int = doc("Stop after this many consecutive steps with a non-finite loss/grad.", 5)
+        eval_swapped_images: bool = doc(
+            "Evaluate the held-out samples a second time, each with another sample's image (video: another clip), "
+            "and report heldout_loss_swapped_images, answer_accuracy_swapped_images and image_gain (swapped minus "
+            "own loss): how much the model answers from its images rather than the wording. One extra pass.", False)
 
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
@@ -104,6 +108,8 @@ class LMStage:
         check.count(config, "eval_batches", "max_bad_steps", minimum=0)
         if check.blueprint.model.language_model is None:
             check.fail("", "the lm stage needs model.language_model")
+        if config.eval_swapped_images and check.blueprint.model.vision_encoder is None:
+            check.fail("eval_swapped_images", "needs model.vision_encoder (a model without images has none to swap)")
         if check.stage.steps > 0 and not check.stage.data.sources:
             check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
 
@@ -154,22 +160,36 @@ class LMStage:
         return summary
 
     def _evaluate(self, engine: TrainEngine, ctx: Any, seq_len: int) -> dict[str, float]:
-        from keye.data.pipeline import micro_batches
+        from keye.data.pipeline import swapped_media
 
         if not ctx.stage.data.heldout:
             return {}
-        stream = micro_batches(ctx, split="heldout")
+        out, keys = self._evaluate_pass(engine, ctx, seq_len)
+        if out and self.config.eval_swapped_images:
+            swapped, _ = self._evaluate_pass(engine, ctx, seq_len, view=partial(swapped_media, keys=keys))
+            out["heldout_loss_swapped_images"] = swapped["heldout_loss"]
+            out["image_gain"] = swapped["heldout_loss"] - out["heldout_loss"]
+            if "answer_accuracy" in swapped:
+                out["answer_accuracy_swapped_images"] = swapped["answer_accuracy"]
+        return out
+
+    def _evaluate_pass(self, engine: TrainEngine, ctx: Any, seq_len: int, view: Any = None) -> tuple[dict, set]:
+        """One held-out pass: its metrics and the keys of the samples it covered (the swapped-images pass
+        covers the same ones, whose packing differs as the image sizes do)."""
+        from keye.data.pipeline import micro_batches
+
+        stream = micro_batches(ctx, split="heldout", view=view)
         stream.processor.modes.keep_keys = True
-        batches = stream.take(self.config.eval_batches)
+        batches = stream.take(self.config.eval_batches if view is None else 1 << 30)
         if not batches:
-            return {}
+            return {}, set()
         verdicts: list[tuple[str, bool]] = []
         result = engine.eval_step(partial(_eval_forward, verdicts), iter(batches), len(batches), seq_len, 1)
         out = {"heldout_loss": result["loss"]}
         if "answer_accuracy" in result:
             out["answer_accuracy"] = result["answer_accuracy"]
             out.update(_accuracy_by_mode(verdicts, stream.processor.modes.mode_of, ctx.parallel.is_last_stage))
-        return out
+        return out, {key for batch in batches for key in batch.keys}
 
 
 @hookimpl
