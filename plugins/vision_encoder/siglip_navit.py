@@ -83,6 +83,10 @@ class SiglipNaViT(nn.Module):
         siglip_tower.check_tower_config(config, check)
         check.count(config, "patch_size")
         check.count(config, "image_size", minimum=config.patch_size)
+        head_dim, scheme = config.hidden_size // config.num_heads, (config.position_encoding or {}).get("name")
+        if scheme == "rope2d_vision" and config.hidden_size % config.num_heads == 0 and head_dim % 4:
+            check.fail("num_heads", f"head_dim = hidden_size / num_heads = {head_dim} must divide by 4 for "
+                                    "rope2d_vision (2D RoPE: rows and cols, pairs on each)")
 
     def __init__(self, config: Config | None = None, ctx: BuildContext | None = None) -> None:
         super().__init__()

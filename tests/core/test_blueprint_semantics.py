@@ -76,6 +76,8 @@ def tiny_copy(tmp_path):
         # component checks (check_config)
         (["model.language_model.num_attention_heads=3"],
          "blueprints/tiny/base.yaml: model.language_model.num_query_groups: 2 does not divide num_attention_heads (3)"),
+        (["model.vision_encoder.num_heads=16"], "model.vision_encoder.num_heads: head_dim = hidden_size / num_heads = 2 "
+                                                 "must divide by 4 for rope2d_vision"),
         (["parallel.tensor=3"], "blueprints/tiny/base.yaml: model.vision_encoder.num_heads: 2 is not divisible by parallel.tensor (3)"),
         (["parallel.pipeline=2", "model.language_model.num_layers=3"],
          "model.language_model.num_layers: 3 layers do not split evenly over parallel.pipeline (2)"),
