@@ -121,14 +121,15 @@ def mode_for(key: str, modes: Mapping[str, float], seed: int) -> str:
 
 
 def writable(reply: str) -> bool:
-    """Whether a reply can be written as a training turn: the chat template refuses text holding its own
-    structural tokens (a degenerate sample may emit ``<|image_pad|>``), so such a reply is never picked."""
-    return not any(token in reply for token in _STRUCTURAL_TOKENS)
+    """Whether a reply can be written as a training turn: the processor refuses an empty reply, and the chat
+    template text holding its own structural tokens (a degenerate sample may emit ``<|image_pad|>``), so such a
+    reply is never picked."""
+    return bool(reply.strip()) and not any(token in reply for token in _STRUCTURAL_TOKENS)
 
 
 def pick_pair(scores: Sequence[float], replies: Sequence[str], margin: float) -> tuple[int, int] | str:
-    """``(best, worst)`` indices among the writable replies, or why there is no pair: ``unwritable`` (fewer
-    than two writable replies), ``below_margin`` or ``identical`` replies."""
+    """``(best, worst)`` indices among the writable replies (`writable`), or why there is no pair:
+    ``unwritable`` (fewer than two writable replies), ``below_margin`` or ``identical`` replies."""
     kept = [i for i in range(len(scores)) if writable(replies[i])]
     if len(kept) < 2:
         return "unwritable"
