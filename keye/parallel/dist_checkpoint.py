@@ -167,10 +167,40 @@ def saved_tensors(folder: str | Path, *, require_manifest: bool = True) -> dict[
 
 def tensors_only(state: dict[str, Any]) -> dict[str, Any]:
     """A sharded state dict without its ``ShardedObject`` s (per-layer ``_extra_state``: TE's FP8 scaling
-    history, None in the local spec): the weights alone, as stages hand them on."""
+    history, None in the local spec): the weights alone, as stages hand them on. Nested dicts (the
+    chunks of `model_state`) are filtered alike."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return {name: value for name, value in state.items() if not isinstance(value, ShardedObject)}
+    return {name: tensors_only(value) if isinstance(value, dict) else value
+            for name, value in state.items() if not isinstance(value, ShardedObject)}
+
+
+def model_chunks(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
+    """The model chunks of this rank: a list of them (interleaved pipeline), or a lone model as one."""
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def model_state(model: nn.Module | list[nn.Module]) -> dict[str, Any]:
+    """`sharded_state_dict` of a model, or of each chunk under ``chunk<i>`` when there are several.
+
+    The chunks of an interleaved pipeline number their layers from 0 each (``decoder.layers.0`` is in
+    every chunk), so their state dicts cannot be merged flat; the global keys inside (which the checkpoint
+    stores) are distinct. One chunk keeps the flat form, so layouts without a virtual pipeline are as before.
+    """
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        return sharded_state_dict(chunks[0])
+    return {f"chunk{index}": sharded_state_dict(chunk) for index, chunk in enumerate(chunks)}
+
+
+def load_model_state(model: nn.Module | list[nn.Module], state: dict[str, Any], strict: bool = True) -> None:
+    """``load_state_dict`` of what `model_state` described, chunk by chunk."""
+    chunks = model_chunks(model)
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(state, strict=strict)
+        return
+    for index, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{index}"], strict=strict)
 
 
 def read_full_tensors(folder: str | Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from keye.errors import KeyeUserError
 from keye.parallel import checkpoint_folder
-from keye.parallel.dist_checkpoint import load, load_common, save, sharded_state_dict, tensors_only
+from keye.parallel.dist_checkpoint import load, load_common, load_model_state, model_state, save, tensors_only
 
 #: Megatron's layout-independent format for the distributed optimizer's state.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -76,9 +76,9 @@ def _data_object(parallel: Any, state: Any = None) -> Any:
 
 
 def _sharded_training_state(model: torch.nn.Module, engine: Any, is_loading: bool) -> dict[str, Any]:
-    model_state = sharded_state_dict(model)
-    optimizer = engine.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
-    return {"model": model_state, "optimizer": optimizer}
+    state = model_state(model)  # per chunk for an interleaved pipeline's list of chunks
+    optimizer = engine.optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=OPTIMIZER_METADATA)
+    return {"model": state, "optimizer": optimizer}
 
 
 def _give_fresh_optimizer_state(optimizer: Any) -> None:
@@ -220,7 +220,7 @@ def load_training_state(ctx: Any, model: torch.nn.Module, engine: Any, stream: A
         template["model"] = tensors_only(template["model"])
     state = load(template, folder)  # a tensor missing from the checkpoint fails here
 
-    model.load_state_dict(state["model"], strict=same_layout)
+    load_model_state(model, state["model"], strict=same_layout)
     _load_optimizer_state(engine.optimizer, state["optimizer"])
     engine.scheduler.num_steps = 0  # Megatron's load adds the saved count to the current one
     engine.scheduler.load_state_dict(state["scheduler"])

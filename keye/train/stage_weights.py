@@ -27,17 +27,28 @@ import torch
 import torch.distributed as dist
 
 from keye.errors import KeyeUserError
-from keye.parallel.dist_checkpoint import is_checkpoint, load, save, saved_tensors, sharded_state_dict, tensors_only
+from keye.parallel.dist_checkpoint import (
+    is_checkpoint,
+    load,
+    load_model_state,
+    model_chunks,
+    model_state,
+    save,
+    saved_tensors,
+    sharded_state_dict,
+    tensors_only,
+)
 
 
 def weights_folder(stage_dir: Path) -> Path:
     return Path(stage_dir) / "weights"
 
 
-def save_stage_weights(model: torch.nn.Module, ctx: Any) -> Path:
-    """Publish the stage's weights (atomically: `keye.parallel.dist_checkpoint.save`)."""
+def save_stage_weights(model: torch.nn.Module | list[torch.nn.Module], ctx: Any) -> Path:
+    """Publish the stage's weights (atomically: `keye.parallel.dist_checkpoint.save`); ``model`` may be the
+    list of an interleaved pipeline's chunks (the files are the same: global names)."""
     folder = weights_folder(ctx.output_dir)
-    save(tensors_only(sharded_state_dict(model)), folder)
+    save(tensors_only(model_state(model)), folder)
     return folder
 
 
@@ -51,7 +62,7 @@ def _source_folder(ctx: Any) -> tuple[Path | None, bool]:
     return Path(source), explicit
 
 
-def load_stage_weights(model: torch.nn.Module, ctx: Any) -> Path | None:
+def load_stage_weights(model: torch.nn.Module | list[torch.nn.Module], ctx: Any) -> Path | None:
     """Load the previous stage's weights (or ``init_from``); a stage with none starts fresh (returns None)."""
     stage_dir, explicit = _source_folder(ctx)
     if stage_dir is None:
@@ -76,17 +87,20 @@ def _all_ranks(keys: set[str]) -> set[str]:
     return set().union(*gathered)
 
 
-def shared_module_state(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
-    """The part of ``model``'s sharded state dict that a checkpoint holds: the top-level modules both have.
+def shared_module_state(model: torch.nn.Module | list[torch.nn.Module], folder: Path) -> dict[str, Any]:
+    """The part of ``model``'s sharded state dict that a checkpoint holds: the top-level modules both have
+    (per chunk, as `keye.parallel.dist_checkpoint.model_state` nests them, for a list of chunks).
 
-    Each shared module must match exactly (over all ranks together); a mismatch is one line naming the
-    first differing tensors.
+    Each shared module must match exactly (over all ranks and chunks together); a mismatch is one line
+    naming the first differing tensors.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     saved = saved_tensors(folder)
     saved_modules = {_module(k) for k in saved}
-    wanted = {name: sh for name, sh in tensors_only(sharded_state_dict(model)).items() if _module(sh.key) in saved_modules}
+    per_chunk = [{name: sh for name, sh in tensors_only(sharded_state_dict(chunk)).items() if _module(sh.key) in saved_modules}
+                 for chunk in model_chunks(model)]
+    wanted = {f"{index}.{name}": sh for index, chunk in enumerate(per_chunk) for name, sh in chunk.items()}
     keys = _all_ranks({sh.key for sh in wanted.values()})
     missing = sorted(keys - set(saved))
     shared_modules = {_module(key) for key in keys}
@@ -97,14 +111,14 @@ def shared_module_state(model: torch.nn.Module, folder: Path) -> dict[str, Any]:
         if isinstance(sh, ShardedTensor) and tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
             raise KeyeUserError(f"{folder}: '{sh.key}' has shape {tuple(saved[sh.key].global_shape)}, the model "
                                 f"wants {tuple(sh.global_shape)}")
-    return wanted
+    return per_chunk[0] if len(per_chunk) == 1 else {f"chunk{index}": chunk for index, chunk in enumerate(per_chunk)}
 
 
-def load_weights_from(model: torch.nn.Module, stage_dir: Path) -> Path:
+def load_weights_from(model: torch.nn.Module | list[torch.nn.Module], stage_dir: Path) -> Path:
     """Load a stage folder's weights into ``model`` in this process's layout (resharding if it differs)."""
     folder = weights_folder(stage_dir)
     if not is_checkpoint(folder):
         raise KeyeUserError(f"{folder}: no weights (a stage's weights/ folder with metadata.json)")
     state = load(shared_module_state(model, folder), folder)
-    model.load_state_dict(state, strict=False)
+    load_model_state(model, state, strict=False)
     return folder
