@@ -2,7 +2,8 @@
 
 ``TrainEngine`` wraps the model chunks in Megatron's DistributedDataParallel, builds the optimiser and
 schedule (`keye.train.optim`), and runs ``get_forward_backward_func()`` over the micro-batches of a step
-(1F1B or interleaved when PP > 1). A step whose loss or gradient norm is not finite is skipped (no
+(1F1B when PP > 1, interleaved when there are several model chunks: one per virtual pipeline stage,
+each fed the same micro-batches). A step whose loss or gradient norm is not finite is skipped (no
 update, counted); too many in a row stop the run with a clear message.
 """
 
@@ -65,10 +66,11 @@ class TrainEngine:
             finalize_model_grads,
         )
 
-        config = chunks[0].config
-        # Losses report (sum, token count); Megatron divides gradients by the global token count, so the
-        # update is the same token-mean for any micro-batch split or data-parallel size. DDP reads this.
-        config.calculate_per_token_loss = True
+        config = chunks[0].config  # the schedule's; each chunk's DDP reads its own
+        for chunk in chunks:
+            # Losses report (sum, token count); Megatron divides gradients by the global token count, so the
+            # update is the same token-mean for any micro-batch split or data-parallel size. DDP reads this.
+            chunk.config.calculate_per_token_loss = True
         distributed_optimizer = mpu.get_data_parallel_world_size() > 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=distributed_optimizer
@@ -142,6 +144,8 @@ class TrainEngine:
         """Megatron's pipeline schedule over the step's micro-batches, inside one FP8 scaling step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        if len(self.chunks) > 1:
+            data = self._interleaved(data, num_microbatches)
         with fp8_context(self.precision):
             return get_forward_backward_func()(
                 forward_step_func=forward_step,
@@ -152,6 +156,27 @@ class TrainEngine:
                 micro_batch_size=micro_batch_size,
                 forward_only=forward_only,
             )
+
+    def _interleaved(self, data: Any, num_microbatches: int) -> list[Iterator]:
+        """Megatron's interleaved schedule reads one iterator per model chunk, each micro-batch once per chunk
+        (the first chunk for its inputs, the last for its labels): the step's micro-batches are taken once
+        and handed to every chunk. It runs micro-batches in groups of ``microbatch_group_size_per_vp_stage``
+        (default: the pipeline size), a count that must not leave a smaller remainder; a step (a held-out
+        pass) whose count is not a multiple of it runs as one group, which is as correct, only less overlapped.
+        """
+        from megatron.core import parallel_state as mpu
+
+        if isinstance(data, list):
+            return data
+        pipeline = mpu.get_pipeline_model_parallel_world_size()
+        if num_microbatches < pipeline:
+            from keye.errors import KeyeUserError
+
+            raise KeyeUserError(f"parallel.virtual_pipeline: {num_microbatches} micro-batches in a step (or held-out "
+                                f"pass) but the interleaved pipeline needs at least parallel.pipeline = {pipeline}")
+        self.config.microbatch_group_size_per_vp_stage = pipeline if num_microbatches % pipeline == 0 else num_microbatches
+        batches = [next(data) for _ in range(num_microbatches)]
+        return [iter(batches) for _ in self.chunks]
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Token-weighted means over micro-batches and data-parallel ranks, known on every rank.
