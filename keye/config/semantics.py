@@ -265,6 +265,7 @@ def _check_components(cfg: DictConfig, registry: Any, origin: Origin) -> None:
     for index, stage in enumerate(cfg.stages):
         path = f"stages.{index}"
         options = {"name": stage.kind, **OmegaConf.to_container(stage.options)}
+        _check_virtual_pipeline(cfg, registry, origin, stage.kind)
         check_node(cfg, registry, origin, "stage", options, f"{path}.options", index)
         if stage.loss is not None:
             check_node(cfg, registry, origin, "loss", stage.loss, f"{path}.loss", index)
@@ -273,6 +274,15 @@ def _check_components(cfg: DictConfig, registry: Any, origin: Origin) -> None:
                 check_node(cfg, registry, origin, "data_source", node, f"{path}.data.{group}.{label}", index)
         check_node(cfg, registry, origin, "data_mixer", stage.data.mixer, f"{path}.data.mixer", index)
         check_node(cfg, registry, origin, "video_decoder", stage.data.video_decoder, f"{path}.data.video_decoder", index)
+
+
+def _check_virtual_pipeline(cfg: DictConfig, registry: Any, origin: Origin, kind: str) -> None:
+    """An interleaved pipeline needs a stage that builds one model chunk per virtual stage. A stage kind says
+    it does with ``supports_virtual_pipeline = True`` in its own class body: a subclass that builds its models
+    its own way (a frozen reference, a generator) does not inherit the promise."""
+    if cfg.parallel.virtual_pipeline is not None and not vars(registry.cls("stage", kind)).get("supports_virtual_pipeline"):
+        fail(origin, "parallel.virtual_pipeline", f"the '{kind}' stage kind does not support an interleaved pipeline; "
+                                                  "set it to null")
 
 
 def check_node(cfg: DictConfig, registry: Any, origin: Origin, kind: str, node: Any, path: str,

@@ -6,6 +6,9 @@ are about ``2 × parameters`` per layer; the ViT runs on ``merge²`` patches per
 it costs about ``2 × vit_params × merge² × vision_share``. Expressed in LLM layers, that is the number of
 layers to take off the first stage; the rest are spread evenly over the others (Megatron-Core's
 ``num_layers_in_first_pipeline_stage``: the remaining layers must divide by the remaining stages).
+
+With an interleaved pipeline (``parallel.virtual_pipeline``) each rank holds several model chunks, one
+per virtual stage; `virtual_stages` says which, and which of them holds the input embedding / output head.
 """
 
 from __future__ import annotations
@@ -36,3 +39,20 @@ def first_stage_layers(num_layers: int, pipeline: int, vision_layers: float) -> 
         if slowest < best_cost or (slowest == best_cost and best is not None and first > best):
             best, best_cost = first, slowest
     return best
+
+
+def virtual_stages(parallel) -> list[tuple[int | None, bool, bool]]:
+    """``(vp_stage, pre_process, post_process)`` for each model chunk this rank builds, in schedule order.
+
+    Without a virtual pipeline: one chunk, ``vp_stage`` None, holding the embedding on the first pipeline
+    stage and the output head on the last. With ``vpp_size`` V: V chunks; only chunk 0 of the first stage
+    embeds and only chunk V-1 of the last stage has the head (Megatron's ``is_pipeline_first_stage`` with
+    ``ignore_virtual=False``), because layers run stage 0 chunk 0, stage 1 chunk 0, ..., stage 0 chunk 1, ...
+    """
+    if parallel is None or not parallel.vpp_size:
+        first = parallel is None or parallel.is_first_stage
+        last = parallel is None or parallel.is_last_stage
+        return [(None, first, last)]
+    chunks = parallel.vpp_size
+    return [(vp, parallel.is_first_stage and vp == 0, parallel.is_last_stage and vp == chunks - 1)
+            for vp in range(chunks)]

@@ -110,6 +110,9 @@ class LMStage:
             check.fail("", "the lm stage needs model.language_model")
         if config.eval_swapped_images and check.blueprint.model.vision_encoder is None:
             check.fail("eval_swapped_images", "needs model.vision_encoder (a model without images has none to swap)")
+        if check.blueprint.parallel.virtual_pipeline is not None and config.num_microbatches < check.pipeline:
+            check.fail("num_microbatches", f"{config.num_microbatches}, but an interleaved pipeline (parallel.virtual_pipeline) "
+                                           f"needs at least parallel.pipeline = {check.pipeline} per step")
         if check.stage.steps > 0 and not check.stage.data.sources:
             check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
 
@@ -117,13 +120,27 @@ class LMStage:
         self.config = config
         self.ctx = ctx
 
+    #: this class's run() builds one model chunk per virtual pipeline stage (`build_chunks`); a stage kind
+    #: declares it in its own class body (`keye.config.semantics`), a subclass does not inherit it
+    supports_virtual_pipeline = True
+
     def build_model(self) -> KeyeVLModel:
+        """The model of this rank (one chunk; `build_chunks` for an interleaved pipeline)."""
+        return self._build_chunk(None, self.ctx.parallel.is_first_stage, self.ctx.parallel.is_last_stage)
+
+    def build_chunks(self) -> list[KeyeVLModel]:
+        """One model per virtual pipeline stage this rank holds (`keye.model.pipeline_split.virtual_stages`)."""
+        from keye.model.pipeline_split import virtual_stages
+
+        return [self._build_chunk(*chunk) for chunk in virtual_stages(self.ctx.parallel)]
+
+    def _build_chunk(self, vp_stage: int | None, pre_process: bool, post_process: bool) -> KeyeVLModel:
         from keye.data.pipeline import load_tokenizer, vocab_size
         from keye.data.tokenizer import SpecialTokens
 
         bp, parallel = self.ctx.blueprint, self.ctx.parallel
         special = SpecialTokens.from_tokenizer(load_tokenizer(bp.model.tokenizer, vocab_size(bp.model)))
-        build = BuildContext(parallel, DTYPES[bp.precision.dtype], parallel.is_first_stage, parallel.is_last_stage,
+        build = BuildContext(parallel, DTYPES[bp.precision.dtype], pre_process, post_process, vp_stage=vp_stage,
                              seed=bp.run.seed, fp8=bp.precision.fp8)
         return KeyeVLModel(bp.model, self.ctx.registry, build,
                            image_token_id=special.image_pad, video_token_id=special.video_pad)
@@ -134,11 +151,11 @@ class LMStage:
 
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         parallel, dtype = ctx.parallel, DTYPES[ctx.blueprint.precision.dtype]
-        model = self.build_model()
+        model = self.build_chunks()  # one per virtual pipeline stage (one without an interleaved pipeline)
         initialised_from = load_stage_weights(model, ctx)
         trainable = apply_freezing(model, stage.train)
         loss = build_component("loss", stage.loss or {"name": "next_token"}, ctx.registry, BuildContext(parallel, dtype))
-        engine = TrainEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps, precision=ctx.blueprint.precision)
+        engine = TrainEngine(model, stage, dtype, max_bad_steps=config.max_bad_steps, precision=ctx.blueprint.precision)
         seq_len = stage.data.max_tokens
         train = micro_batches(ctx, split="train")
         step_fn = partial(_train_forward, loss)

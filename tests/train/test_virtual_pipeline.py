@@ -1,0 +1,118 @@
+"""Interleaved (virtual) pipeline through a stage: PP=2 x VPP=2 in two real processes trains like one process.
+
+Each rank builds two model chunks (layers 0 and 2 on the first rank, 1 and 3 on the second; the vision side
+and the embedding in chunk 0 of the first rank, the head in chunk 1 of the last); Megatron's interleaved
+schedule runs them. The weights are drawn per global name, so both layouts start from the same model; the
+first stage's weights (written from the chunks) are what the second stage starts from. A stage kind that does
+not build chunks is refused at validation, in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from keye.config import load_blueprint
+from keye.errors import BlueprintError
+from keye.parallel.dist_checkpoint import read_full_tensors
+from keye.testing import write_blueprint
+
+LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+MODEL = {
+    "vision_encoder": {"name": "siglip_navit", "size": "tiny"},
+    "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
+    "language_model": {"name": "qwen3", "size": "tiny", "num_layers": 4},  # one layer per (stage, chunk)
+}
+DATA = {
+    "max_tokens": 256, "pack_buffer": 8, "image_max_tokens": 16, "video_frame_tokens": [4, 16], "video_max_tokens": 64,
+    "sources": {"qa": {"name": "synthetic", "tasks": ["color", "count", "video_direction"], "num_samples": 200}},
+    "heldout": {"qa": {"name": "synthetic", "tasks": ["color"], "split": "heldout", "num_samples": 8}},
+}
+ALL = ["vision_encoder", "projector", "language_model"]
+
+
+def _stage(name: str, train: list[str], steps: int, num_microbatches: int) -> dict:
+    return {"name": name, "kind": "lm", "train": train, "steps": steps, "optimizer": {"lr": 3e-3},
+            "schedule": {"kind": "cosine", "warmup_steps": 1}, "data": DATA,
+            "options": {"eval_batches": 3, "num_microbatches": num_microbatches}}
+
+
+def _blueprint(tmp_path: Path, name: str, parallel: dict) -> Path:
+    # 2 then 3 micro-batches a step: one interleaved group of PP, and a count that is not a multiple of PP;
+    # the held-out pass has 3 too
+    return write_blueprint(tmp_path / f"{name}.yaml", {
+        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 11}, "model": MODEL, "parallel": parallel,
+        "stages": [_stage("first", ALL, 3, 2), _stage("second", ["language_model"], 2, 3)],
+    })
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("vpp")
+    procs = [subprocess.Popen([*LAUNCH, str(_blueprint(tmp_path, name, parallel)), *extra], env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, parallel, extra in (("one", {}, []),
+                                           ("vpp", {"pipeline": 2, "virtual_pipeline": 2}, ["--nproc", "2"]))]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    return tmp_path
+
+
+def _records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_losses_and_grad_norms_match_one_process(runs):
+    one, vpp = _records(runs / "one"), _records(runs / "vpp")
+    assert [(r["stage"], r["step"]) for r in vpp] == [(r["stage"], r["step"]) for r in one] == \
+        [("first", 1), ("first", 2), ("first", 3), ("second", 1), ("second", 2)]
+    assert [r["loss"] for r in vpp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
+    assert [r["grad_norm"] for r in vpp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+
+
+def test_heldout_loss_matches_one_process(runs):
+    one, vpp = (json.loads((runs / run / "summary.json").read_text())["stages"] for run in ("one", "vpp"))
+    for stage in ("first", "second"):
+        for when in ("eval_before", "eval_after"):
+            assert vpp[stage][when]["heldout_loss"] == pytest.approx(one[stage][when]["heldout_loss"], abs=1e-5)
+    assert vpp["second"]["initialised_from"].endswith("first/weights")
+
+
+def test_weights_written_from_chunks_are_the_whole_model(runs):
+    """Every global layer is in the checkpoint once, equal to the one-process weights."""
+    one, vpp = read_full_tensors(runs / "one" / "second" / "weights"), read_full_tensors(runs / "vpp" / "second" / "weights")
+    assert sorted(vpp) == sorted(one)
+    for name in one:
+        assert vpp[name].shape == one[name].shape, name
+        torch.testing.assert_close(vpp[name], one[name], rtol=0, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["preference", "eval"])
+def test_a_stage_kind_without_chunks_is_one_line_at_validate(keye_registry, tmp_path, kind):
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
+        "parallel": {"pipeline": 2, "virtual_pipeline": 2},
+        "stages": [_stage("first", ALL, 1, 2), {"name": "later", "kind": kind, "steps": 0, "train": [], "data": DATA}],
+    })
+    with pytest.raises(BlueprintError) as info:
+        load_blueprint(path, [], keye_registry)
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"parallel.virtual_pipeline: the '{kind}' stage kind does not support an interleaved pipeline" in message
+
+
+def test_too_few_microbatches_for_the_interleaved_schedule_is_one_line(keye_registry, tmp_path):
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
+        "parallel": {"pipeline": 2, "virtual_pipeline": 2}, "stages": [_stage("first", ALL, 1, 1)],
+    })
+    with pytest.raises(BlueprintError, match=r"stages\.0\.options\.num_microbatches: 1, but an interleaved pipeline"):
+        load_blueprint(path, [], keye_registry)
