@@ -3,7 +3,8 @@
 Each rank builds two model chunks (layers 0 and 2 on the first rank, 1 and 3 on the second; the vision side
 and the embedding in chunk 0 of the first rank, the head in chunk 1 of the last); Megatron's interleaved
 schedule runs them. The weights are drawn per global name, so both layouts start from the same model; the
-first stage's weights (written from the chunks) are what the second stage starts from. A stage kind that does
+first stage's weights (written from the chunks) are what the second stage starts from, and the second stage
+is resumed from a training checkpoint written from the chunks. A stage kind that does
 not build chunks is refused at validation, in one line.
 """
 
@@ -46,23 +47,35 @@ def _stage(name: str, train: list[str], steps: int, num_microbatches: int) -> di
 
 def _blueprint(tmp_path: Path, name: str, parallel: dict) -> Path:
     # 2 then 3 micro-batches a step: one interleaved group of PP, and a count that is not a multiple of PP;
-    # the held-out pass has 3 too
+    # the held-out pass has 3 too. A checkpoint after every step (not after the last: it has its weights).
     return write_blueprint(tmp_path / f"{name}.yaml", {
-        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 11}, "model": MODEL, "parallel": parallel,
-        "stages": [_stage("first", ALL, 3, 2), _stage("second", ["language_model"], 2, 3)],
+        "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 11, "checkpoint_every": 1},
+        "model": MODEL, "parallel": parallel,
+        "stages": [_stage("first", ALL, 2, 2), _stage("second", ["language_model"], 2, 3)],
     })
+
+
+def _launch(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([*LAUNCH, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
+    """One process and PP=2 x VPP=2 (side by side); then the VPP run's second stage is resumed from its
+    step-1 checkpoint (its done marker removed, as if killed in step 2), so its step 2, held-out loss and
+    weights come from a training state restored into the chunks."""
     tmp_path = tmp_path_factory.mktemp("vpp")
-    procs = [subprocess.Popen([*LAUNCH, str(_blueprint(tmp_path, name, parallel)), *extra], env=ENV,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, parallel, extra in (("one", {}, []),
-                                           ("vpp", {"pipeline": 2, "virtual_pipeline": 2}, ["--nproc", "2"]))]
-    for proc in procs:
-        _, err = proc.communicate(timeout=600)
-        assert proc.returncode == 0, err[-3000:]
+    one = _launch(str(_blueprint(tmp_path, "one", {})))
+    vpp = _blueprint(tmp_path, "vpp", {"pipeline": 2, "virtual_pipeline": 2})
+    _wait(_launch(str(vpp), "--nproc", "2"))
+    (tmp_path / "vpp" / "second" / "done.json").unlink()
+    _wait(_launch(str(vpp), "--nproc", "2", "--resume"))
+    _wait(one)
     return tmp_path
 
 
@@ -73,7 +86,7 @@ def _records(run: Path) -> list[dict]:
 def test_losses_and_grad_norms_match_one_process(runs):
     one, vpp = _records(runs / "one"), _records(runs / "vpp")
     assert [(r["stage"], r["step"]) for r in vpp] == [(r["stage"], r["step"]) for r in one] == \
-        [("first", 1), ("first", 2), ("first", 3), ("second", 1), ("second", 2)]
+        [("first", 1), ("first", 2), ("second", 1), ("second", 2)]
     assert [r["loss"] for r in vpp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
     assert [r["grad_norm"] for r in vpp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
 
@@ -84,6 +97,7 @@ def test_heldout_loss_matches_one_process(runs):
         for when in ("eval_before", "eval_after"):
             assert vpp[stage][when]["heldout_loss"] == pytest.approx(one[stage][when]["heldout_loss"], abs=1e-5)
     assert vpp["second"]["initialised_from"].endswith("first/weights")
+    assert vpp["second"]["resumed_from_step"] == 1 and one["second"]["resumed_from_step"] == 0
 
 
 def test_weights_written_from_chunks_are_the_whole_model(runs):
