@@ -108,24 +108,30 @@ def unfused_name(name: str) -> str:
     return name
 
 
-def load_hf_into(model: nn.Module, keye_state: dict[str, Tensor]) -> None:
-    """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers."""
+def load_hf_into(model: nn.Module | list[nn.Module], keye_state: dict[str, Tensor]) -> None:
+    """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers
+    (each chunk its own, for the list of an interleaved pipeline's chunks)."""
+    from keye.parallel.dist_checkpoint import model_chunks
     from keye.parallel.tp_weights import load_full_state_dict
     from keye.parallel.weight_init import global_name
 
-    local = {name: keye_state[unfused_name(global_name(model, name))] for name, _ in model.named_parameters()}
-    load_full_state_dict(model, local)
+    for chunk in model_chunks(model):
+        local = {name: keye_state[unfused_name(global_name(chunk, name))] for name, _ in chunk.named_parameters()}
+        load_full_state_dict(chunk, local)
 
 
-def gather_full_state(model: nn.Module) -> dict[str, Tensor] | None:
-    """Full tensors by global name; collective over TP and PP ranks. Returned on the first PP stage, else None."""
+def gather_full_state(model: nn.Module | list[nn.Module]) -> dict[str, Tensor] | None:
+    """Full tensors by global name; collective over TP and PP ranks (``model``: this rank's model, or its
+    list of chunks). Returned on the first PP stage, else None."""
     import torch.distributed as dist
     from megatron.core import parallel_state as mpu
 
+    from keye.parallel.dist_checkpoint import model_chunks
     from keye.parallel.tp_weights import full_state_dict
     from keye.parallel.weight_init import global_name
 
-    state = {unfused_name(global_name(model, name)): t for name, t in full_state_dict(model).items()}
+    state = {unfused_name(global_name(chunk, name)): t
+             for chunk in model_chunks(model) for name, t in full_state_dict(chunk).items()}
     if mpu.get_pipeline_model_parallel_world_size() == 1:
         return state
     group = mpu.get_pipeline_model_parallel_group()
