@@ -4,7 +4,8 @@ Each rank builds two model chunks (layers 0 and 2 on the first rank, 1 and 3 on 
 and the embedding in chunk 0 of the first rank, the head in chunk 1 of the last); Megatron's interleaved
 schedule runs them. The weights are drawn per global name, so both layouts start from the same model; the
 first stage's weights (written from the chunks) are what the second stage starts from, and the second stage
-is resumed from a training checkpoint written from the chunks. A stage kind that does
+is resumed from a training checkpoint written from the chunks. Full tensors (Hugging Face weights) go into and
+come out of the chunks by global layer. A stage kind that does
 not build chunks is refused at validation, in one line.
 """
 
@@ -23,6 +24,7 @@ from keye.config import load_blueprint
 from keye.errors import BlueprintError
 from keye.parallel.dist_checkpoint import read_full_tensors
 from keye.testing import write_blueprint
+from keye.testing.distributed import run_distributed
 
 LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -130,3 +132,44 @@ def test_too_few_microbatches_for_the_interleaved_schedule_is_one_line(keye_regi
     })
     with pytest.raises(BlueprintError, match=r"stages\.0\.options\.num_microbatches: 1, but an interleaved pipeline"):
         load_blueprint(path, [], keye_registry)
+
+
+def _full_tensors_through_chunks() -> list:
+    """PP=2 x VPP=2, tiny 4-layer LLM: every full tensor loaded into this rank's chunks and gathered back;
+    which global layer each chunk holds, and whether its weights are that layer's."""
+    import torch.distributed as dist
+    from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
+
+    from keye.hf.weights import gather_full_state, load_hf_into
+    from keye.model.pipeline_split import virtual_stages
+    from keye.model.protocols import BuildContext
+    from keye.parallel import init_parallel
+
+    ctx = init_parallel(pipeline=2, virtual_pipeline=2, seed=3)
+    config = Qwen3LanguageModel.Config(**{**Qwen3LanguageModel.SIZES["tiny"], "num_layers": 4})
+    chunks = [Qwen3LanguageModel(config, BuildContext(ctx, torch.float32, pre, post, vp_stage=vp, seed=3))
+              for vp, pre, post in virtual_stages(ctx)]
+    shapes = gather_full_state(chunks)
+    wanted = [None]
+    if ctx.rank == 0:  # the first pipeline stage has the whole model's names
+        generator = torch.Generator().manual_seed(0)
+        wanted[0] = {name: torch.randn(t.shape, generator=generator) for name, t in sorted(shapes.items())}
+    dist.broadcast_object_list(wanted, src=0)
+    wanted = wanted[0]
+    load_hf_into(chunks, wanted)
+    back = gather_full_state(chunks)
+    placed = []
+    for chunk in chunks:
+        layer = chunk.gpt.decoder.layers[0]
+        name = f"gpt.decoder.layers.{layer.layer_number - 1}.mlp.linear_fc1.weight"
+        placed.append((layer.layer_number - 1, torch.equal(layer.mlp.linear_fc1.weight, wanted[name])))
+    same = back is not None and sorted(back) == sorted(wanted) and all(torch.equal(back[n], wanted[n]) for n in wanted)
+    return [same, placed, chunks[0].gpt.pre_process, chunks[-1].gpt.post_process]
+
+
+def test_full_tensors_load_into_and_gather_from_chunks():
+    first, second = run_distributed(_full_tensors_through_chunks, 2)
+    assert first[0] is True  # the first pipeline stage gathered every tensor back, unchanged
+    # layers run stage 0 chunk 0, stage 1 chunk 0, stage 0 chunk 1, stage 1 chunk 1
+    assert first[1] == [(0, True), (2, True)] and second[1] == [(1, True), (3, True)]
+    assert first[2:] == [True, False] and second[2:] == [False, True]  # embedding / head only at the ends
