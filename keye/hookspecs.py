@@ -226,6 +226,9 @@ def keye_register_stages(register: Register) -> None:
     registry, output folder, the previous stage). Must provide ``run() -> dict | None``, the stage's summary
     (`keye.contracts.Stage`). May ignore checkpointing (``--resume`` then restarts the stage) and
     evaluation. Selected by ``stages[i].kind``; ``stages[i].options`` is checked against the stage's Config.
+    May ignore ``parallel.virtual_pipeline``: a stage that builds one model chunk per virtual pipeline stage
+    (as ``lm``'s ``build_chunks``) says so with ``supports_virtual_pipeline = True`` in its own class body;
+    without it a blueprint with a virtual pipeline is refused at validation, naming the stage kind.
     """
 
 
