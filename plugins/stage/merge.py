@@ -24,6 +24,9 @@ from keye.train.stage_weights import weights_folder
 
 
 class MergeStage:
+    #: builds no model (it merges checkpoint files by global name), so any pipeline layout, interleaved too
+    supports_virtual_pipeline = True
+
     @dataclass
     class Config:
         inputs: List[str] = doc("Stages (by name) whose final weights are merged.", default_factory=list)
