@@ -173,3 +173,15 @@ def test_full_tensors_load_into_and_gather_from_chunks():
     # layers run stage 0 chunk 0, stage 1 chunk 0, stage 0 chunk 1, stage 1 chunk 1
     assert first[1] == [(0, True), (2, True)] and second[1] == [(1, True), (3, True)]
     assert first[2:] == [True, False] and second[2:] == [False, True]  # embedding / head only at the ends
+
+
+def test_lm_and_merge_stages_validate_with_a_virtual_pipeline(keye_registry, tmp_path):
+    """The stage kinds that declare it (lm builds chunks; merge builds no model) pass validation."""
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
+        "parallel": {"pipeline": 2, "virtual_pipeline": 2},
+        "stages": [_stage("a", ALL, 1, 2), _stage("b", ALL, 1, 2),
+                   {"name": "merged", "kind": "merge", "options": {"inputs": ["a", "b"]}}],
+    })
+    cfg = load_blueprint(path, [], keye_registry)
+    assert cfg.parallel.virtual_pipeline == 2 and [s.kind for s in cfg.stages] == ["lm", "lm", "merge"]
