@@ -7,6 +7,9 @@ engine runs Megatron's pipeline schedule, and the loss reports sums so results d
 layout. Evaluation on held-out data reports the next-token loss and teacher-forced answer accuracy
 (a sample counts as correct when every answer token is the model's argmax), overall and per thinking
 mode; the summary's ``modes`` has the mix trained on (samples, share, loss tokens, mean response length).
+With ``eval_swapped_images`` the same held-out samples are evaluated again, each with another sample's
+image or clip (`keye.data.pipeline.swapped_media`): ``image_gain`` (swapped minus own loss) near 0 means the
+model answers from the wording alone, whatever its accuracy.
 """
 
 from __future__ import annotations
