@@ -5,8 +5,8 @@ and the embedding in chunk 0 of the first rank, the head in chunk 1 of the last)
 schedule runs them. The weights are drawn per global name, so both layouts start from the same model; the
 first stage's weights (written from the chunks) are what the second stage starts from, and the second stage
 is resumed from a training checkpoint written from the chunks. Full tensors (Hugging Face weights) go into and
-come out of the chunks by global layer. A stage kind that does
-not build chunks is refused at validation, in one line.
+come out of the chunks by global layer. A stage kind that does not build chunks is refused at validation, in
+one line.
 """
 
 from __future__ import annotations
@@ -73,11 +73,16 @@ def runs(tmp_path_factory) -> Path:
     weights come from a training state restored into the chunks."""
     tmp_path = tmp_path_factory.mktemp("vpp")
     one = _launch(str(_blueprint(tmp_path, "one", {})))
-    vpp = _blueprint(tmp_path, "vpp", {"pipeline": 2, "virtual_pipeline": 2})
-    _wait(_launch(str(vpp), "--nproc", "2"))
-    (tmp_path / "vpp" / "second" / "done.json").unlink()
-    _wait(_launch(str(vpp), "--nproc", "2", "--resume"))
-    _wait(one)
+    try:
+        vpp = _blueprint(tmp_path, "vpp", {"pipeline": 2, "virtual_pipeline": 2})
+        _wait(_launch(str(vpp), "--nproc", "2"))
+        (tmp_path / "vpp" / "second" / "done.json").unlink()
+        _wait(_launch(str(vpp), "--nproc", "2", "--resume"))
+        _wait(one)
+    finally:
+        if one.poll() is None:  # the VPP run failed first
+            one.kill()
+            one.wait()
     return tmp_path
 
 
