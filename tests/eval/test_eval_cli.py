@@ -143,9 +143,9 @@ def test_an_interrupted_eval_keeps_what_it_scored(released, tmp_path):
     while time.monotonic() < deadline and (not results.is_file() or results.read_text().count("\n") < 3):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
-    process.communicate(timeout=60)
-    assert process.returncode != 0
+    _, stderr = process.communicate(timeout=60)
     lines = results.read_text().splitlines()
+    assert process.returncode != 0, (len(lines), stderr[-3000:])
     assert 3 <= len(lines) < 200
     keys = [json.loads(line)["key"] for line in lines]
     assert keys == [f"bench.jsonl:{i}" for i in range(len(lines))]
