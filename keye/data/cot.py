@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from keye.data.processor import SampleError
-from keye.data.sample import ConversationSample, Message, RLPromptSample, TextPart
+from keye.data.sample import ConversationSample, Message, TextPart, asked
 from keye.data.sources import LoadedSample, media_name, media_refs
 
 logger = logging.getLogger("keye.data")
@@ -75,15 +75,10 @@ def question_of(loaded: LoadedSample) -> Question | str:
     """The question a sample asks and its reference answer, or why it is not one (a short reason)."""
     sample = loaded.sample
     meta = getattr(sample, "meta", None) or {}
-    if isinstance(sample, RLPromptSample):
-        messages, answer = list(sample.messages), sample.reference_answer
-    elif isinstance(sample, ConversationSample):
-        last_user = max((i for i, m in enumerate(sample.messages) if m.role == "user"), default=None)
-        if last_user is None:
-            return "no_user_turn"
-        messages, answer = list(sample.messages[: last_user + 1]), meta.get("answer")
-    else:
-        return "not_a_question"
+    found = asked(sample)
+    if isinstance(found, str):
+        return "not_a_question" if found == "not_a_prompt" else found
+    messages, answer = found
     if answer is None or answer == "":
         return "no_reference_answer"
     return Question(sample.key, messages, dict(loaded.media), answer, meta.get("metric", "exact"),

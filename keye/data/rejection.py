@@ -33,7 +33,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 from keye.data.chat import _STRUCTURAL_TOKENS
 from keye.data.cot import Question
 from keye.data.processor import SampleError
-from keye.data.sample import ConversationSample, Message, PreferenceSample, RLPromptSample, TextPart
+from keye.data.sample import ConversationSample, Message, PreferenceSample, TextPart, asked
 from keye.data.sources import LoadedSample
 from keye.rewards.contract import RewardSample
 
@@ -100,15 +100,10 @@ def prompt_of(loaded: LoadedSample) -> Question | str:
     """The prompt a sample asks and its reference (None when it has none), or why it is no prompt."""
     sample = loaded.sample
     meta = getattr(sample, "meta", None) or {}
-    if isinstance(sample, RLPromptSample):
-        messages, answer = list(sample.messages), sample.reference_answer
-    elif isinstance(sample, ConversationSample):
-        last_user = max((i for i, m in enumerate(sample.messages) if m.role == "user"), default=None)
-        if last_user is None:
-            return "no_user_turn"
-        messages, answer = list(sample.messages[: last_user + 1]), meta.get("answer")
-    else:
-        return "not_a_prompt"
+    found = asked(sample)
+    if isinstance(found, str):
+        return found
+    messages, answer = found
     return Question(sample.key, messages, dict(loaded.media), None if answer == "" else answer,
                     meta.get("metric"), meta.get("analysis_choice"), loaded.origin)  # None: each reward's default
 

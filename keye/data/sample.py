@@ -429,3 +429,18 @@ class RLPromptSample(Sample):
 SAMPLE_KINDS: dict[str, type[Sample]] = {
     cls.kind: cls for cls in (PairSample, ConversationSample, PreferenceSample, RLPromptSample)
 }
+
+
+def asked(sample: Sample) -> tuple[list[Message], Any] | str:
+    """What a sample asks a model, for the stages that sample answers (CoT build, RL, rejection sampling): its
+    prompt messages and reference answer. An ``rl_prompt`` gives its messages and ``reference_answer``; a
+    conversation its messages up to the last user turn and ``meta["answer"]`` (None when absent). Otherwise a
+    short reason the caller counts: ``no_user_turn`` or ``not_a_prompt``."""
+    if isinstance(sample, RLPromptSample):
+        return list(sample.messages), sample.reference_answer
+    if isinstance(sample, ConversationSample):
+        last_user = max((i for i, m in enumerate(sample.messages) if m.role == "user"), default=None)
+        if last_user is None:
+            return "no_user_turn"
+        return list(sample.messages[: last_user + 1]), (sample.meta or {}).get("answer")
+    return "not_a_prompt"

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from omegaconf import OmegaConf
 
-from keye.data.sample import ConversationSample, Message, RLPromptSample, TextPart
+from keye.data.sample import Message, RLPromptSample, TextPart, asked
 from keye.data.sources import LoadedSample
 
 
@@ -57,15 +57,10 @@ def prompt_of(loaded: LoadedSample) -> RLPrompt | str:
 
     sample = loaded.sample
     meta = getattr(sample, "meta", None) or {}
-    if isinstance(sample, RLPromptSample):
-        messages, reference, names = list(sample.messages), sample.reference_answer, list(sample.reward_names)
-    elif isinstance(sample, ConversationSample):
-        last_user = max((i for i, m in enumerate(sample.messages) if m.role == "user"), default=None)
-        if last_user is None:
-            return "no_user_turn"
-        messages, reference, names = list(sample.messages[: last_user + 1]), meta.get("answer"), None
-    else:
-        return "not_a_prompt"
+    found = asked(sample)
+    if isinstance(found, str):
+        return found
+    (messages, reference), names = found, list(sample.reward_names) if isinstance(sample, RLPromptSample) else None
     metric = meta.get("metric") or BENCHMARK_METRICS.get(meta.get("family"))
     if metric == "relaxed":
         reference = _number_reference(reference)
