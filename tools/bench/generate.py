@@ -39,7 +39,8 @@ transformers 1.82-2.75 s, no cache 114 s: **keye/transformers 2.23x, 2.32x, 2.46
 while the load rose to 20): median 2.28x, spread 1.92-2.46x**; lean_decode off 1.10-1.29x (before the lean
 path: 1.14-1.26x); keye/no cache 80x. The load moves a run by 10-30% and did not hit the cases alike: in the
 fourth run keye's time rose most (1.43 against 0.78-1.06 s, transformers' 2.75 against 1.82-2.37 s), so take
-the ratio on a quiet machine as the figure and the spread as what a busy one does to it.
+the ratio on a quiet machine as the figure and the spread as what a busy one does to it. On the same box
+with nothing else running (load average below 1): **2.26x, 2.33x, 2.32x** (keye 0.86 s, transformers 1.94 s).
 
 Where a decode step's time goes now (torch.profiler, the self CPU time of 64 steps minus a run of 1, 32 rows,
 loaded box: 7.3 ms a step): GEMMs 40% (17 ``mm``: 4 per layer and the 4,096-wide output layer), attention's
