@@ -64,8 +64,11 @@ from keye_plugins.stage.lm import LMStage
 from keye_plugins.stage.preference import Reference
 
 
-def _default_rewards() -> dict:
-    return {"answer_match": {"weight": 1.0}, "format": {"weight": 0.5}}
+def rewards_of(config: Any) -> dict:
+    """The stage's reward models: its ``rewards``, or answer_match (1.0) + format (0.5) when it names none. The
+    default lives here, not in the Config: OmegaConf merges a user's mapping *into* a mapping default, so a
+    blueprint's ``{answer_match: …}`` would silently keep ``format`` too."""
+    return dict(config.rewards) or {"answer_match": {"weight": 1.0}, "format": {"weight": 0.5}}
 
 
 class RLStage(LMStage):
@@ -78,8 +81,8 @@ class RLStage(LMStage):
             "Think modes of the prompts by weight (think, no_think, auto, agentic), drawn per prompt; empty: "
             "each prompt's own mode.", default_factory=dict)
         rewards: Dict[str, Any] = doc(
-            "Reward models by registry name, each {weight: w, <its settings>}; the total is the weighted sum.",
-            default_factory=_default_rewards)
+            "Reward models by registry name, each {weight: w, <its settings>}; the total is the weighted sum. "
+            "Empty: answer_match (1.0) and format (0.5).", default_factory=dict)
         generator: Dict[str, Any] = component("generator", "The generator that samples the rollouts.",
                                               {"name": "megatron"})
         temperature: float = doc("Sampling temperature of the rollouts (> 0).", 1.0)
@@ -111,7 +114,7 @@ class RLStage(LMStage):
             check.fail("mode_mix", str(exc))
         registry = get_registry()
         try:
-            reward_configs(dict(config.rewards), registry)
+            reward_configs(rewards_of(config), registry)
         except KeyeUserError as exc:
             key, _, message = str(exc).partition(": ")
             check.fail(key, message)
@@ -157,7 +160,7 @@ class RLStage(LMStage):
         generator = cls(generator_config, GeneratorContext(model=model, tokenizer=processor.tokenizer,
                                                            parallel=ctx.parallel))
         try:
-            rewards = build_rewards(dict(config.rewards), ctx.registry, ctx)
+            rewards = build_rewards(rewards_of(config), ctx.registry, ctx)
         except KeyeUserError as exc:
             raise KeyeUserError(f"stages.{ctx.index}.options.{exc}") from None
         sampling = SamplingSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,

@@ -33,3 +33,16 @@ def test_bad_options_fail_in_one_line(keye_registry, blueprint_file, expected):
         load_blueprint(path, [], keye_registry)
     message = str(caught.value)
     assert expected in message and "stages.0" in message and "\n" not in message, message
+
+
+def test_the_rewards_a_blueprint_names_are_all_it_gets():
+    """A mapping default would be merged into the user's mapping: naming answer_match alone kept format too."""
+    from omegaconf import OmegaConf
+
+    from keye_plugins.stage.rl import RLStage, rewards_of
+
+    def config(options: dict):
+        return OmegaConf.merge(OmegaConf.structured(RLStage.Config), options)
+
+    assert rewards_of(config({"rewards": {"answer_match": {"weight": 1.0}}})) == {"answer_match": {"weight": 1.0}}
+    assert rewards_of(config({})) == {"answer_match": {"weight": 1.0}, "format": {"weight": 0.5}}
