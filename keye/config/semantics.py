@@ -86,6 +86,21 @@ class ConfigCheck:
     def fail(self, key: str, message: str) -> NoReturn:
         fail(self._origin, self.key(key), message)
 
+    # Stage kinds that sample or measure a model (eval, cot_build, rejection_sampling) share these two.
+
+    def trains_nothing(self, kind: str) -> None:
+        """The stage's ``steps`` and ``train`` stay unset: ``kind`` (e.g. "an eval stage") trains nothing."""
+        index = self.stage_index
+        if self.stage.steps or self.stage.train:
+            self.fail("", f"{kind} trains nothing; leave stages.{index}.steps and stages.{index}.train unset")
+
+    def earlier_stage(self, config: Any, key: str = "stage") -> None:
+        """``config.<key>``, when set, names a stage before this one."""
+        name, index = getattr(config, key), self.stage_index
+        earlier = [stage.name for stage in self.blueprint.stages][:index]
+        if name and name not in earlier:
+            self.fail(key, f"no earlier stage named '{name}'; earlier stages: {', '.join(earlier) or '(none)'}")
+
     # Range helpers for the common cases; each names the field.
 
     def count(self, config: Any, *names: str, minimum: int = 1) -> None:

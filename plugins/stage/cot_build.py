@@ -43,14 +43,11 @@ class CotBuildStage:
     def check_config(cls, config: Config, check: Any) -> None:
         from keye.data.cot import COT_MODES
 
-        stages, index = check.blueprint.stages, check.stage_index
-        if check.stage.steps or check.stage.train:
-            check.fail("", f"a cot_build stage trains nothing; leave stages.{index}.steps and stages.{index}.train unset")
-        names = [stage.name for stage in stages]
+        index = check.stage_index
+        check.trains_nothing("a cot_build stage")
         if config.teacher and config.stage:
             check.fail("teacher", "give a teacher folder or an earlier stage, not both")
-        if config.stage and config.stage not in names[:index]:
-            check.fail("stage", f"no earlier stage named '{config.stage}'; earlier stages: {', '.join(names[:index]) or '(none)'}")
+        check.earlier_stage(config)
         if not config.stage and not config.teacher and index == 0:
             check.fail("stage", "the first stage has no stage before it to be the teacher; name one or a teacher folder")
         if not config.modes or any(mode not in COT_MODES for mode in config.modes):

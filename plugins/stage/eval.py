@@ -46,15 +46,10 @@ class EvalStage:
         from keye.data.synthetic import expand_tasks
         from keye.eval.model import MODES
 
-        stages, index = check.blueprint.stages, check.stage_index
-        if check.stage.steps or check.stage.train:
-            check.fail("", f"an eval stage trains nothing; leave stages.{index}.steps and stages.{index}.train unset")
-        names = [stage.name for stage in stages]
-        if config.stage:
-            if config.stage not in names[:index]:
-                check.fail("stage", f"no earlier stage named '{config.stage}'; earlier stages: "
-                                    f"{', '.join(names[:index]) or '(none)'}")
-        elif index == 0:
+        index = check.stage_index
+        check.trains_nothing("an eval stage")
+        check.earlier_stage(config)
+        if not config.stage and index == 0:
             check.fail("stage", "the first stage has no stage before it to evaluate; name one")
         if not config.benchmarks and not config.synthetic_tasks:
             check.fail("benchmarks", "nothing to evaluate: give benchmark files or synthetic_tasks")

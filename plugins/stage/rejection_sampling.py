@@ -81,14 +81,12 @@ class RejectionSamplingStage:
 
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
+        from keye.config.validate import short
         from keye.eval.model import MODES
 
-        stages, index = check.blueprint.stages, check.stage_index
-        if check.stage.steps or check.stage.train:
-            check.fail("", f"rejection sampling trains nothing; leave stages.{index}.steps and stages.{index}.train unset")
-        names = [stage.name for stage in stages]
-        if config.stage and config.stage not in names[:index]:
-            check.fail("stage", f"no earlier stage named '{config.stage}'; earlier stages: {', '.join(names[:index]) or '(none)'}")
+        index = check.stage_index
+        check.trains_nothing("rejection sampling")
+        check.earlier_stage(config)
         if not config.stage and index == 0:
             check.fail("stage", "the first stage has no stage before it to sample from; name one")
         check.count(config, "n", minimum=2)

@@ -78,6 +78,9 @@ def tiny_copy(tmp_path):
          "blueprints/tiny/base.yaml: model.language_model.num_query_groups: 2 does not divide num_attention_heads (3)"),
         (["model.vision_encoder.num_heads=16"], "model.vision_encoder.num_heads: head_dim = hidden_size / num_heads = 2 "
                                                  "must divide by 4 for rope2d_vision"),
+        (["stages.7.train=[projector]"], "an eval stage trains nothing; leave stages.7.steps and stages.7.train unset"),
+        (["stages.7.options.stage=merged"], "stages.7.options.stage: no earlier stage named 'merged'; earlier stages: "
+                                            "stage0_vit, stage1_align"),
         (["parallel.tensor=3"], "blueprints/tiny/base.yaml: model.vision_encoder.num_heads: 2 is not divisible by parallel.tensor (3)"),
         (["parallel.pipeline=2", "model.language_model.num_layers=3"],
          "model.language_model.num_layers: 3 layers do not split evenly over parallel.pipeline (2)"),

@@ -21,6 +21,7 @@ GOOD = {"modes": {"think": 1}, "rewards": {"answer_match": {"weight": 1.0}}}
     ({"rewards": {}}, "rewards"),
     ({"modes": {"ponder": 1}}, "modes.ponder"),
     ({"modes": {"think": 0}}, "modes"),
+    ({"modes": {"think": -1.0}}, "modes.think"),
     ({"n": 1}, "n"),
     ({"temperature": 0.0}, "temperature"),
     ({"margin": 0.0}, "margin"),
