@@ -60,7 +60,8 @@ def prompt_of(loaded: LoadedSample) -> RLPrompt | str:
     found = asked(sample)
     if isinstance(found, str):
         return found
-    (messages, reference), names = found, list(sample.reward_names) if isinstance(sample, RLPromptSample) else None
+    messages, reference = found
+    names = list(sample.reward_names) if isinstance(sample, RLPromptSample) else None
     metric = meta.get("metric") or BENCHMARK_METRICS.get(meta.get("family"))
     if metric == "relaxed":
         reference = _number_reference(reference)
