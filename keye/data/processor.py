@@ -57,6 +57,7 @@ class PairItem:
     key: str
     images: VisionInputs  # one image
     caption_ids: torch.Tensor  # (L,) long, padded/truncated to the text encoder's length
+    caption: str = ""  # the text itself, for a text tower with its own tokenizer (SigLIP's: siglip_text.tokenize)
 
 
 @dataclass
@@ -252,7 +253,7 @@ class Processor:
         image = self.image(sample.image, media, sample.key)
         ids = self.tokenizer.encode(sample.caption, add_special_tokens=False)[: self.settings.caption_length - 1]
         ids = ids + [self.special.eos] + [self.special.pad] * (self.settings.caption_length - 1 - len(ids))
-        return PairItem(sample.key, image, torch.tensor(ids, dtype=torch.long))
+        return PairItem(sample.key, image, torch.tensor(ids, dtype=torch.long), sample.caption)
 
     def __call__(self, sample: Sample, media: Mapping[str, bytes] | None = None, *, pairs: bool = False,
                  preference: bool = False) -> TokenSample | PairItem:
