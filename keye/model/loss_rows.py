@@ -12,6 +12,10 @@ after the selection has ended), otherwise the output layer's input (a forward pr
 ``install_output_rows_hook``). The model's output is then the ``K`` kept rows as a ``(K, 1, ...)``
 sequence, batch-major (``labels[keep]`` order). Parameters, state dicts and all kept numbers are those
 of the full computation; only the GEMMs' blocking, and so fp32 rounding, can differ.
+
+FP8 GEMMs want row counts that are multiples of 16 (Transformer Engine refuses others, cuBLASLt's
+``_scaled_mm`` needs them). ``aligned_rows(keep, 16)`` adds rows whose loss does not count (the earliest
+unkept positions) until the count is a multiple; the caller computes them and drops their loss.
 """
 
 from __future__ import annotations
@@ -26,6 +30,17 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 def select_rows(hidden: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Sequence-first ``(L, B, H)`` hidden states → the kept rows ``(K, 1, H)``, batch-major; ``keep (B, L)`` bool."""
     return hidden.transpose(0, 1)[keep][:, None, :]
+
+
+def aligned_rows(keep: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``keep (B, L)`` bool plus the fewest unkept positions (earliest first, batch-major) that make the
+    count a multiple of ``multiple``, or every position when there are not enough. A new tensor."""
+    count = int(keep.sum())
+    missing = min(-count % multiple, keep.numel() - count)
+    flat = keep.reshape(-1).clone()  # batch-major, the order select_rows keeps
+    if missing:
+        flat[torch.nonzero(~flat).flatten()[:missing]] = True
+    return flat.view(keep.shape)
 
 
 class LossRowsTransformerLayer(TransformerLayer):

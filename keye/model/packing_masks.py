@@ -5,6 +5,16 @@ only itself. ``packed_seq_params`` is the ``thd`` form (cu_seqlens) that Transfo
 attention and, without TE, ``keye.model.sdpa_attention.SDPAAttention`` (SDPA per block) take;
 ``block_diagonal_mask`` is the boolean mask (True = masked) for Megatron's own dense attention, which
 SDPAAttention also reads (it finds the blocks in the mask).
+
+The LLM's packed rows arrive as a dense block-causal mask (``keye.data.batch.collate_pack``: one causal
+block per sample, the padding one more block). Transformer Engine cannot take that mask: its fused
+attention under the ``causal`` mask type *ignores* ``attention_mask``, so the samples of a row would
+attend to each other. ``causal_thd_params`` turns such a mask back into ``thd`` PackedSeqParams (the
+padding included as a last block, so ``cu_seqlens[-1]`` is the row length and per-token RoPE angles map
+one to one); Megatron's ``TEDotProductAttention`` then runs TE with ``padding_causal`` (it maps ``causal``
+to it under ``thd``), causal inside each block and nothing across blocks. A mask of another shape (a
+preference pair's shared-prompt tree, a left-padded batch of several rows) has no ``thd`` form:
+``causal_block_lengths`` says so with None.
 """
 
 from __future__ import annotations
@@ -37,3 +47,28 @@ def packed_seq_params(seqlens: Iterable[int], device: torch.device | None = None
         max_seqlen_q=longest,
         max_seqlen_kv=longest,
     )
+
+
+def causal_block_lengths(mask: Tensor) -> list[int] | None:
+    """The block lengths of a block-causal mask (``[1, 1, T, T]`` or ``[T, T]`` bool, True = masked), in
+    order, or None when it is anything else (several rows, a bidirectional or tree-shaped block, a token
+    that sees across blocks). A block of one token counts as causal."""
+    from keye.model.sdpa_attention import block_structure
+
+    if mask.dim() == 4:
+        if mask.shape[:2] != (1, 1):
+            return None
+        mask = mask[0, 0]
+    if mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+        return None
+    blocks = block_structure(mask.bool())
+    if blocks is None or not all(causal or end - start == 1 for start, end, causal in blocks):
+        return None
+    return [end - start for start, end, _ in blocks]
+
+
+def causal_thd_params(mask: Tensor, device: torch.device | None = None) -> Any:
+    """``thd`` PackedSeqParams for a block-causal mask (see the module docstring), or None when the mask
+    has no such form (``causal_block_lengths``)."""
+    lengths = causal_block_lengths(mask)
+    return None if lengths is None else packed_seq_params(lengths, device if device is not None else mask.device)
