@@ -260,29 +260,59 @@ class Qwen3LanguageModel(torch.nn.Module):
         label: image/video pads in pre-training, prompts in SFT. With sequence parallelism the output
         layer gathers the sequence itself, so every position is computed there.
         """
-        from keye.model.loss_rows import only_loss_rows
+        from keye.model.loss_rows import aligned_rows, only_loss_rows
 
         gpt = self.gpt
         if inference_context is not None:
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
+        attention_mask, packed = self._attention_inputs(attention_mask, input_ids.shape[0])
+        inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                      decoder_input=decoder_input, packed_seq_params=packed)
+        rows = 16 if self.backend.fp8 else 1  # FP8 GEMMs take row counts that are multiples of 16
         if logits_at is not None and labels is None and gpt.post_process:
             if gpt.output_layer.sequence_parallel or not self.backend.fast:  # no row selection: all, then pick
-                logits = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                             decoder_input=decoder_input)
-                return logits[logits_at][None]  # (1, K, V/TP)
-            with only_loss_rows(gpt, logits_at):
-                return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                           decoder_input=decoder_input)  # (1, K, V/TP)
+                return gpt(**inputs)[logits_at][None]  # (1, K, V/TP)
+            keep = aligned_rows(logits_at, rows)
+            with only_loss_rows(gpt, keep):
+                return gpt(**inputs)[:, logits_at[keep]]  # (1, K, V/TP): the aligned rows' extras dropped
         if (labels is None or loss_mask is None or not gpt.post_process or gpt.output_layer.sequence_parallel
                 or not self.backend.fast):  # loss rows are a CPU fast path (keye.model.gpt_layers)
-            return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                       decoder_input=decoder_input, labels=labels)
-        keep = loss_mask != 0  # (B, L)
+            return gpt(**inputs, labels=labels)
+        wanted = loss_mask != 0  # (B, L)
+        keep = aligned_rows(wanted, rows)
         with only_loss_rows(gpt, keep):  # the output is the kept rows, batch-major as labels[keep]
-            kept_loss = gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                            decoder_input=decoder_input, labels=labels[keep][None])  # (1, K)
+            kept_loss = gpt(**inputs, labels=labels[keep][None])  # (1, K)
+        kept_loss = kept_loss * wanted[keep][None]  # rows added for alignment: computed, their loss dropped
         return kept_loss.new_zeros(labels.shape).masked_scatter(keep, kept_loss)  # (B, L)
+
+    def _attention_inputs(self, attention_mask: Any, batch: int) -> tuple[Any, Any]:
+        """(attention_mask, packed_seq_params) for Megatron's GPT from the mask a stage passes.
+
+        A packed row's block-causal mask becomes ``thd`` PackedSeqParams (``keye.model.packing_masks``)
+        wherever the attention takes them: Transformer Engine, which would otherwise ignore the mask under
+        its ``causal`` mask type and let packed samples see each other, and keye's SDPA attention, which
+        then runs exactly what TE runs (same blocks, same per-token RoPE). A plain causal mask is dropped
+        (the layers are causal). Any other mask stays dense for the local attentions; on TE it is a
+        one-line ``KeyeUserError``, never silently ignored.
+        """
+        from keye.errors import KeyeUserError
+        from keye.model.packing_masks import causal_block_lengths, packed_seq_params
+
+        te = self.backend.impl == "transformer_engine"
+        if attention_mask is None or not (te or self.config.attention == "sdpa"):
+            return attention_mask, None
+        lengths = causal_block_lengths(attention_mask)
+        if lengths is not None and len(lengths) == 1:
+            return None, None
+        if lengths is not None and batch == 1:
+            return None, packed_seq_params(lengths, attention_mask.device)
+        if te:
+            raise KeyeUserError(
+                f"qwen3 on Transformer Engine: an attention mask of shape {tuple(attention_mask.shape)} for "
+                f"{batch} row(s) is not one packed row of causal blocks, the only mask TE honours (as thd "
+                "cu_seqlens); run this stage with KEYE_TRANSFORMER_IMPL=local")
+        return attention_mask, None
 
 
 class _SchemeAngles(torch.nn.Module):
