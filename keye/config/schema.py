@@ -48,6 +48,8 @@ class FP8Config:
     enabled: bool = doc("Train the linear layers in FP8.", False)
     backend: str = doc("te (Transformer Engine, GPU) or torch (scaled-FP8 linears via torch._scaled_mm; CPU and Hopper).", "te")
     amax_history: int = doc("Length of the amax history used to pick each tensor's scale.", 16)
+    vision: bool = doc("Also run the vision encoder's linears in FP8 (off: only the language model's blocks, "
+                       "as Megatron scopes FP8; the ViT's packed patches are then padded to a multiple of 16).", False)
 
 
 @dataclass

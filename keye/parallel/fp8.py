@@ -13,8 +13,16 @@
 without trusting its import: the plain ``transformer-engine`` meta package raises RuntimeError (not
 ImportError) on import and its core library needs the NVIDIA driver, so both are caught.
 
-``fp8_context(precision)`` wraps one training step (forward and backward of every micro-batch): TE's
-autocast, the torch backend's step (amax history and scale update on exit), or nothing when FP8 is off.
+``fp8_context(precision)`` wraps one training step (forward and backward of every micro-batch): the torch
+backend's step (amax history and scale update on exit), or nothing. For ``te`` it is nothing on purpose:
+FP8 is scoped as Megatron scopes it, each ``TransformerBlock`` entering TE's autocast around its own
+layers from its config's ``fp8`` fields, so the ViT (unless chosen), the embedding, the output layer, the
+loss and the backward pass outside the blocks stay in high precision.
+
+The ViT's FP8 is a separate choice, ``precision.fp8.vision`` (default off): ``vision_fp8`` gives a vision
+encoder the fp8 node only when it is on. A tower in FP8 pads its packed patches to a multiple of
+``FP8_ROWS`` (TE's FP8 GEMMs refuse other row counts; `keye.model.loss_rows.aligned_rows` does the same
+for the LLM's loss rows).
 Every function takes the ``precision`` section or just its ``fp8`` node (or None: FP8 off).
 """
 
@@ -28,6 +36,7 @@ import torch
 from keye.errors import KeyeUserError
 
 BACKENDS = ("te", "torch")
+FP8_ROWS = 16  # rows of an FP8 GEMM: TE wants the leading dims a multiple of 8 and the last of 16; cuBLASLt 16
 
 
 def _fp8_node(cfg: Any) -> Any:
@@ -76,6 +85,12 @@ def fp8_backend(cfg: Any) -> str | None:
     return fp8.backend if fp8 is not None and fp8.enabled else None
 
 
+def vision_fp8(cfg: Any) -> Any:
+    """The ``fp8`` node for a vision encoder: the run's when ``precision.fp8.vision`` is on, else None."""
+    fp8 = _fp8_node(cfg)
+    return fp8 if fp8 is not None and fp8.enabled and getattr(fp8, "vision", False) else None
+
+
 def megatron_fp8_kwargs(cfg: Any) -> dict[str, Any]:
     """``TransformerConfig`` fields for the TE backend (Megatron then enters TE's autocast per block)."""
     if fp8_backend(cfg) != "te":
@@ -98,18 +113,12 @@ def _megatron_group(name: str, **kwargs: Any) -> Any:
 
 
 def fp8_context(cfg: Any) -> contextlib.AbstractContextManager:
-    """The context one training step runs in (enter it around forward *and* backward of the step)."""
-    backend = fp8_backend(cfg)
-    if backend is None:
+    """The context one training step runs in (enter it around forward *and* backward of the step): the torch
+    backend's scaling step; nothing for ``te`` (Megatron's blocks enter TE's autocast themselves) or off."""
+    backend = fp8_backend(cfg)  # checks that this machine can run it, for te too
+    if backend != "torch":
         return contextlib.nullcontext()
     history = _fp8_node(cfg).amax_history
-    if backend == "te":
-        import transformer_engine.pytorch as te
-        from transformer_engine.common.recipe import DelayedScaling, Format
-
-        recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=history, amax_compute_algo="max")
-        group = _megatron_group("get_amax_reduction_group", with_context_parallel=True)
-        return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
     from keye.model.fp8_linear import DelayedScaling as TorchDelayedScaling
     from keye.model.fp8_linear import fp8_autocast
 
