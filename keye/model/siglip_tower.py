@@ -33,13 +33,15 @@ from keye.model.backend import (
 )
 
 
-def encoder_layer_spec(impl: str | None = "local", attention: str = "sdpa", dtype: torch.dtype = torch.float32) -> Any:
+def encoder_layer_spec(impl: str | None = "local", attention: str = "sdpa", dtype: torch.dtype = torch.float32,
+                       fp8: str | None = None) -> Any:
     """A pre-LN bidirectional transformer layer: LN → self-attention (no causal mask) → LN → MLP.
 
     ``impl``: see `keye.model.backend.resolve_transformer_impl` (None: the process-wide setting). ``attention``
     picks the local path's core attention: 'sdpa' (``keye.model.sdpa_attention``: per-block SDPA on the packed
     block-diagonal mask) or 'megatron' (its unfused ``DotProductAttention``). TE ignores it. ``dtype``: the
-    parameters' dtype, which decides with the device whether the oneDNN linears replace Megatron's.
+    parameters' dtype, which decides with the device whether the oneDNN linears replace Megatron's. ``fp8``:
+    'torch' swaps in keye's scaled-FP8 linears (`keye.model.fp8_linear`); TE's FP8 comes from the config.
     """
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -84,6 +86,10 @@ def encoder_layer_spec(impl: str | None = "local", attention: str = "sdpa", dtyp
             mlp_bda=get_bias_dropout_add,
         ),
     )
+    if fp8 == "torch":
+        from keye.model.fp8_linear import fp8_layer_spec
+
+        return fp8_layer_spec(spec)
     if not cpu_fast_paths(impl, dtype):
         return spec
     from keye.model.onednn_linear import onednn_layer_spec
@@ -92,12 +98,12 @@ def encoder_layer_spec(impl: str | None = "local", attention: str = "sdpa", dtyp
 
 
 def encoder_block_spec(num_layers: int, impl: str | None = "local", attention: str = "sdpa",
-                       dtype: torch.dtype = torch.float32) -> Any:
+                       dtype: torch.dtype = torch.float32, fp8: str | None = None) -> Any:
     """``num_layers`` encoder layers and the final LayerNorm (SigLIP's post_layernorm / final_layer_norm)."""
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     impl = resolve_transformer_impl(impl)
-    layer = encoder_layer_spec(impl, attention, dtype)
+    layer = encoder_layer_spec(impl, attention, dtype, fp8)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=spec_provider(impl).layer_norm())
 
 
@@ -111,14 +117,18 @@ def encoder_transformer_config(
     init_std: float,
     recompute: bool,
     ctx: Any,
+    fp8: Any = None,
 ) -> Any:
     """``TransformerConfig`` of a SigLIP-style tower (biases, LayerNorm, GELU-tanh, no dropout).
 
     ``ctx`` is a ``BuildContext``; its parallel layout gives TP size and CPU initialisation. Pipeline
     size is forced to 1 (the tower is not split across stages); fusions that need CUDA kernels are off
     (rope fusion must stay off anyway: TE's fused ``thd`` rope indexes freqs per sequence, not per token).
+    ``fp8``: an FP8 node for this tower (`keye.parallel.fp8.vision_fp8`), None for none.
     """
     from megatron.core.transformer import TransformerConfig
+
+    from keye.parallel.fp8 import megatron_fp8_kwargs
 
     layout = ctx.parallel.model_parallel_kwargs(ctx.dtype) if ctx.parallel is not None else {}
     layout.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
@@ -136,6 +146,7 @@ def encoder_transformer_config(
         activation_func=functools.partial(F.gelu, approximate="tanh"),  # HF gelu_pytorch_tanh
         init_method_std=init_std,
         **common_transformer_kwargs(ctx.dtype, recompute),
+        **megatron_fp8_kwargs(fp8),  # TE backend only: Megatron's block enters TE's autocast
         **layout,
     )
 
@@ -177,8 +188,9 @@ def check_tower_config(config: SiglipTowerConfig, check: Any) -> None:
         check.divisible(config, name, check.tensor, "parallel.tensor")
 
 
-def tower_transformer_config(config: SiglipTowerConfig, ctx: Any, name: str) -> Any:
-    """The TransformerConfig of a SigLIP-style tower from its Config (the fields both towers share)."""
+def tower_transformer_config(config: SiglipTowerConfig, ctx: Any, name: str, fp8: Any = None) -> Any:
+    """The TransformerConfig of a SigLIP-style tower from its Config (the fields both towers share); ``fp8``
+    as in `encoder_transformer_config` (ctx.fp8 is not used: a tower's FP8 is its own choice)."""
     if config.hidden_size % config.num_heads:
         raise ValueError(f"{name}: hidden_size {config.hidden_size} not divisible by num_heads {config.num_heads}")
     return encoder_transformer_config(
@@ -190,4 +202,5 @@ def tower_transformer_config(config: SiglipTowerConfig, ctx: Any, name: str) -> 
         init_std=config.init_std,
         recompute=config.recompute,
         ctx=ctx,
+        fp8=fp8,
     )
