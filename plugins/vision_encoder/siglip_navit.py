@@ -33,6 +33,10 @@ the patches came (raster order ``(t, h, w)`` per image/video, images/videos one 
    RoPE per token (freqs of length ``cu_seqlens[-1]``, token by token); with Megatron's own local attention
    (``attention: megatron``) it is a boolean mask ``[1, 1, N, N]`` (True = masked). The TE path cannot run
    on a CPU machine and is untested here.
+7. **FP8** only when ``precision.fp8.vision`` is on (`keye.parallel.fp8.vision_fp8`; otherwise the tower stays in
+   high precision while the LLM's blocks run FP8): TE's through the config, or keye's scaled-FP8 linears. The
+   pack is then padded with one block of zero patches to a multiple of 16 rows (FP8 GEMMs refuse other
+   counts); the block attends only to itself and its outputs are dropped.
 
 Not built: the SigLIP attention-pooling ``head`` and the ``packing_position_embedding`` table, which the
 released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
@@ -50,6 +54,7 @@ from torch import Tensor, nn
 from keye import hookimpl
 from keye.config import component, doc
 from keye.model import backend, hf_keys, packing_masks, siglip_tower
+from keye.parallel import fp8 as keye_fp8
 from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
 
@@ -97,9 +102,12 @@ class SiglipNaViT(nn.Module):
         self.head_dim = config.hidden_size // config.num_heads
         self.out_dim = config.hidden_size
         self.table_side = config.image_size // config.patch_size
-        self.impl = backend.resolve_transformer_impl(config.transformer_impl)
+        fp8 = keye_fp8.vision_fp8(ctx.fp8)  # None unless precision.fp8.vision
+        self.backend = backend.choose_backend(ctx.dtype, fp8, config.transformer_impl)
+        self.impl = self.backend.impl
+        self.fp8_rows = keye_fp8.FP8_ROWS if fp8 is not None else 1
 
-        self.transformer_config = siglip_tower.tower_transformer_config(config, ctx, "siglip_navit")
+        self.transformer_config = siglip_tower.tower_transformer_config(config, ctx, "siglip_navit", fp8)
         device = backend.param_device(self.transformer_config)
         side, width = config.patch_size, config.hidden_size
         self.patch_embedding = nn.Conv2d(3, width, side, stride=side, device=device, dtype=ctx.dtype)
@@ -111,7 +119,8 @@ class SiglipNaViT(nn.Module):
             self.rope.to(device)
         self.decoder = TransformerBlock(
             config=self.transformer_config,
-            spec=siglip_tower.encoder_block_spec(config.num_layers, self.impl, config.attention, ctx.dtype),
+            spec=siglip_tower.encoder_block_spec(config.num_layers, self.impl, config.attention, ctx.dtype,
+                                                 self.backend.fp8),
             post_layer_norm=True,  # SigLIP's post_layernorm
             pre_process=True,
             post_process=True,
@@ -163,16 +172,21 @@ class SiglipNaViT(nn.Module):
             )
         x = self.embed_patches(patches)  # (N, D)
         x = x + self.position_embeddings(grid_thw).to(x.device)
-        mask, packed = self.attention_layout(seqlens, x.device)
         rotary = self.rotary_pos_emb(grid_thw)
         rotary = rotary.to(x.device) if rotary is not None else None
+        count, pad = x.shape[0], -x.shape[0] % self.fp8_rows
+        if pad:  # FP8 GEMM rows: one more block of zero patches, seen by nothing else (module docstring, 7.)
+            seqlens = [*seqlens, pad]
+            x = torch.cat([x, x.new_zeros(pad, x.shape[1])])  # (N + pad, D)
+            rotary = None if rotary is None else torch.cat([rotary, rotary.new_zeros(pad, *rotary.shape[1:])])
+        mask, packed = self.attention_layout(seqlens, x.device)
         hidden = self.decoder(
             hidden_states=x[:, None, :],  # (N, 1, D): Megatron is sequence-first, the pack is one sequence
             attention_mask=mask,
             rotary_pos_emb=rotary,
             packed_seq_params=packed,
         )
-        return hidden[:, 0, :]  # (N, D)
+        return hidden[:count, 0, :]  # (N, D)
 
     # --- Hugging Face weights ------------------------------------------------------------------
     # The component's key map (keye.hf.contract.HFWeights): names relative to where a format puts the tower
