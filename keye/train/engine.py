@@ -49,6 +49,35 @@ def _sum_over_pipeline_and_data(values: torch.Tensor, is_last_stage: bool) -> to
     return values
 
 
+def schedule_data(chunks: Sequence[torch.nn.Module], batches: list, forward_only: bool = False) -> tuple[Any, int]:
+    """The data iterator(s) and micro-batch count to give Megatron's schedule for ``batches`` on ``chunks``.
+
+    One chunk: an iterator over ``batches``. Several (an interleaved pipeline): Megatron's interleaved schedule
+    reads one iterator per model chunk, each micro-batch once per chunk (the first chunk for its inputs, the last
+    for its labels), so the batches are handed to every chunk. It runs micro-batches in groups of
+    ``microbatch_group_size_per_vp_stage`` (default: the pipeline size), a count that must not leave a smaller
+    remainder; a step (a held-out pass) whose count is not a multiple of it runs as one group, which is as
+    correct, only less overlapped. It needs at least ``pipeline`` micro-batches: a training step with fewer is
+    one line; a ``forward_only`` pass with fewer runs its last batch again to make up the count, and the caller
+    keeps the first ``len(batches)`` outputs (a pass over a few held-out batches, a step's few rollout packs).
+    """
+    from megatron.core import parallel_state as mpu
+
+    if len(chunks) == 1:
+        return iter(batches), len(batches)
+    pipeline = mpu.get_pipeline_model_parallel_world_size()
+    if len(batches) < pipeline:
+        if not forward_only or not batches:
+            from keye.errors import KeyeUserError
+
+            raise KeyeUserError(f"parallel.virtual_pipeline: {len(batches)} micro-batches in a step (or held-out "
+                                f"pass) but the interleaved pipeline needs at least parallel.pipeline = {pipeline}")
+        batches = batches + [batches[-1]] * (pipeline - len(batches))
+    count = len(batches)
+    chunks[0].config.microbatch_group_size_per_vp_stage = pipeline if count % pipeline == 0 else count
+    return [iter(batches) for _ in chunks], count
+
+
 class TrainEngine:
     def __init__(
         self,
@@ -158,25 +187,10 @@ class TrainEngine:
             )
 
     def _interleaved(self, data: Any, num_microbatches: int) -> list[Iterator]:
-        """Megatron's interleaved schedule reads one iterator per model chunk, each micro-batch once per chunk
-        (the first chunk for its inputs, the last for its labels): the step's micro-batches are taken once
-        and handed to every chunk. It runs micro-batches in groups of ``microbatch_group_size_per_vp_stage``
-        (default: the pipeline size), a count that must not leave a smaller remainder; a step (a held-out
-        pass) whose count is not a multiple of it runs as one group, which is as correct, only less overlapped.
-        """
-        from megatron.core import parallel_state as mpu
-
+        """The step's micro-batches, taken once, for every chunk (`schedule_data`)."""
         if isinstance(data, list):
             return data
-        pipeline = mpu.get_pipeline_model_parallel_world_size()
-        if num_microbatches < pipeline:
-            from keye.errors import KeyeUserError
-
-            raise KeyeUserError(f"parallel.virtual_pipeline: {num_microbatches} micro-batches in a step (or held-out "
-                                f"pass) but the interleaved pipeline needs at least parallel.pipeline = {pipeline}")
-        self.config.microbatch_group_size_per_vp_stage = pipeline if num_microbatches % pipeline == 0 else num_microbatches
-        batches = [next(data) for _ in range(num_microbatches)]
-        return [iter(batches) for _ in self.chunks]
+        return schedule_data(self.chunks, [next(data) for _ in range(num_microbatches)])[0]
 
     def _mean_metrics(self, outputs: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         """Token-weighted means over micro-batches and data-parallel ranks, known on every rank.
