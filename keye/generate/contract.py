@@ -146,8 +146,9 @@ class GeneratorContext:
     """What a generator is built with (``Cls(config, ctx)``): the model it samples from and a tokenizer.
 
     ``model`` is this process's part of the composed model (`keye.model.composition.KeyeVLModel`: under
-    pipeline parallelism only this stage's layers) in the training layout; the in-process generator reads
-    its live parameters. ``tokenizer`` (a Hugging Face tokenizer) is needed for stop strings. ``parallel``
+    pipeline parallelism only this stage's layers) in the training layout; under an interleaved pipeline
+    (``parallel.virtual_pipeline``) the list of this rank's model chunks, in `keye.model.pipeline_split.virtual_stages`
+    order. The in-process generator reads its live parameters. ``tokenizer`` (a Hugging Face tokenizer) is needed for stop strings. ``parallel``
     is the `keye.parallel.ParallelContext` (None: one process). ``extras``: engine-specific settings.
     """
 

@@ -51,6 +51,15 @@ TP each rank caches its own heads and the logits are gathered (every rank sample
 same numbers and seed). Under PP each stage caches its own layers; the first stage embeds, each stage sends
 its hidden states to the next, and the last stage samples and broadcasts the tokens to all stages
 (``torch.distributed`` point-to-point and broadcast over the pipeline group; gloo on CPU).
+
+Interleaved pipeline (``parallel.virtual_pipeline``): ``GeneratorContext.model`` is then the list of this rank's
+model chunks (`keye.model.pipeline_split.virtual_stages`), and one forward runs them in the order the layers
+run: chunk 0 on every stage, then chunk 1 on every stage, ..., each chunk receiving from the previous rank
+(the last rank, for a chunk after the first) and sending to the next (wrapping round to the first). That is
+the order Megatron's interleaved schedule gives a single micro-batch; the schedule itself is not used because
+it needs at least ``pipeline`` micro-batches of one shape per call, and Megatron's own inference path does not
+take virtual stages ("vpp is not used in inference", ``megatron.core.inference.communication_utils``). All
+chunks share one cache (its buffers are keyed by global layer number; the offset moves once per forward).
 """
 
 from __future__ import annotations
@@ -113,7 +122,8 @@ class MegatronGenerator:
         if ctx is None or ctx.model is None:
             raise ValueError("megatron generator: GeneratorContext.model is required (the composed KeyeVLModel)")
         self.config = config
-        self.model = ctx.model
+        self.chunks = list(ctx.model) if isinstance(ctx.model, (list, tuple)) else [ctx.model]
+        self.model = self.chunks[0]  # embeds on the first stage; its position encoding and token ids serve all
         self.tokenizer = ctx.tokenizer
         self.parallel = ctx.parallel
 
@@ -131,7 +141,8 @@ class MegatronGenerator:
             raise ValueError("megatron generator: stop strings need a tokenizer (GeneratorContext.tokenizer)")
         outputs: list[GenerationOutput] = []
         was_training = self.model.training
-        self.model.eval()  # Megatron's inference path runs only in eval mode (and no dropout)
+        for chunk in self.chunks:
+            chunk.eval()  # Megatron's inference path runs only in eval mode (and no dropout)
         try:
             for batch in self._batches(list(requests)):
                 samples = self._generate_batch(batch, settings, on_token)
@@ -139,7 +150,8 @@ class MegatronGenerator:
                     outputs.append(GenerationOutput(samples[: request.n], request.thinking_mode))
                     samples = samples[request.n:]
         finally:
-            self.model.train(was_training)
+            for chunk in self.chunks:
+                chunk.train(was_training)
         return outputs
 
     def _batches(self, requests: list[GenerationRequest]) -> list[_Batch]:
@@ -225,7 +237,7 @@ class MegatronGenerator:
         choice = self.config.kv_cache
         if choice not in ("auto", "keye", "megatron"):
             raise KeyeUserError(f"megatron generator: unknown kv_cache {choice!r}; known: auto, keye, megatron")
-        supported = supports_kv_cache(self.model.language_model)
+        supported = all(supports_kv_cache(chunk.language_model) for chunk in self.chunks)
         if choice == "keye" and not supported:
             raise KeyeUserError("megatron generator: kv_cache 'keye' needs the qwen3 local spec with attention 'sdpa'; "
                                 "use kv_cache 'megatron'")
@@ -240,51 +252,54 @@ class MegatronGenerator:
         if self.kv_cache() != "keye":
             return "model forward: the megatron cache"
         was_training = self.model.training
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
-            why = unsupported(self.model.language_model)
+            why = next(filter(None, (unsupported(chunk.language_model) for chunk in self.chunks)), None)
         finally:
-            self.model.train(was_training)
+            for chunk in self.chunks:
+                chunk.train(was_training)
         return "lean" if why is None else f"model forward: {why}"
 
-    def _lean_decoder(self, cache: Any, positions: Tensor, masked: Tensor) -> Any:
-        """A `LeanDecoder` for this batch's decode steps (``positions [3, S, T]`` of the fed-back tokens,
-        ``masked [S, L + T]``), or None where the model's forward decodes."""
+    def _lean_decoder(self, cache: Any, positions: Tensor, masked: Tensor) -> list | None:
+        """One `LeanDecoder` per chunk for this batch's decode steps (``positions [3, S, T]`` of the fed-back
+        tokens, ``masked [S, L + T]``), or None where the model's forward decodes."""
         from keye.generate.lean_decode import LeanDecoder, unsupported
 
         if not (self.config.lean_decode and isinstance(cache, _KeyeCache)) or positions.shape[-1] == 0:
             return None
-        if unsupported(self.model.language_model) is not None:
+        if any(unsupported(chunk.language_model) is not None for chunk in self.chunks):
             return None
-        return LeanDecoder(self.model.language_model, cache.cache, positions, masked)
+        return [LeanDecoder(chunk.language_model, cache.cache, positions, masked) for chunk in self.chunks]
 
     def _new_cache(self, batch: int, max_length: int) -> "_KeyeCache | _MegatronCache":
         return _KeyeCache(max_length) if self.kv_cache() == "keye" else _MegatronCache(batch, max_length)
 
     def _forward(self, ids: Tensor, pos: Tensor, mask: Tensor, cache: Any, images: VisionInputs | None = None,
-                 videos: VisionInputs | None = None, lean: Any = None) -> Tensor | None:
-        """One forward of this stage on ``ids [B, s]`` with the prefix's positions ``pos [3, B, offset + s]``;
-        the last stage returns the last position's logits ``[B, V]``. ``lean``: a decode step's `LeanDecoder`."""
-        model = self.model
+                 videos: VisionInputs | None = None, lean: list | None = None) -> Tensor | None:
+        """One forward of this rank's chunks on ``ids [B, s]`` with the prefix's positions ``pos [3, B, offset + s]``
+        (in layer order: module docstring); the last stage returns the last position's logits ``[B, V]``.
+        ``lean``: a decode step's `LeanDecoder` per chunk."""
         pipeline = _pipeline_group()
-        if model.pre_process:
-            if cache.offset == 0:
-                decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
-            else:  # generated ids are plain tokens, whatever they are
-                decoder_input = model.language_model.embed(ids)
-        elif lean is not None:
-            decoder_input = _recv_prev(pipeline, ids.shape, model)
-        else:
-            decoder_input = None
-            model.set_input_tensor(_recv_prev(pipeline, ids.shape, model))
-        if lean is not None:
-            output = lean.step(decoder_input)
-        else:
-            output = cache.run(model.language_model, ids, pos, mask, decoder_input)
-        if not model.post_process:
+        for index, model in enumerate(self.chunks):
+            if model.pre_process:
+                if cache.offset == 0:
+                    decoder_input = model.embed(ids, images, videos)  # (s, B, H), vision scattered in
+                else:  # generated ids are plain tokens, whatever they are
+                    decoder_input = model.language_model.embed(ids)
+            elif lean is not None:
+                decoder_input = _recv_prev(pipeline, ids.shape, model)
+            else:
+                decoder_input = None
+                model.set_input_tensor(_recv_prev(pipeline, ids.shape, model))
+            if lean is not None:
+                output = lean[index].step(decoder_input)
+            else:
+                output = cache.run(model.language_model, ids, pos, mask, decoder_input)
+            if model.post_process:
+                return cache.logits(output, ids.shape[0])
             _send_next(pipeline, output)
-            return None
-        return cache.logits(output, ids.shape[0])
+        return None
 
     def _sample(self, logits: Tensor | None, generators: list[torch.Generator], settings: SamplingSettings,
                 total: int) -> tuple[Tensor, Tensor]:
@@ -384,7 +399,7 @@ class _KeyeCache:
         from keye.generate.kv_cache import KVCache
 
         self.cache = KVCache(max_length)
-        self.cores: list[Any] | None = None  # the model's core attentions, found at the first forward
+        self.cores: dict[int, list[Any]] = {}  # each chunk's core attentions, found at its first forward
 
     @property
     def offset(self) -> int:
@@ -393,13 +408,13 @@ class _KeyeCache:
     def run(self, lm: Any, ids: Tensor, pos: Tensor, mask: Tensor, decoder_input: Tensor | None) -> Tensor:
         from keye.generate.kv_cache import attached, core_attentions
 
-        if self.cores is None:
-            self.cores = core_attentions(lm)
+        if id(lm) not in self.cores:
+            self.cores[id(lm)] = core_attentions(lm)
         last = None
         if self.offset == 0:  # prefill: the output layer runs at each row's last position only
             last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
             last[:, -1] = True
-        with attached(lm, self.cache, self.cores):
+        with attached(lm, self.cache, self.cores[id(lm)]):
             return lm(ids, pos[:, :, self.offset:], mask, decoder_input=decoder_input, logits_at=last)
 
     @staticmethod
