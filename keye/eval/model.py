@@ -109,10 +109,13 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
 
 def stage_model(blueprint: Any, folder: Path, registry: Any, parallel: Any) -> Any:
     """The blueprint's model in this process's layout with the weights of the finished stage in ``folder``
-    (``run.output_dir/<stage>``; written in any layout)."""
+    (``run.output_dir/<stage>``; written in any layout): this pipeline stage's part, and under an interleaved
+    pipeline the list of this rank's chunks (`keye.model.pipeline_split.virtual_stages`), which the
+    ``megatron`` generator takes as its model."""
     from keye.data.pipeline import load_tokenizer, vocab_size
     from keye.data.tokenizer import SpecialTokens
     from keye.model.composition import KeyeVLModel
+    from keye.model.pipeline_split import virtual_stages
     from keye.model.protocols import DTYPES, BuildContext
     from keye.parallel.dist_checkpoint import is_checkpoint
     from keye.train.stage_weights import load_weights_from, weights_folder
@@ -121,11 +124,13 @@ def stage_model(blueprint: Any, folder: Path, registry: Any, parallel: Any) -> A
         raise KeyeUserError(f"{folder}: stage '{Path(folder).name}' has no weights yet (run it first)")
     tokenizer = load_tokenizer(blueprint.model.tokenizer, vocab_size(blueprint.model))
     special = SpecialTokens.from_tokenizer(tokenizer)
-    model = KeyeVLModel(blueprint.model, registry,
-                        BuildContext(parallel, DTYPES[blueprint.precision.dtype], seed=blueprint.run.seed),
-                        image_token_id=special.image_pad, video_token_id=special.video_pad)
-    load_weights_from(model, folder)
-    return model.eval()
+    chunks = [KeyeVLModel(blueprint.model, registry,
+                          BuildContext(parallel, DTYPES[blueprint.precision.dtype], pre, post, vp_stage=vp,
+                                       seed=blueprint.run.seed),
+                          image_token_id=special.image_pad, video_token_id=special.video_pad).eval()
+              for vp, pre, post in virtual_stages(parallel)]
+    load_weights_from(chunks, folder)
+    return chunks[0] if len(chunks) == 1 else chunks
 
 
 def from_stage(blueprint: Any, stage_name: str, registry: Any, parallel: Any, data_stage: Any = None,
