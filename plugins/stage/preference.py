@@ -84,19 +84,22 @@ def _model_forward(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
 
 def _forward_only(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int, precision: Any,
                   forward_step: Any) -> list[dict[str, torch.Tensor]] | None:
-    """A forward-only pipeline schedule over ``batches``: what each loss function reported, on the last
-    pipeline stage (None on the others)."""
+    """A forward-only pipeline schedule over ``batches`` (``chunks``: this rank's model chunks): what each loss
+    function reported, on the last pipeline stage (None on the others)."""
     from megatron.core import parallel_state as mpu
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from keye.train.engine import schedule_data
+
     for chunk in chunks:
         chunk.eval()
+    data, count = schedule_data(chunks, batches, forward_only=True)
     with torch.no_grad(), fp8_context(precision):
         outputs = get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(batches), model=chunks, num_microbatches=len(batches),
+            forward_step_func=forward_step, data_iterator=data, model=list(chunks), num_microbatches=count,
             seq_length=seq_len, micro_batch_size=1, forward_only=True,
         )
-    return outputs if mpu.is_pipeline_last_stage() else None
+    return outputs[:len(batches)] if mpu.is_pipeline_last_stage() else None
 
 
 def forward_logps(chunks: list[torch.nn.Module], batches: list[MicroBatch], seq_len: int,
@@ -173,10 +176,11 @@ def _sum_everywhere(values: torch.Tensor, is_last: bool, over_data: bool = True)
 class Reference:
     """Reference log-probs for micro-batches: from a frozen live copy, or looked up after one precomputing pass."""
 
-    def __init__(self, model: KeyeVLModel, seq_len: int, precision: Any) -> None:
-        model.requires_grad_(False)
-        model.eval()
-        self.model: KeyeVLModel | None = model  # None once precomputed
+    def __init__(self, chunks: list[KeyeVLModel], seq_len: int, precision: Any) -> None:
+        for chunk in chunks:
+            chunk.requires_grad_(False)
+            chunk.eval()
+        self.chunks: list[KeyeVLModel] | None = list(chunks)  # this rank's model chunks; None once precomputed
         self.seq_len = seq_len
         self.precision = precision
         self.table: dict[str, tuple[float, float]] = {}
@@ -191,7 +195,7 @@ class Reference:
 
         for stream in streams:
             batches = list(stream)
-            for batch, logps in zip(batches, forward_logps([self.model], batches, self.seq_len, self.precision)):
+            for batch, logps in zip(batches, forward_logps(self.chunks, batches, self.seq_len, self.precision)):
                 if logps is not None:
                     self.add(batch.keys, logps[0].tolist(), logps[1].tolist())
         if mpu.is_pipeline_last_stage() and mpu.get_data_parallel_world_size() > 1:
@@ -200,7 +204,7 @@ class Reference:
             self.table = {}
             for table in tables:  # a rank may have read nothing
                 self.add(list(table), [c for c, _ in table.values()], [r for _, r in table.values()])
-        self.model = None  # the copy is not needed any more: free it
+        self.chunks = None  # the copy is not needed any more: free it
 
     def add(self, keys: list[str], chosen: Any, rejected: Any) -> None:
         """Record reference log-probs by sample key; a key seen twice means two different samples share it."""
@@ -212,9 +216,9 @@ class Reference:
 
     def logps(self, batches: list[MicroBatch]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Per batch: (chosen, rejected) reference log-probs ``[B]`` on the last pipeline stage, None elsewhere."""
-        if self.model is not None:
+        if self.chunks is not None:
             return [None if out is None else (out[0], out[1])
-                    for out in forward_logps([self.model], batches, self.seq_len, self.precision)]
+                    for out in forward_logps(self.chunks, batches, self.seq_len, self.precision)]
         from megatron.core import parallel_state as mpu
 
         if not mpu.is_pipeline_last_stage():
@@ -327,8 +331,14 @@ class PreferenceStage(LMStage):
         check.one_of(config, "reference", REFERENCE_MODES)
         if check.blueprint.model.language_model is None:
             check.fail("", "the preference stage needs model.language_model")
+        if check.blueprint.parallel.virtual_pipeline is not None and config.num_microbatches < check.pipeline:
+            check.fail("num_microbatches", f"{config.num_microbatches}, but an interleaved pipeline (parallel.virtual_pipeline) "
+                                           f"needs at least parallel.pipeline = {check.pipeline} per step")
         if check.stage.steps > 0 and not check.stage.data.sources:
             check.fail("", f"{check.stage.steps} steps but no data (stages.{check.stage_index}.data.sources is empty)")
+
+    #: the policy and the frozen reference are built as one model chunk per virtual pipeline stage
+    supports_virtual_pipeline = True
 
     def run(self) -> dict[str, Any]:
         from megatron.core import parallel_state as mpu
@@ -339,10 +349,11 @@ class PreferenceStage(LMStage):
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         dtype, precision = DTYPES[ctx.blueprint.precision.dtype], ctx.blueprint.precision
         seq_len = stage.data.max_tokens
-        model = self.build_model()
+        model = self.build_chunks()  # one per virtual pipeline stage (one without an interleaved pipeline)
         initialised_from = load_stage_weights(model, ctx)
-        frozen = self.build_model()  # the reference: the starting point, same layout, never trained
-        frozen.load_state_dict(model.state_dict())
+        frozen = self.build_chunks()  # the reference: the starting point, same layout, never trained
+        for copy, chunk in zip(frozen, model):
+            copy.load_state_dict(chunk.state_dict())
         reference = Reference(frozen, seq_len, precision)
         if config.reference == "precomputed":
             streams = [micro_batches(ctx, split="train", preference=True, once=True)]
@@ -351,7 +362,7 @@ class PreferenceStage(LMStage):
             reference.precompute(streams)
         trainable = apply_freezing(model, stage.train)
         loss = build_component("loss", stage.loss or {"name": "mpo"}, ctx.registry, BuildContext(ctx.parallel, dtype))
-        engine = _PreferenceEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps, precision=precision)
+        engine = _PreferenceEngine(model, stage, dtype, max_bad_steps=config.max_bad_steps, precision=precision)
         engine.reference = reference
         is_last = mpu.is_pipeline_last_stage()
         train = micro_batches(ctx, split="train", preference=True)
