@@ -11,7 +11,8 @@ A blueprint is data, never code:
 
 - component names are registry keys (no import paths);
 - ``extends:`` names files relative to the extending file's folder: no absolute paths, no ``..``, no
-  symlink out of that folder, so a blueprint cannot pull in (and print pieces of) arbitrary files;
+  symlink out of that folder, so a blueprint cannot pull in (and print pieces of) arbitrary files; a
+  ``stages`` item ``{include: file}`` (another blueprint's stages, `keye.config.include`) follows the same rule;
 - interpolation is plain ``${a.b}`` or ``${oc.env:NAME,default}`` (the shipped cluster blueprints read
   paths from the environment); any other resolver is refused before anything resolves, because
   resolvers are Python functions that any installed package may register (`ALLOWED_RESOLVERS`).
@@ -28,7 +29,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from keye.config.repeat import expand_stages, is_group
+from keye.config.include import include_stages, is_include
+from keye.config.repeat import expand_group, is_group
 from keye.config.schema import Blueprint, StageConfig
 from keye.config.swap import drop_switched
 from keye.config.validate import dotted, omegaconf_reason, schema_of, short, validate_blueprint
@@ -86,7 +88,7 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[_Layer]:
     layers: list[_Layer] = []
     for base in extends:
         layers.extend(_read_layers(_base_path(path, base, label), (*chain, path)))
-    _expand_repeats(raw, label)
+    _expand_stage_items(raw, path, label, chain)
     layer = _Layer(label, raw)
     _check_resolvers(layer)
     _check_stages(layer, items=False)
@@ -94,11 +96,31 @@ def _read_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[_Layer]:
     return layers
 
 
-def _expand_repeats(raw: DictConfig, label: str) -> None:
-    """Replace ``repeat`` groups in the file's ``stages`` by their rounds (`keye.config.repeat`)."""
+def _expand_stage_items(raw: DictConfig, path: Path, label: str, chain: tuple[Path, ...]) -> None:
+    """Replace ``repeat`` groups in the file's ``stages`` by their rounds (`keye.config.repeat`) and ``include``
+    items by the stages of the file they name (`keye.config.include`); errors name ``stages.N`` as written."""
     plain = OmegaConf.to_container(raw, resolve=False).get("stages")  # as written: never resolved
-    if isinstance(plain, list) and any(is_group(item) for item in plain):
-        raw.stages = expand_stages(plain, label)
+    if not isinstance(plain, list) or not any(is_group(item) or is_include(item) for item in plain):
+        return
+    expanded: list = []
+    for index, item in enumerate(plain):
+        if is_group(item):
+            expanded.extend(expand_group(item, f"{label}: stages.{index}"))
+        elif is_include(item):
+            expanded.extend(include_stages(item, label, index, (*chain, path),
+                                           lambda name, key: _base_path(path, name, label, key), _included_stages))
+        else:
+            expanded.append(item)
+    raw.stages = expanded
+
+
+def _included_stages(path: Path, chain: tuple[Path, ...]) -> Any:
+    """The stage list a blueprint runs: that of the last file of its ``extends`` chain that sets one."""
+    for layer in reversed(_read_layers(path, chain)):
+        stages = OmegaConf.to_container(layer.cfg, resolve=False).get("stages", _ABSENT)
+        if stages is not _ABSENT:
+            return stages
+    return None
 
 
 def _parse(path: Path, chain: tuple[Path, ...]) -> DictConfig:
@@ -144,22 +166,23 @@ def _read_text(path: Path, chain: tuple[Path, ...]) -> str:
         ) from None
 
 
-def _base_path(path: Path, base: Any, label: str) -> Path:
-    """Where ``extends: base`` points: a file in the folder of ``path`` or below it, nowhere else."""
+def _base_path(path: Path, base: Any, label: str, key: str = "extends") -> Path:
+    """Where ``extends: base`` (or an ``include`` at ``key``) points: a file in the folder of ``path`` or below
+    it, nowhere else."""
     if not isinstance(base, str) or not base.strip() or "${" in base or base == "???":
-        raise BlueprintError(f"{label}: extends: entries must be relative paths, got {short(base)}")
+        raise BlueprintError(f"{label}: {key}: entries must be relative paths, got {short(base)}")
     relative = Path(base)
     if relative.is_absolute() or ".." in relative.parts:
         raise BlueprintError(
-            f"{label}: extends: '{short(base)}' must be relative to this file's folder, without '..' "
+            f"{label}: {key}: '{short(base)}' must be relative to this file's folder, without '..' "
             "(keep bases beside the blueprint or below it)"
         )
     try:
         target = (path.parent / relative).resolve()
     except OSError as exc:
-        raise BlueprintError(f"{label}: extends: '{short(base)}': {exc.strerror or exc}") from None
+        raise BlueprintError(f"{label}: {key}: '{short(base)}': {exc.strerror or exc}") from None
     if not target.is_relative_to(path.parent):
-        raise BlueprintError(f"{label}: extends: '{short(base)}' leaves this file's folder (a symlink?)")
+        raise BlueprintError(f"{label}: {key}: '{short(base)}' leaves this file's folder (a symlink?)")
     return target
 
 

@@ -17,8 +17,8 @@ becomes ``rs_r1, mpo_r1, rs_r2, mpo_r2``. Within round k (from 1):
 
 - a stage's name gets ``_r<k>`` appended (or, when it holds ``{round}``, that is replaced by k);
 - ``{round}`` in any string value of the group's stages is replaced by k (data paths of the round);
-- ``init_from`` and string values directly under ``options`` that name a stage of the group are rewritten to
-  that stage of the same round (``options.stage: rs`` → ``rs_r2`` in round 2).
+- ``init_from`` (or, per module, its mapping's values) and string values directly under ``options`` that name a
+  stage of the group are rewritten to that stage of the same round (``options.stage: rs`` → ``rs_r2`` in round 2).
 
 Nothing else changes: each round starts from the stage before it as any stage does (round 1 from the stage
 before the group, round k from round k − 1's last stage), so the rounds chain. The expansion happens per
@@ -48,30 +48,33 @@ def expand_stages(stages: list, label: str) -> list:
     """``stages`` (plain containers, as written) with every group replaced by its rounds."""
     expanded: list = []
     for index, item in enumerate(stages):
-        if not is_group(item):
-            expanded.append(item)
-            continue
-        where = f"{label}: stages.{index}"
-        extra = sorted(set(item) - set(GROUP_KEYS))
-        if extra:
-            raise BlueprintError(f"{where}.{extra[0]}: a repeat group has only 'repeat' and 'stages' "
-                                 "(put stage settings inside its stages)")
-        rounds, inner = item["repeat"], item.get("stages")
-        if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 1000:
-            raise BlueprintError(f"{where}.repeat: expected a number of rounds from 1 to 1000, got {short(rounds)}")
-        if not isinstance(inner, list) or not inner:
-            raise BlueprintError(f"{where}.stages: expected a non-empty list of stages to repeat, got {short(inner)}")
-        names = []
-        for j, stage in enumerate(inner):
-            if is_group(stage):
-                raise BlueprintError(f"{where}.stages.{j}: repeat groups do not nest")
-            if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
-                raise BlueprintError(f"{where}.stages.{j}: expected a stage with a name (name: ..., kind: ...), "
-                                     f"got {short(stage)}")
-            names.append(stage["name"])
-        for k in range(1, rounds + 1):
-            renamed = {name: round_name(name, k) for name in names}
-            expanded.extend(_round_stage(stage, k, renamed) for stage in inner)
+        expanded.extend(expand_group(item, f"{label}: stages.{index}") if is_group(item) else [item])
+    return expanded
+
+
+def expand_group(item: dict, where: str) -> list:
+    """The rounds of one group; ``where`` (``"<file>: stages.N"``) names it in errors."""
+    extra = sorted(set(item) - set(GROUP_KEYS))
+    if extra:
+        raise BlueprintError(f"{where}.{extra[0]}: a repeat group has only 'repeat' and 'stages' "
+                             "(put stage settings inside its stages)")
+    rounds, inner = item["repeat"], item.get("stages")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or not 1 <= rounds <= 1000:
+        raise BlueprintError(f"{where}.repeat: expected a number of rounds from 1 to 1000, got {short(rounds)}")
+    if not isinstance(inner, list) or not inner:
+        raise BlueprintError(f"{where}.stages: expected a non-empty list of stages to repeat, got {short(inner)}")
+    names = []
+    for j, stage in enumerate(inner):
+        if is_group(stage):
+            raise BlueprintError(f"{where}.stages.{j}: repeat groups do not nest")
+        if not isinstance(stage, dict) or not isinstance(stage.get("name"), str) or not stage["name"]:
+            raise BlueprintError(f"{where}.stages.{j}: expected a stage with a name (name: ..., kind: ...), "
+                                 f"got {short(stage)}")
+        names.append(stage["name"])
+    expanded = []
+    for k in range(1, rounds + 1):
+        renamed = {name: round_name(name, k) for name in names}
+        expanded.extend(_round_stage(stage, k, renamed) for stage in inner)
     return expanded
 
 
@@ -83,8 +86,13 @@ def round_name(name: str, k: int) -> str:
 def _round_stage(stage: dict, k: int, renamed: dict[str, str]) -> dict:
     out = _substitute(stage, str(k))
     out["name"] = renamed[stage["name"]]
-    if isinstance(stage.get("init_from"), str) and stage["init_from"] in renamed:
-        out["init_from"] = renamed[stage["init_from"]]
+    init_from = stage.get("init_from")
+    if isinstance(init_from, str) and init_from in renamed:
+        out["init_from"] = renamed[init_from]
+    if isinstance(init_from, dict):  # per module (keye.train.init_plan)
+        for module, value in init_from.items():
+            if isinstance(value, str) and value in renamed:
+                out["init_from"][module] = renamed[value]
     options = out.get("options")
     if isinstance(options, dict):
         raw = stage["options"]
