@@ -81,15 +81,19 @@ def _forward_step(attribute: str, data: Iterator[RolloutPack], model: torch.nn.M
 def fill_logps(chunks: Sequence[torch.nn.Module], packs: Sequence[RolloutPack], attribute: str, seq_len: int,
                precision: Any = None) -> None:
     """Set ``pack.<attribute>`` (``old_logp`` or ``ref_logp``) on every pack, on the last pipeline stage, from
-    a forward-only schedule of ``chunks`` (module docstring)."""
+    a forward-only schedule of ``chunks`` (module docstring; this rank's model chunks, several under an
+    interleaved pipeline: `keye.train.engine.schedule_data`)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from keye.train.engine import schedule_data
 
     if not packs:
         return
     for chunk in chunks:
         chunk.eval()
+    data, count = schedule_data(list(chunks), list(packs), forward_only=True)
     with torch.no_grad(), fp8_context(precision):
         get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, attribute), data_iterator=iter(packs), model=list(chunks),
-            num_microbatches=len(packs), seq_length=seq_len, micro_batch_size=1, forward_only=True,
+            forward_step_func=partial(_forward_step, attribute), data_iterator=data, model=list(chunks),
+            num_microbatches=count, seq_length=seq_len, micro_batch_size=1, forward_only=True,
         )

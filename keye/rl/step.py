@@ -45,6 +45,7 @@ from keye.rl.metrics import Rollouts
 from keye.rl.packing import RolloutPack, pack_rollouts
 from keye.rl.prompts import PromptStream, choose_mode
 from keye.rl.rollouts import Rollout, render, reward_samples, sample_rollouts
+from keye.parallel.dist_checkpoint import model_chunks
 from keye.train.engine import StepResult, TrainEngine, _sum_over_pipeline_and_data
 
 #: per-update sums of the loss metrics (token-weighted), on the last pipeline stage
@@ -71,14 +72,15 @@ class RLSettings:
 @dataclass
 class RLParts:
     """The components of a step. ``model`` is the policy (`KeyeVLModel`, the one the generator decodes with);
-    ``reference`` the frozen copy, or None when the loss has no KL term."""
+    ``reference`` the frozen copy, or None when the loss has no KL term. Under an interleaved pipeline each is
+    the list of this rank's model chunks."""
 
     generator: Any
     rewards: Any  # keye.rewards.contract.WeightedRewards (or any RewardModel)
     loss: Any  # a policy loss component: advantages(rewards, G) and __call__ (plugins/loss/grpo.py)
     processor: Any
-    model: torch.nn.Module
-    reference: torch.nn.Module | None = None
+    model: torch.nn.Module | list[torch.nn.Module]
+    reference: torch.nn.Module | list[torch.nn.Module] | None = None
     precision: Any = None
 
 
@@ -178,7 +180,8 @@ class RLStep:
         s, parts = self.settings, self.parts
         rendered = render(prompts, modes, parts.processor, group_size=group_size, max_tokens=s.seq_len,
                           max_new_tokens=settings.max_new_tokens, skipped=skipped)
-        parts.model.eval()
+        for chunk in model_chunks(parts.model):
+            chunk.eval()
         rollouts = sample_rollouts(parts.generator, rendered, settings, parts.processor.tokenizer)
         if not rollouts:
             return rollouts, torch.zeros(0)
@@ -272,9 +275,10 @@ class RLStep:
         if wanted[0] > 0 and wanted[1] == 0:
             packs = pack_rollouts(rollouts, chosen, advantages, weights, s.seq_len,
                                   max_vision_patches=s.max_vision_patches, pad_id=parts.processor.special.pad)
+            packs += _riders(packs, len(engine.chunks))
             fill_logps(engine.chunks, packs, "old_logp", s.seq_len, parts.precision)
             if parts.reference is not None:
-                fill_logps([parts.reference], packs, "ref_logp", s.seq_len, parts.precision)
+                fill_logps(model_chunks(parts.reference), packs, "ref_logp", s.seq_len, parts.precision)
             for _ in range(s.updates):
                 result = engine.update(packs, sums)
         update_time = time.perf_counter() - began
@@ -288,6 +292,18 @@ class RLStep:
             return StepResult(math.nan, math.nan, lr, False, metrics)
         result.extras = metrics
         return result
+
+
+def _riders(packs: list[RolloutPack], chunks: int) -> list[RolloutPack]:
+    """Under an interleaved pipeline (several model chunks) Megatron's schedule needs at least ``pipeline``
+    micro-batches a step: copies of the last pack with weight 0 make up the count (no loss, no gradient, no
+    metric: `_policy_loss` of a pack that trains nothing is 0 over 0 units)."""
+    from dataclasses import replace
+
+    from megatron.core import parallel_state as mpu
+
+    missing = mpu.get_pipeline_model_parallel_world_size() - len(packs) if chunks > 1 else 0
+    return [replace(packs[-1], weights=torch.zeros_like(packs[-1].weights)) for _ in range(missing)]
 
 
 def _dp_rank() -> int:
