@@ -130,6 +130,9 @@ class RLStage(LMStage):
             check.fail("max_new_tokens", f"{config.max_new_tokens} leaves no room for the prompt in "
                                          f"stages.{index}.data.max_tokens ({stage.data.max_tokens})")
 
+    #: the policy, its frozen reference and the generator's model are one chunk per virtual pipeline stage
+    supports_virtual_pipeline = True
+
     def run(self) -> dict[str, Any]:
         from keye.config import build_component_config
         from keye.data.pipeline import build_processor
@@ -143,21 +146,23 @@ class RLStage(LMStage):
         ctx, stage, config = self.ctx, self.ctx.stage, self.config
         dtype, precision = DTYPES[ctx.blueprint.precision.dtype], ctx.blueprint.precision
         seq_len = stage.data.max_tokens
-        model = self.build_model()
+        model = self.build_chunks()  # one per virtual pipeline stage (one without an interleaved pipeline)
         initialised_from = load_stage_weights(model, ctx)
         loss = build_component("loss", stage.loss or {"name": "grpo"}, ctx.registry, BuildContext(ctx.parallel, dtype))
         if not hasattr(loss, "advantages"):
             raise KeyeUserError(f"stages.{ctx.index}.loss: '{stage.loss['name']}' is not a policy loss (grpo, gspo)")
         reference = None
         if float(getattr(loss.config, "beta", 0.0)) > 0:  # the KL term needs the starting point; β = 0 builds none
-            frozen = self.build_model()
-            frozen.load_state_dict(model.state_dict())
-            reference = Reference(frozen, seq_len, precision).model
+            frozen = self.build_chunks()
+            for copy, chunk in zip(frozen, model):
+                copy.load_state_dict(chunk.state_dict())
+            reference = Reference(frozen, seq_len, precision).chunks
         trainable = apply_freezing(model, stage.train)
-        engine = RLEngine([model], stage, dtype, max_bad_steps=config.max_bad_steps, precision=precision)
+        engine = RLEngine(model, stage, dtype, max_bad_steps=config.max_bad_steps, precision=precision)
         processor = build_processor(ctx)
         cls, generator_config = build_component_config("generator", config.generator, ctx.registry)
-        generator = cls(generator_config, GeneratorContext(model=model, tokenizer=processor.tokenizer,
+        policy = model[0] if len(model) == 1 else model  # a generator gets a list of chunks only under VPP
+        generator = cls(generator_config, GeneratorContext(model=policy, tokenizer=processor.tokenizer,
                                                            parallel=ctx.parallel))
         try:
             rewards = build_rewards(rewards_of(config), ctx.registry, ctx)
