@@ -63,6 +63,9 @@ class EvalStage:
         if config.max_samples is not None:
             check.count(config, "max_samples")
 
+    #: the evaluated model is built as one chunk per virtual pipeline stage (`keye.eval.model.stage_model`)
+    supports_virtual_pipeline = True
+
     def __init__(self, config: Config, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx
