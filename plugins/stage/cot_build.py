@@ -58,6 +58,9 @@ class CotBuildStage:
         if not check.stage.data.sources:
             check.fail("", f"no questions: stages.{index}.data.sources is empty")
 
+    #: the teacher model is built as one chunk per virtual pipeline stage (`keye.eval.model.stage_model`)
+    supports_virtual_pipeline = True
+
     def __init__(self, config: Config, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx
