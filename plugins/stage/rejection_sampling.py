@@ -132,6 +132,9 @@ class RejectionSamplingStage:
             if hasattr(component, "check_config"):
                 component.check_config(reward_config, ConfigCheck(check.blueprint, path, check._origin, check.stage_index))
 
+    #: the sampled model is built as one chunk per virtual pipeline stage (`keye.eval.model.stage_model`)
+    supports_virtual_pipeline = True
+
     def __init__(self, config: Config, ctx: Any) -> None:
         self.config = config
         self.ctx = ctx
