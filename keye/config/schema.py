@@ -38,7 +38,8 @@ class ParallelConfig:
     tensor: int = doc("Tensor-parallel size (Megatron-Core TP).", 1)
     pipeline: int = doc("Pipeline-parallel size (Megatron-Core PP).", 1)
     virtual_pipeline: Optional[int] = doc("Interleaved pipeline chunks per rank; null for plain 1F1B. Stage kinds that build "
-                                                 "chunks accept it (every built-in kind but contrastive, which needs pipeline 1); validate refuses the others.", None)
+                                          "chunks accept it (every built-in kind but contrastive, which needs pipeline 1); "
+                                          "validate refuses the others.", None)
     data: Optional[int] = doc("Data-parallel size; null derives it as world_size / (tensor * pipeline).", None)
     backend: str = doc("torch.distributed backend: auto (nccl with CUDA, gloo without), gloo or nccl.", "auto")
 
