@@ -131,7 +131,11 @@ class StageConfig:
         f"Modules that train in this stage ({', '.join(MODULES)}); the rest are frozen.", default_factory=list
     )
     steps: int = doc("Optimiser steps in this stage.", 0)
-    init_from: Optional[str] = doc("Start from this earlier stage (by name) or weights folder; null = the previous stage.", None)
+    init_from: Any = doc(
+        "Where the stage's weights start (keye.train.stage_weights): null = the previous stage; an earlier stage's "
+        "name; a folder (a stage's or `convert`'s output with weights/, or a Hugging Face directory); fresh; or per "
+        "module {vision_encoder: stage0_vit, language_model: /ckpt/Qwen3-8B, projector: fresh} (modules not named "
+        "come from the previous stage).", None)
     loss: Optional[Dict[str, Any]] = component("loss", "Training objective of the stage.")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Input data of the stage."})
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig, metadata={"doc": "Optimiser settings."})

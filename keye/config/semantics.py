@@ -30,13 +30,13 @@ import functools
 import math
 import os
 import typing
-from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
 from keye.config.fields import field_component_kind
 from keye.config.schema import MODULES
+from keye.config.validate import short
 from keye.errors import BlueprintError, KeyeUserError
 
 Origin = Callable[[str], str]
@@ -231,12 +231,33 @@ def _check_stage(cfg: DictConfig, index: int, stage: DictConfig, origin: Origin)
 
 
 def _check_init_from(cfg: DictConfig, index: int, stage: DictConfig, origin: Origin) -> None:
-    """``init_from`` is an earlier stage's name, or a folder (a path with '/'; looked at by `check_runnable`)."""
-    source = stage.init_from
-    if not source or "/" in source:
+    """``init_from`` (keye.train.init_plan): a source for the whole model, or a mapping {module: source}; a
+    source is an earlier stage's name, a folder (a path with '/'; looked at by `check_runnable`) or 'fresh'."""
+    source, key = stage.init_from, f"stages.{index}.init_from"
+    if not isinstance(source, DictConfig):
+        _check_init_source(cfg, index, stage, origin, key, source, whole=True)
+        return
+    if not source:
+        fail(origin, key, f"an empty mapping; name modules ({', '.join(MODULES)}) or leave init_from null")
+    for module, value in source.items():
+        if module not in MODULES:
+            fail(origin, f"{key}.{module}", f"unknown module '{module}'; known: {', '.join(MODULES)}")
+        if cfg.model[module] is None:
+            fail(origin, f"{key}.{module}", f"model.{module} is not set")
+        _check_init_source(cfg, index, stage, origin, f"{key}.{module}", value, whole=False)
+
+
+def _check_init_source(cfg: DictConfig, index: int, stage: DictConfig, origin: Origin, key: str, source: Any,
+                       whole: bool) -> None:
+    if source is None and whole:
+        return
+    if not isinstance(source, str) or not source:
+        mapping = ", or a mapping {module: source}" if whole else ""
+        fail(origin, key, f"expected an earlier stage's name, a folder (a path with '/') or 'fresh'{mapping}; "
+                          f"got {short(source)}")
+    if source == "fresh" or "/" in source:
         return
     names = [s.name for s in cfg.stages]
-    key = f"stages.{index}.init_from"
     if source == stage.name:
         fail(origin, key, "a stage cannot start from its own weights")
     if source in names[index + 1 :]:
@@ -371,16 +392,22 @@ def launch_world_size(nproc: int) -> int:
 
 
 def check_runnable(cfg: DictConfig, only_stage: str | None = None) -> None:
-    """What ``run`` needs beyond a valid blueprint: a stage to run, and the ``init_from`` folders it reads.
+    """What ``run`` needs beyond a valid blueprint: a stage to run, and the ``init_from`` folders it reads
+    (there, of a known kind, and Hugging Face directories that fit their modules: `keye.train.init_plan`).
 
     A blueprint without stages validates (it is a base for others) but runs nothing: an error, not a
     silent exit 0.
     """
     if not cfg.stages:
         raise BlueprintError("stages: the blueprint has no stages, nothing to run (a base for other blueprints?)")
+    from keye.plugins import get_registry
+    from keye.train.init_plan import check_sources
+
     for index, stage in enumerate(cfg.stages):
-        if only_stage is not None and stage.name != only_stage:
-            continue
-        source = stage.init_from
-        if source and "/" in source and not (Path(source) / "weights").is_dir():
-            raise BlueprintError(f"stages.{index}.init_from: no weights at {Path(source) / 'weights'}")
+        if only_stage is None or stage.name == only_stage:
+            try:
+                check_sources(cfg, index, get_registry())
+            except BlueprintError:
+                raise
+            except KeyeUserError as exc:  # a folder or Hugging Face file that does not fit: the blueprint's to fix
+                raise BlueprintError(str(exc)) from None

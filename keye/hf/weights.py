@@ -108,16 +108,21 @@ def unfused_name(name: str) -> str:
     return name
 
 
-def load_hf_into(model: nn.Module | list[nn.Module], keye_state: dict[str, Tensor]) -> None:
+def load_hf_into(model: nn.Module | list[nn.Module], keye_state: dict[str, Tensor], module: str | None = None) -> None:
     """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers
-    (each chunk its own, for the list of an interleaved pipeline's chunks)."""
+    (each chunk its own, for the list of an interleaved pipeline's chunks). With ``module``, only that
+    top-level module is filled (``keye_state`` names still start with it; chunks without it are skipped)."""
     from keye.parallel.dist_checkpoint import model_chunks
     from keye.parallel.tp_weights import load_full_state_dict
     from keye.parallel.weight_init import global_name
 
+    prefix = "" if module is None else f"{module}."
     for chunk in model_chunks(model):
-        local = {name: keye_state[unfused_name(global_name(chunk, name))] for name, _ in chunk.named_parameters()}
-        load_full_state_dict(chunk, local)
+        target = chunk if module is None else getattr(chunk, module, None)
+        if target is None:
+            continue
+        local = {name: keye_state[unfused_name(global_name(chunk, prefix + name))] for name, _ in target.named_parameters()}
+        load_full_state_dict(target, local)
 
 
 def gather_full_state(model: nn.Module | list[nn.Module]) -> dict[str, Tensor] | None:
