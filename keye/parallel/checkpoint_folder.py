@@ -172,14 +172,18 @@ def hook(moment: str, folder: Path) -> None:
 
 # --- reading -----------------------------------------------------------------------------------------------
 
-#: The globals a torch DCP ``.metadata`` pickle may name (torch 2.x), and nothing else.
+#: The globals a torch DCP ``.metadata`` pickle may name (torch 2.x), and nothing else. Megatron-Core's own
+#: torch_dist writer (used when psutil is installed) also stores every rank's ``SavePlan`` in it
+#: (``Metadata.all_local_plans``: write items and their tensor data), plain torch dataclasses.
 _ALLOWED = {
     "torch.distributed.checkpoint.metadata": {
         "Metadata", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING",
     },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"LoadItemType", "WriteItemType"},
+    "torch.distributed.checkpoint.planner": {
+        "LoadItemType", "WriteItemType", "SavePlan", "WriteItem", "TensorWriteData", "BytesIOWriteData",
+    },
     "torch.serialization": {"_get_layout"},
     "torch": {"Size"},
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
