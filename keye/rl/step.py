@@ -189,16 +189,19 @@ class RLStep:
         stats.add(rollouts, scores)
         return rollouts, torch.tensor(scores.scores, dtype=torch.float32)
 
-    def evaluate(self, prompts: list) -> dict[str, Any]:
-        """Held-out rewards of the policy's greedy reply to each prompt (one per prompt, in the mode the mix draws
-        for it at step 0, so evaluations before and after training ask the same), over data-parallel ranks."""
+    def evaluate(self, prompts: list, samples: int = 0) -> dict[str, Any]:
+        """Held-out rewards of the policy's greedy reply to each prompt (``samples`` 0), or of ``samples`` replies
+        per prompt drawn as the rollouts are (their temperature and filters) with a fixed seed: the expected
+        reward the policy is trained to raise, where greedy replies may already be as good as the policy gets.
+        Each prompt is asked in the mode the mix draws for it at step 0, so evaluations before and after training
+        ask the same; over data-parallel ranks."""
         from dataclasses import replace
 
         s = self.settings
         stats, skipped = Rollouts(), {}
         modes = [choose_mode(prompt, s.mode_mix, s.seed, 0) for prompt in prompts]
-        settings = replace(s.sampling, temperature=0.0, seed=0)
-        self.rollouts(prompts, modes, settings, 1, stats, skipped)
+        settings = replace(s.sampling, seed=0) if samples else replace(s.sampling, temperature=0.0, seed=0)
+        self.rollouts(prompts, modes, settings, samples or 1, stats, skipped)
         for reason, n in skipped.items():
             stats.count(f"skipped/{reason}", n)
         return {f"heldout_{name}": value for name, value in stats.reduce().items()}

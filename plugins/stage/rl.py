@@ -23,8 +23,8 @@ Options (``stages[i].options``):
 - ``dynamic_sampling``, ``mask_truncated`` (both on by default);
 - ``save_rollouts``: append every rollout (ids, text, reward, advantage, trained or not) to the stage folder's
   ``rollouts.jsonl`` (data-parallel rank 0's rollouts; a fresh or overwritten stage starts the file anew);
-- ``eval_prompts``: held-out prompts (``data.heldout``, per data-parallel rank) answered greedily before and
-  after training; ``max_bad_steps``.
+- ``eval_prompts``: held-out prompts (``data.heldout``, per data-parallel rank) answered before and after
+  training, greedily or (``eval_samples`` N) N replies each sampled as the rollouts are; ``max_bad_steps``.
 
 The loss is the stage's ``loss`` node (default ``{name: grpo}``); it must be a policy loss (an ``advantages``
 method), ``plugins/loss/grpo.py``.
@@ -93,7 +93,10 @@ class RLStage(LMStage):
         mask_truncated: bool = doc("Replies cut by max_new_tokens carry no loss (DAPO's overlong masking).", True)
         save_rollouts: bool = doc("Append every rollout (ids, text, reward, advantage) to rollouts.jsonl in the "
                                   "stage folder (data-parallel rank 0's).", False)
-        eval_prompts: int = doc("Held-out prompts answered greedily before and after training (0: no evaluation).", 32)
+        eval_prompts: int = doc("Held-out prompts answered before and after training (0: no evaluation).", 32)
+        eval_samples: int = doc(
+            "Replies per held-out prompt: 0, one greedy reply; N, N replies sampled as the rollouts are (fixed seed), "
+            "whose mean is the expected reward RL raises (greedy replies may already be as good as it gets).", 0)
         max_bad_steps: int = doc("Stop after this many consecutive steps with a non-finite loss/grad.", 5)
 
     @classmethod
@@ -105,7 +108,7 @@ class RLStage(LMStage):
 
         check.count(config, "prompts_per_step", "updates", "max_new_tokens")
         check.count(config, "group_size", minimum=2)
-        check.count(config, "top_k", "eval_prompts", "max_bad_steps", minimum=0)
+        check.count(config, "top_k", "eval_prompts", "eval_samples", "max_bad_steps", minimum=0)
         check.number(config, "temperature", above=0.0)
         check.number(config, "top_p", above=0.0, high=1.0)
         try:
@@ -199,7 +202,8 @@ class RLStage(LMStage):
 
         if not self.ctx.stage.data.heldout or self.config.eval_prompts == 0:
             return {}
-        return step.evaluate(PromptStream(self.ctx, split="heldout").take(self.config.eval_prompts))
+        return step.evaluate(PromptStream(self.ctx, split="heldout").take(self.config.eval_prompts),
+                             samples=self.config.eval_samples)
 
 
 @hookimpl

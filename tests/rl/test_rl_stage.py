@@ -5,7 +5,8 @@ gloo processes each, for the same seed. Shared runs (module fixture), checked fo
   gradient norms, KL and held-out rewards in every layout: rollouts (the in-process generator under TP/PP),
   update and reference agree;
 - the step metrics (reward per component and mode, think ratio, reply length, KL, clip fraction, entropy,
-  times, counts) in metrics.jsonl, before/after held-out reward in the summary, the reward curve report;
+  times, counts) in metrics.jsonl, before/after held-out reward (of 2 sampled replies per prompt, the same in
+  every layout) in the summary, the reward curve report;
 - bad input handled by rule and counted, never a crash: a prompt without a reference (``answer_match``
   scores it 0 and counts it), a conversation that asks nothing (skipped by reason) and a prompt whose image is
   missing (skipped by the source, by kind), replies cut by the length limit (counted), groups whose rewards
@@ -81,7 +82,7 @@ def blueprint(folder: Path, name: str, **parallel: int) -> Path:
                 "mode_mix": {"think": 0.5, "no_think": 0.5}, "mask_truncated": False, "save_rollouts": True,
                 "rewards": {"answer_match": {"weight": 1.0}, "format": {"weight": 0.5},
                             "text_length": {"weight": 1.0}},
-                "eval_prompts": 3,
+                "eval_prompts": 3, "eval_samples": 2,
             },
             "data": {
                 "max_tokens": 160, "image_max_tokens": 16, "video_frame_tokens": [4, 16], "video_max_tokens": 64,
@@ -147,7 +148,7 @@ def test_metrics_summary_and_report(runs):
     assert metrics[0]["ratio"] != pytest.approx(1.0, abs=1e-7) and metrics[0]["kl"] > 0
     summary = json.loads((runs / "one" / "summary.json").read_text())["stages"]["rl"]
     for stage_eval in (summary["eval_before"], summary["eval_after"]):
-        assert stage_eval["heldout_rollouts"] == 3 and "heldout_reward" in stage_eval
+        assert stage_eval["heldout_rollouts"] == 3 * 2 and "heldout_reward" in stage_eval  # 2 sampled replies each
     assert summary["reference"] == "live"
     report = (runs / "one" / "rl" / "report.md").read_text()
     assert "reward_curve.png" in report and (runs / "one" / "rl" / "reward_curve.png").stat().st_size > 1000
