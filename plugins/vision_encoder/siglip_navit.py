@@ -33,13 +33,22 @@ the patches came (raster order ``(t, h, w)`` per image/video, images/videos one 
    RoPE per token (freqs of length ``cu_seqlens[-1]``, token by token); with Megatron's own local attention
    (``attention: megatron``) it is a boolean mask ``[1, 1, N, N]`` (True = masked). The TE path cannot run
    on a CPU machine and is untested here.
+6. **Pooling head** (``pooling_head: true``): SigLIP's attention-pooling ``head`` (`keye.model.pooling_head`),
+   ``head(features, grid_thw) -> [K, D]``, one embedding per packed image. Keye-VL's forward never calls it;
+   the contrastive stage 0 does: it is SigLIP's own image embedding, so continuing from SigLIP keeps the
+   pretrained image-text alignment at step 0. It lives *here*, in the tower, rather than in the stage, so
+   that one ``model.vision_encoder`` node gives every stage the same parameter set: stage 0's trained head
+   goes through stages 1-3 with the tower (stage weights load module by module, and a module must match
+   exactly) and is exported as the released ``visual.vision_model.head.*``. Off by default (the tiny
+   blueprints pool by mean in stage 0); the 8B blueprints turn it on.
 7. **FP8** only when ``precision.fp8.vision`` is on (`keye.parallel.fp8.vision_fp8`; otherwise the tower stays in
    high precision while the LLM's blocks run FP8): TE's through the config, or keye's scaled-FP8 linears. The
    pack is then padded with one block of zero patches to a multiple of 16 rows (FP8 GEMMs refuse other
    counts); the block attends only to itself and its outputs are dropped.
 
-Not built: the SigLIP attention-pooling ``head`` and the ``packing_position_embedding`` table, which the
-released model carries but does not use; ``hf_to_keye_state_dict`` skips them.
+Not built: the ``packing_position_embedding`` table, which the released model carries but never uses
+(``hf_to_keye_state_dict`` skips it; export writes one, `hf_released_extras`), and the pooling head when
+``pooling_head`` is off.
 """
 
 from __future__ import annotations
@@ -54,12 +63,15 @@ from torch import Tensor, nn
 from keye import hookimpl
 from keye.config import component, doc
 from keye.model import backend, hf_keys, packing_masks, siglip_tower
+from keye.model.pooling_head import AttentionPoolingHead, head_weight_shapes
 from keye.parallel import fp8 as keye_fp8
 from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
 
-# Released weights (spec §1.7): keys the module has no use for.
+# Released weights (spec §1.7): keys the module has no use for (the head's are used with ``pooling_head``).
 _UNUSED_HF_PREFIXES = ("head.", "embeddings.packing_position_embedding.")
+#: Rows of the released, unused ``packing_position_embedding`` table (modeling_keye.py: ``nn.Embedding(32768, D)``).
+PACKING_TABLE_ROWS = 32768
 
 
 class SiglipNaViT(nn.Module):
@@ -80,6 +92,11 @@ class SiglipNaViT(nn.Module):
             "position_encoding", "Rotary positions of the patches inside attention, built with this encoder's "
             "head_dim: rope2d_vision (Keye's 2D RoPE, rows and cols), none, or any scheme with "
             "patch_rotary_pos_emb.", {"name": "rope2d_vision"},
+        )
+        pooling_head: bool = doc(
+            "Build SigLIP's attention-pooling head (probe + multi-head attention + MLP): the contrastive stage's "
+            "image embedding, exported as visual.vision_model.head.*; unused by the Keye-VL forward. Set it in the "
+            "blueprint's model section, so every stage holds it.", False,
         )
 
     @classmethod
@@ -125,6 +142,10 @@ class SiglipNaViT(nn.Module):
             pre_process=True,
             post_process=True,
         )
+        self.head = None
+        if config.pooling_head:
+            self.head = AttentionPoolingHead(width, config.num_heads, config.intermediate_size, config.layer_norm_eps,
+                                             device=device, dtype=ctx.dtype)
 
     # --- pieces of the forward pass ------------------------------------------------------------
 
@@ -192,7 +213,8 @@ class SiglipNaViT(nn.Module):
     # The component's key map (keye.hf.contract.HFWeights): names relative to where a format puts the tower
     # (``visual.vision_model.`` in Keye-VL, ``vision_model.`` in SiglipModel, nothing in SiglipVisionModel).
 
-    #: released weights the tower does not use (SigLIP's pooling head, Keye's packing table): kept, not loaded
+    #: released weights the tower does not use (SigLIP's pooling head unless ``pooling_head``, Keye's packing
+    #: table): kept, not loaded
     HF_UNUSED = _UNUSED_HF_PREFIXES
 
     @classmethod
@@ -210,12 +232,31 @@ class SiglipNaViT(nn.Module):
             for name, shape in layer.items():
                 shapes[f"encoder.layers.{i}.{name}.weight"] = shape
                 shapes[f"encoder.layers.{i}.{name}.bias"] = shape[:1]
+        if config.pooling_head:
+            shapes.update({f"head.{name}": shape for name, shape in head_weight_shapes(d, inner).items()})
         return shapes
+
+    @classmethod
+    def hf_released_extras(cls, config: Config, seed: int = 0) -> dict[str, Tensor]:
+        """Released weights a tower with this config does not hold, initialised as the released code initialises
+        them (modeling_keye.py ``_init_weights``, SigLIP's): the pooling head when ``pooling_head`` is off, and
+        the ``packing_position_embedding`` table (32768 rows, ``N(0, 1/hidden_size)``). Keye-VL never uses
+        either; the released ``KeyeForConditionalGeneration`` builds both, so an export writes them (names
+        relative to the tower, fp32, drawn from ``seed``: the same export gives the same files)."""
+        generator = torch.Generator().manual_seed(seed)
+        d = config.hidden_size
+        table = torch.empty(PACKING_TABLE_ROWS, d).normal_(0.0, d ** -0.5, generator=generator)
+        extras = {"embeddings.packing_position_embedding.weight": table}
+        if not config.pooling_head:
+            head = AttentionPoolingHead(d, config.num_heads, config.intermediate_size, config.layer_norm_eps)
+            head.reset_parameters(generator)
+            extras.update({f"head.{name}": t.detach() for name, t in head.state_dict().items()})
+        return extras
 
     @classmethod
     def hf_to_keye(cls, hf: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
         """Released tensors (names as in :meth:`hf_weight_shapes`) → this module's parameter names."""
-        return hf_to_keye_state_dict(hf, config.num_heads, "")
+        return hf_to_keye_state_dict(hf, config.num_heads, "", config.pooling_head)
 
     @classmethod
     def keye_to_hf(cls, state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
@@ -224,7 +265,8 @@ class SiglipNaViT(nn.Module):
 
     def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "visual.vision_model.") -> None:
         """Load SigLIP/Keye ViT weights (full tensors, HF names); each TP rank takes its slice."""
-        tp_weights.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix))
+        tp_weights.load_full_state_dict(self, hf_to_keye_state_dict(hf, self.config.num_heads, prefix,
+                                                                     self.config.pooling_head))
 
     def hf_state_dict(self, prefix: str = "visual.vision_model.") -> dict[str, Tensor]:
         """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
@@ -232,13 +274,14 @@ class SiglipNaViT(nn.Module):
 
 
 def hf_to_keye_state_dict(
-    hf: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model."
+    hf: dict[str, Tensor], num_heads: int, prefix: str = "visual.vision_model.", pooling_head: bool = False
 ) -> dict[str, Tensor]:
     """Released names (spec §1.7) → this module's, full tensors.
 
     ``prefix`` is ``visual.vision_model.`` in a Keye-VL checkpoint, ``vision_model.`` in a SiglipModel one,
-    ``""`` for a bare ``SiglipVisionModel``. Keys outside the prefix are ignored; the unused pooling head
-    and packing table are skipped; anything else unknown is an error.
+    ``""`` for a bare ``SiglipVisionModel``. Keys outside the prefix are ignored; the packing table is
+    skipped, and so is the pooling head unless the tower has one (``pooling_head``); anything else unknown
+    is an error.
     """
     body = {name[len(prefix):]: t for name, t in hf.items() if name.startswith(prefix)}
     out = hf_keys.hf_encoder_to_megatron(body, num_heads)
@@ -252,6 +295,8 @@ def hf_to_keye_state_dict(
     for name, tensor in body.items():
         if name in direct:
             out[direct[name]] = tensor
+        elif name.startswith("head.") and pooling_head:
+            out[name] = tensor  # the module's own names are SigLIP's (keye.model.pooling_head)
         elif not name.startswith("encoder.layers.") and not name.startswith(_UNUSED_HF_PREFIXES):
             raise KeyError(f"siglip_navit: unknown weight {prefix}{name}")
     return out
@@ -270,6 +315,7 @@ def keye_to_hf_state_dict(
     }
     out = hf_keys.megatron_encoder_to_hf(state, num_heads)
     out.update({direct[name]: tensor for name, tensor in state.items() if name in direct})
+    out.update({name: tensor for name, tensor in state.items() if name.startswith("head.")})  # SigLIP's names
     return {prefix + name: tensor for name, tensor in out.items()}
 
 
