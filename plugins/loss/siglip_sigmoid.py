@@ -86,6 +86,21 @@ class SiglipSigmoidLoss(torch.nn.Module):
             total = total + _pair_loss_sum(images, texts, scale, self.logit_bias, positive=False)
         return total, torch.tensor(images.shape[0], dtype=torch.int)
 
+    # --- Hugging Face weights (keye.hf.contract): a transformers SiglipModel keeps t' and b at its top level as
+    # ``logit_scale`` and ``logit_bias``, shape [1] each, with the same meaning (logits · exp(t') + b).
+
+    @classmethod
+    def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
+        return {"logit_scale": (1,), "logit_bias": (1,)}
+
+    @classmethod
+    def hf_to_keye(cls, hf: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+        return {name: hf[name].reshape(()) for name in ("logit_scale", "logit_bias")}
+
+    @classmethod
+    def keye_to_hf(cls, state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
+        return {name: tensor.reshape(1) for name, tensor in state.items()}
+
 
 def siglip_loss_reference(images: torch.Tensor, texts: torch.Tensor, t_prime: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The plain single-process formula over the full batch (for tests and as documentation)."""
