@@ -16,7 +16,15 @@ end-of-text token) is the pooled one. Pass every text in a batch at the same len
 Tensor parallelism comes from Megatron (vocab-parallel embedding, column/row-parallel linears); the
 small position table, norms and ``head`` are replicated. The tower lives whole on one pipeline stage.
 Weights load from a transformers ``SiglipModel`` checkpoint (``text_model.*``) with
-``hf_to_keye_state_dict``.
+``hf_to_keye_state_dict``; the class carries the key map `keye.hf.contract` describes (``hf_to_keye``...).
+
+**Tokenizer.** SigLIP's text tower was trained on SigLIP's own tokenizer (so400m: a 32,000-piece
+SentencePiece model), not on the LLM's: ``tokenizer`` names its directory, and :meth:`SiglipText.tokenize`
+turns captions into ids as SigLIP's processor does (``padding="max_length"`` to the tower's
+``max_position_embeddings``, truncation, the tokenizer's own end-of-text token), so the pooled last position is
+what SigLIP pooled. With no ``tokenizer`` the contrastive stage tokenizes captions with the blueprint's
+``model.tokenizer``, which is only right when its ids fit the table (the tiny blueprints: a 1,024-entry
+tokenizer and table); the stage checks that and names this key when they do not.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from torch import Tensor, nn
 
 from keye import hookimpl
 from keye.config import doc
+from keye.errors import KeyeUserError
 from keye.model import backend, hf_keys, siglip_tower
 from keye.parallel import tp_weights
 from keye.model.protocols import BuildContext
@@ -63,6 +72,11 @@ class SiglipText(nn.Module):
         vocab_size: int = doc("Token vocabulary (so400m: 32000); divisible by the tensor-parallel size.", 32000)
         max_position_embeddings: int = doc("Rows of the learned position table: the longest (padded) text.", 64)
         projection_size: Optional[int] = doc("Output width of ``head``; null: hidden_size (as SigLIP).", None)
+        tokenizer: Optional[str] = doc(
+            "Directory of the tokenizer this tower was trained with (SigLIP's, e.g. /models/siglip-so400m-patch14-384: "
+            "a transformers tokenizer, loaded offline); captions are padded to max_position_embeddings as SigLIP "
+            "pads them. null: captions use the blueprint's model.tokenizer (its ids must be below vocab_size).", None,
+        )
 
     @classmethod
     def check_config(cls, config: Config, check: object) -> None:
@@ -81,6 +95,8 @@ class SiglipText(nn.Module):
         self.config = config = config or self.Config()
         ctx = ctx or BuildContext()
         self.out_dim = config.projection_size or config.hidden_size
+        self.vocab_size = config.vocab_size
+        self.tokenizer = load_caption_tokenizer(config.tokenizer, config.vocab_size) if config.tokenizer else None
         self.impl = backend.resolve_transformer_impl(config.transformer_impl)
         self.transformer_config = siglip_tower.tower_transformer_config(config, ctx, "siglip_text")
         self.embedding = LanguageModelEmbedding(
@@ -118,7 +134,45 @@ class SiglipText(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         return self.head(self.hidden_states(input_ids)[-1])  # last token (B, D) → (B, out_dim)
 
+    def tokenize(self, texts: list[str]) -> Tensor | None:
+        """Captions → ``[B, max_position_embeddings]`` ids with this tower's own tokenizer, as SigLIP's processor
+        makes them (padded to the full length, truncated, end-of-text kept); None when ``tokenizer`` is not set."""
+        if self.tokenizer is None:
+            return None
+        length = self.config.max_position_embeddings
+        return self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=length,
+                              return_tensors="pt")["input_ids"]
+
     # --- Hugging Face weights ------------------------------------------------------------------
+    # The component's key map (keye.hf.contract.HFWeights), names relative to ``text_model.`` of a SiglipModel.
+
+    @classmethod
+    def hf_weight_shapes(cls, config: Config) -> dict[str, tuple[int, ...]]:
+        """Every weight of a transformers ``SiglipTextModel`` with this config, and its shape (written out from
+        SigLIP's layout, not derived from the mapping)."""
+        d, inner, out = config.hidden_size, config.intermediate_size, config.projection_size or config.hidden_size
+        shapes = {"embeddings.token_embedding.weight": (config.vocab_size, d),
+                  "embeddings.position_embedding.weight": (config.max_position_embeddings, d),
+                  "final_layer_norm.weight": (d,), "final_layer_norm.bias": (d,),
+                  "head.weight": (out, d), "head.bias": (out,)}
+        layer = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d),
+                 "self_attn.out_proj": (d, d), "layer_norm1": (d,), "layer_norm2": (d,),
+                 "mlp.fc1": (inner, d), "mlp.fc2": (d, inner)}  # each with a bias of the first dim
+        for i in range(config.num_layers):
+            for name, shape in layer.items():
+                shapes[f"encoder.layers.{i}.{name}.weight"] = shape
+                shapes[f"encoder.layers.{i}.{name}.bias"] = shape[:1]
+        return shapes
+
+    @classmethod
+    def hf_to_keye(cls, hf: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """``text_model.``-relative tensors → this module's parameter names."""
+        return hf_to_keye_state_dict(hf, config.num_heads, "")
+
+    @classmethod
+    def keye_to_hf(cls, state: dict[str, Tensor], config: Config) -> dict[str, Tensor]:
+        """The inverse of :meth:`hf_to_keye`, tensor by tensor."""
+        return keye_to_hf_state_dict(state, config.num_heads, "")
 
     def load_hf_state_dict(self, hf: dict[str, Tensor], prefix: str = "text_model.") -> None:
         """Load SigLIP text weights (full tensors, HF names); each TP rank takes its slice."""
@@ -127,6 +181,25 @@ class SiglipText(nn.Module):
     def hf_state_dict(self, prefix: str = "text_model.") -> dict[str, Tensor]:
         """Full tensors under HF names (TP shards gathered: call it on every TP rank)."""
         return keye_to_hf_state_dict(tp_weights.full_state_dict(self), self.config.num_heads, prefix)
+
+
+def load_caption_tokenizer(path: str, vocab_size: int) -> object:
+    """``AutoTokenizer.from_pretrained(path, local_files_only=True)``; a tokenizer that cannot load, has no pad
+    token, or has more entries than the tower's table is one line naming ``model.text_encoder.tokenizer``."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise KeyeUserError(f"model.text_encoder.tokenizer: cannot load a tokenizer from '{path}': "
+                            f"{str(exc).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        raise KeyeUserError(f"model.text_encoder.tokenizer: '{path}' has no pad token (SigLIP pads every caption "
+                            "to the tower's length)")
+    if len(tokenizer) > vocab_size:
+        raise KeyeUserError(f"model.text_encoder.tokenizer: '{path}' has {len(tokenizer)} tokens, but "
+                            f"model.text_encoder.vocab_size is {vocab_size}")
+    return tokenizer
 
 
 def hf_to_keye_state_dict(hf: dict[str, Tensor], num_heads: int, prefix: str = "text_model.") -> dict[str, Tensor]:
