@@ -1,11 +1,23 @@
 """``contrastive``: stage 0, SigLIP-loss training of the vision encoder against a text tower.
 
 Images of a micro-batch go through the vision encoder packed NaViT-style (one sequence, one attention
-block per image); each image's patch features are mean-pooled and projected to the text tower's width by
-a small head that belongs to this stage (the released SigLIP attention-pooling head is unused by
-Keye-VL, so a mean-pool head keeps the encoder itself exactly what later stages use). The SigLIP sigmoid
-loss runs across data-parallel ranks (`siglip_sigmoid`). Evaluation: zero-shot image→text and
-text→image retrieval top-1 on held-out pairs (chance = 1 / number of pairs).
+block per image). Each image's embedding is SigLIP's own: the vision encoder's attention-pooling head
+(``siglip_navit`` with ``pooling_head: true``; any encoder with a ``head(features, grid_thw) -> [K, D]``
+module). SigLIP's image-text alignment lives in that head together with both towers and the loss's
+temperature and bias, so a stage continuing from a ``SiglipModel`` checkpoint (`keye.hf.siglip`) starts
+aligned: at step 0 its logits are SigLIP's. The head belongs to the encoder, not to this stage, so it goes
+on through later stages and into the export (the released ``visual.vision_model.head.*``). An encoder
+without one (the tiny blueprints' ``siglip_navit``, third-party towers) gets this stage's fallback: patch
+features mean-pooled, then a fresh Linear to the text tower's width (``vision_head``; stage 0 only).
+
+Captions are tokenized for the *text tower*: with its own tokenizer when it names one
+(``model.text_encoder.tokenizer``: SigLIP's, padded to the tower's length as SigLIP pads), else with the
+blueprint's ``model.tokenizer`` (the tiny blueprints: its 1,024 ids fit the tower's table). An id the
+table does not have is a one-line error naming that key, checked before the first step and on every batch
+(a vocab-parallel embedding would otherwise map it silently to zeros).
+
+The SigLIP sigmoid loss runs across data-parallel ranks (`siglip_sigmoid`). Evaluation: zero-shot image→text
+and text→image retrieval top-1 on held-out pairs (chance = 1 / number of pairs).
 
 The vision and text towers are whole on every pipeline rank, so this stage needs pipeline size 1.
 """
@@ -13,7 +25,8 @@ The vision and text towers are whole on every pipeline rank, so this stage needs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,13 +48,18 @@ def _mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
 
 
 class ContrastiveModel(torch.nn.Module):
-    """Vision encoder + pooling head + text encoder + the loss's learnable temperature and bias."""
+    """Vision encoder (with its pooling head, or this stage's mean-pool + ``vision_head``) + text encoder + the
+    loss's learnable temperature and bias."""
 
     def __init__(self, vision_encoder: torch.nn.Module, text_encoder: torch.nn.Module, loss: torch.nn.Module) -> None:
         super().__init__()
         self.vision_encoder = vision_encoder
         self.text_encoder = text_encoder
-        self.vision_head = torch.nn.Linear(vision_encoder.out_dim, text_encoder.out_dim)
+        pooling_head = getattr(vision_encoder, "head", None)  # the encoder's own (its parameters stay there)
+        self.vision_head = torch.nn.Linear(vision_encoder.out_dim, text_encoder.out_dim) if pooling_head is None else None
+        if pooling_head is not None and vision_encoder.out_dim != text_encoder.out_dim:
+            raise KeyeUserError(f"model.vision_encoder: its pooling head gives {vision_encoder.out_dim}-wide "
+                                f"embeddings, model.text_encoder {text_encoder.out_dim}-wide (SigLIP's are equal)")
         self.loss = loss
         self.config = vision_encoder.transformer_config if hasattr(vision_encoder, "transformer_config") else text_encoder.transformer_config
         self.model_type = None
@@ -51,7 +69,25 @@ class ContrastiveModel(torch.nn.Module):
         pass
 
     def embed_images(self, images: VisionInputs) -> torch.Tensor:
-        return self.vision_head(_mean_pool(self.vision_encoder(images.patches, images.grid_thw), images.grid_thw))
+        features = self.vision_encoder(images.patches, images.grid_thw)  # (N, D)
+        if self.vision_head is None:
+            return self.vision_encoder.head(features, images.grid_thw)  # (K, D)
+        return self.vision_head(_mean_pool(features, images.grid_thw))
+
+    def caption_ids(self, items: list[PairItem]) -> torch.Tensor:
+        """``[B, L]`` caption ids for the text tower: its own tokenizer's, else the blueprint tokenizer's (the
+        processor's); an id outside the tower's table is one line naming the sample and the key."""
+        tokenize = getattr(self.text_encoder, "tokenize", None)
+        ids = tokenize([item.caption for item in items]) if tokenize is not None else None
+        if ids is None:
+            ids = torch.stack([item.caption_ids for item in items])
+        vocab = getattr(self.text_encoder, "vocab_size", None)
+        if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
+            row = int((ids >= vocab).any(dim=1).nonzero()[0])
+            raise KeyeUserError(f"model.text_encoder.tokenizer: the caption of sample '{items[row].key}' has token id "
+                                f"{int(ids[row].max())}, but the text tower's table has {vocab} rows "
+                                "(model.text_encoder.vocab_size); name the tower's own tokenizer")
+        return ids
 
     def forward(self, images: VisionInputs, caption_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss(self.embed_images(images), self.text_encoder(caption_ids), group=_data_group())
@@ -63,9 +99,22 @@ def _data_group():
     return mpu.get_data_parallel_group()
 
 
-def _batch(items: list[PairItem]) -> tuple[VisionInputs, torch.Tensor]:
+def _batch(items: list[PairItem], caption_ids: Callable[[list[PairItem]], torch.Tensor]) -> tuple[VisionInputs, torch.Tensor]:
     images = VisionInputs(torch.cat([i.images.patches for i in items]), torch.cat([i.images.grid_thw for i in items]))
-    return images, torch.stack([i.caption_ids for i in items])
+    return images, caption_ids(items)
+
+
+def check_caption_tokenizer(text_encoder: torch.nn.Module, tokenizer: Any) -> None:
+    """Before the first step: captions tokenized with the blueprint's ``tokenizer`` (the text tower names none)
+    must fit the tower's table; else one line naming the key to set (the 8B blueprint once fed Qwen's ids,
+    up to 151,668, to SigLIP's 32,000 rows)."""
+    if getattr(text_encoder, "tokenizer", None) is not None:
+        return  # its own, checked against its table when it loaded (siglip_text)
+    vocab = getattr(text_encoder, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise KeyeUserError(f"model.text_encoder.tokenizer is not set, so captions use model.tokenizer ({len(tokenizer)} "
+                            f"tokens), but the text tower's table has {vocab} rows (model.text_encoder.vocab_size): "
+                            "name the text tower's own tokenizer (SigLIP's)")
 
 
 def _loss_func(output: tuple[torch.Tensor, torch.Tensor]):
@@ -73,8 +122,9 @@ def _loss_func(output: tuple[torch.Tensor, torch.Tensor]):
     return loss_sum, count, {"loss_sum": loss_sum.detach().clone(), "tokens": count.float()}
 
 
-def _forward(data: Iterator[list[PairItem]], model: torch.nn.Module):
-    images, captions = _batch(next(data))
+def _forward(data: Iterator[list[PairItem]], model: torch.nn.Module, caption_ids: Callable):
+    """``model`` is the DDP-wrapped ContrastiveModel; ``caption_ids`` the unwrapped one's (bound by ``run``)."""
+    images, captions = _batch(next(data), caption_ids)
     return model(images, captions), _loss_func
 
 
@@ -84,7 +134,8 @@ class ContrastiveStage:
         batch_size: int = doc("Image-text pairs per micro-batch on each data-parallel rank.", 32)
         num_microbatches: int = doc("Micro-batches per optimiser step.", 1)
         eval_pairs: int = doc("Held-out pairs per retrieval evaluation (per data-parallel rank).", 64)
-        caption_length: int = doc("Caption tokens (padded/truncated; the text tower pools the last one).", 16)
+        caption_length: int = doc("Caption tokens (padded/truncated; the text tower pools the last one). A text "
+                                  "tower with its own tokenizer (siglip_text's tokenizer) pads to its own length.", 16)
 
     @classmethod
     def check_config(cls, config: Config, check: Any) -> None:
@@ -128,6 +179,7 @@ class ContrastiveStage:
         trainable = apply_freezing(model, stage.train)
         engine = TrainEngine([model], stage, dtype, precision=ctx.blueprint.precision)
         train = micro_batches(ctx, split="train", pairs=True, pair_batch=config.batch_size, caption_length=config.caption_length)
+        check_caption_tokenizer(model.text_encoder, train.processor.tokenizer)
         before = self._evaluate(model)
 
         def fields(result, seconds):
@@ -135,7 +187,8 @@ class ContrastiveStage:
                     "temperature": float(model.loss.logit_scale.detach().exp()),
                     "bias": float(model.loss.logit_bias.detach())}  # reported, not differentiated
 
-        last, resumed_from = train_steps(ctx, model, engine, train, _forward, num_microbatches=config.num_microbatches,
+        step = partial(_forward, caption_ids=model.caption_ids)
+        last, resumed_from = train_steps(ctx, model, engine, train, step, num_microbatches=config.num_microbatches,
                                          seq_length=1, micro_batch_size=config.batch_size, fields=fields)
         after = self._evaluate(model)
         save_stage_weights(model, ctx)
@@ -155,7 +208,7 @@ class ContrastiveStage:
             return {}
         was_training = model.training
         model.eval()
-        images, captions = _batch(batches[0])
+        images, captions = _batch(batches[0], model.caption_ids)
         image_emb = torch.nn.functional.normalize(model.embed_images(images), dim=-1)
         text_emb = torch.nn.functional.normalize(model.text_encoder(captions), dim=-1)
         model.train(was_training)
