@@ -10,12 +10,16 @@ plugin registry (`keye.plugins.get_registry`), never imported, so plugin isolati
 
 - :func:`hf_configs` / :func:`hf_config_dict`: config.json ↔ :class:`KeyeVLConfigs`;
 - :func:`configs_of`: the same for a blueprint-built ``KeyeVLModel``, whatever components it holds (their
-  classes then provide the key maps, `keye.hf.contract`).
+  classes then provide the key maps, `keye.hf.contract`);
+- :func:`remote_code_auto_map`: config.json's ``auto_map``, which makes ``AutoModel.from_pretrained(dir,
+  trust_remote_code=True)`` run the released modeling code (spec §2: ``configuration_keye.KeyeConfig``,
+  ``modeling_keye.KeyeForConditionalGeneration``).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -43,6 +47,28 @@ FORMAT = (
 )
 #: The position encoding of the format's language model (time-aligned 3D M-RoPE: position ids of a batch).
 POSITION_ENCODING = "mrope_time_aligned"
+
+#: The public repository whose remote code (configuration_keye.py, modeling_keye.py) loads the format.
+REMOTE_CODE_REPO = "Kwai-Keye/Keye-VL-8B-Preview"
+#: The released config.json's ``auto_map`` and its ``vision_config.auto_map`` (module.Class in that repository).
+AUTO_MAP = {"AutoConfig": "configuration_keye.KeyeConfig", "AutoModel": "modeling_keye.KeyeForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_keye.KeyeForConditionalGeneration"}
+VISION_AUTO_MAP = {"AutoConfig": "configuration_keye.KeyeVisionConfig", "AutoModel": "modeling_keye.SiglipVisionModel"}
+
+
+def remote_code_auto_map(auto_map: dict, directory: str | Path) -> dict:
+    """``auto_map`` for a checkpoint written to ``directory``. The released one names modules beside config.json
+    (``modeling_keye.KeyeForConditionalGeneration``); where ``directory`` lacks that module file (keye writes
+    weights and config, not Kwai's code), a reference becomes transformers' cross-repository form
+    ``Kwai-Keye/Keye-VL-8B-Preview--modeling_keye.KeyeForConditionalGeneration``, which fetches the public
+    remote code, so ``trust_remote_code=True`` loads the folder either way. References that already name a
+    repository (``--``) are kept."""
+    out = {}
+    for key, reference in auto_map.items():
+        module = reference.split(".", 1)[0]
+        local = "--" in reference or (Path(directory) / f"{module}.py").is_file()
+        out[key] = reference if local else f"{REMOTE_CODE_REPO}--{reference}"
+    return out
 
 
 def component_class(kind: str, name: str) -> type:
@@ -170,8 +196,9 @@ def hf_config_dict(configs: KeyeVLConfigs, base: dict | None = None, dtype: torc
         vision_start_token_id=mr.vision_start_token_id,
     )
     cfg["rope_scaling"] = {**cfg.get("rope_scaling", {"type": "mrope"}), "mrope_section": list(mr.mrope_section)}
+    cfg.setdefault("auto_map", dict(AUTO_MAP))
     cfg["vision_config"] = {
-        **cfg.get("vision_config", {}), "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+        "auto_map": dict(VISION_AUTO_MAP), **cfg.get("vision_config", {}), "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
         "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "patch_size": v.patch_size,
         "image_size": v.image_size, "layer_norm_eps": v.layer_norm_eps, "hidden_act": "gelu_pytorch_tanh",
         "spatial_merge_size": p.merge, "tokens_per_second": mr.tokens_per_second, "num_channels": 3,

@@ -12,6 +12,14 @@ reads and writes the directory. Here:
 
 The unused released weights (SigLIP pooling ``head.*``, ``packing_position_embedding``; spec §1.1) are not
 loaded but kept on the wrapper (``KeyeVL.unused``) and written back: load → save loses nothing.
+
+What the released remote code needs to load a saved folder (issue 15): config.json's ``auto_map`` naming
+``configuration_keye.KeyeConfig`` / ``modeling_keye.KeyeForConditionalGeneration`` (`keye.hf.config.remote_code_auto_map`),
+and every tensor its ``KeyeForConditionalGeneration`` builds, the unused ones included: a missing one would be
+initialised at random by transformers, with a warning, and ``strict`` loaders refuse the folder. So the head and
+the packing table are always written: the model's own (a vision encoder built with ``pooling_head``: stage 0's
+trained head), else the loaded ones (``KeyeVL.unused``: a converted release), else initialised as the released
+code initialises them (the component's ``hf_released_extras``). :func:`released_hf_names` lists them all.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from keye.hf.config import KeyeVLConfigs, configs_of, hf_config_dict, hf_configs
+from keye.hf.config import FORMAT, KeyeVLConfigs, configs_of, hf_config_dict, hf_configs, remote_code_auto_map
 from keye.hf.files import INDEX_NAME, read_config, read_weights, write_weights
 from keye.hf.forward import KeyeVL
 from keye.hf.weights import check_hf_names, expected_hf_shapes, gather_full_state, hf_to_keye_state, keye_to_hf_state
@@ -68,6 +76,23 @@ def load_keye_vl(path: str | Path, dtype: torch.dtype = torch.float32) -> KeyeVL
     return KeyeVL(model, cfg, {name: hf[name] for name in unused}, generation_config)
 
 
+def released_extras(configs: KeyeVLConfigs) -> dict[str, torch.Tensor]:
+    """Released tensors a model with these settings does not hold, as the released code initialises them (each
+    part's ``hf_released_extras``: the vision tower's packing table, and its pooling head when it has none)."""
+    out: dict[str, torch.Tensor] = {}
+    for slot in FORMAT:
+        extras = getattr(configs.cls(slot.kind), "hf_released_extras", None)
+        if extras is not None:
+            out.update({slot.prefix + name: t for name, t in extras(configs.config(slot.kind)).items()})
+    return out
+
+
+def released_hf_names(configs: KeyeVLConfigs) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a released checkpoint with these settings and its shape: the weights the model maps
+    (`keye.hf.weights.expected_hf_shapes`) and those it never uses (:func:`released_extras`)."""
+    return {**expected_hf_shapes(configs), **{name: tuple(t.shape) for name, t in released_extras(configs).items()}}
+
+
 def save_keye_vl(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None,
                  max_shard_bytes: int | None = None, include_unused: bool = True,
                  extra_config: dict | None = None) -> Path | None:
@@ -90,14 +115,19 @@ def save_keye_vl(model: nn.Module, path: str | Path, *, dtype: torch.dtype | Non
     hf = keye_to_hf_state(state, configs)
     if include_unused and wrapper is not None:
         hf.update(wrapper.unused)
+    stored = dtype or next(iter(state.values())).dtype
+    if include_unused:  # what neither the model nor the source held: initialised as the released code does
+        hf.update({name: t.to(stored) for name, t in released_extras(configs).items() if name not in hf})
     if dtype is not None:
         hf = {name: tensor.to(dtype) for name, tensor in hf.items()}
     expected = expected_hf_shapes(configs)
     assert set(expected) <= set(hf), f"internal: not exported: {sorted(set(expected) - set(hf))[:3]}"
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    stored = dtype or next(iter(state.values())).dtype
     config = {**hf_config_dict(configs, base, stored), **(extra_config or {})}
+    config["auto_map"] = remote_code_auto_map(config["auto_map"], out)  # the released code: beside it, or on the Hub
+    if isinstance(config["vision_config"].get("auto_map"), dict):
+        config["vision_config"]["auto_map"] = remote_code_auto_map(config["vision_config"]["auto_map"], out)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if wrapper is not None and wrapper.generation_config is not None:
         (out / "generation_config.json").write_text(json.dumps(wrapper.generation_config, indent=2) + "\n")
