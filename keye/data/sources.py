@@ -9,10 +9,11 @@ the sample cheaply.
 Bad input (DESIGN "Data flow"). Real data is never clean: a shard cut short by a failed copy, a JSON member
 that is not JSON, an image that will not decode, an MP4 without its index. Each such sample is skipped,
 counted by kind in a `BadInputCounter` and logged with its key and where it came from. The run fails, with
-one line naming the counts, only when the bad share exceeds ``max_bad_fraction``: checked whenever a sample is
-skipped once `MIN_SEEN_BEFORE_FAILING` samples have been seen (so an early streak in a large data set does not
-stop a run at the first bad file), and always at the end of a pass. Each data-loader worker counts its own
-share. Media a source reads from disk go through `read_media_file`: paths that leave the data set's root and
+one line naming the counts, only when the bad share exceeds ``max_bad_fraction`` (over-budget samples are
+counted and reported apart and never count toward it: they are usable input that does not fit the stage's
+budgets): checked whenever a sample is skipped once `MIN_SEEN_BEFORE_FAILING` samples have been seen (so an
+early streak in a large data set does not stop a run at the first bad file), and always at the end of a
+pass. Each data-loader worker counts its own share. Media a source reads from disk go through `read_media_file`: paths that leave the data set's root and
 files that are not regular files (devices, FIFOs, sockets) are skipped as ``refused_media``, never read.
 
 Sharding. `DataSource` subclasses implement `DataSource._records` for one *slot*: data-parallel rank
@@ -67,6 +68,8 @@ BAD_KINDS = (
     "identical_replies",  # a preference pair whose chosen and rejected replies are the same text
     "no_assistant_turn",  # a conversation with no assistant reply: nothing to train on
 )
+#: kinds counted and reported but not toward ``max_bad_fraction`` (see `BadInputCounter.corrupt`)
+NOT_CORRUPT = ("over_budget",)
 MIN_SEEN_BEFORE_FAILING = 100
 
 
@@ -106,7 +109,14 @@ class BadInputCounter:
 
     @property
     def bad(self) -> int:
+        """Every skipped sample, over-budget ones included."""
         return sum(self.counts.values())
+
+    @property
+    def corrupt(self) -> int:
+        """Skipped samples that count toward ``max_bad_fraction``: all but `NOT_CORRUPT` (usable input that does
+        not fit the stage's budgets is a data-selection choice, not broken data, so it never stops a run)."""
+        return sum(count for kind, count in self.counts.items() if kind not in NOT_CORRUPT)
 
     @property
     def seen(self) -> int:
@@ -126,10 +136,10 @@ class BadInputCounter:
 
     def check(self) -> None:
         """Raise `BadInputError` when more than ``max_bad_fraction`` of the samples seen were bad."""
-        if self.seen and self.bad / self.seen > self.max_bad_fraction:
+        if self.seen and self.corrupt / self.seen > self.max_bad_fraction:
             raise BadInputError(
-                f"data source '{self.source}': {self.bad} of {self.seen} samples were bad "
-                f"({self.bad / self.seen:.1%} > max_bad_fraction {self.max_bad_fraction:.1%}): {self.summary()}; "
+                f"data source '{self.source}': {self.corrupt} of {self.seen} samples were bad "
+                f"({self.corrupt / self.seen:.1%} > max_bad_fraction {self.max_bad_fraction:.1%}): {self.summary()}; "
                 "the warnings above name each one"
             )
 

@@ -261,8 +261,8 @@ def test_counter_fails_only_past_the_share_and_after_enough_samples():
     counter.skip("corrupt_image", "a", "random bytes")  # 1 of 1, but too few seen to judge
     for _ in range(3):
         counter.ok()
-    with pytest.raises(BadInputError, match="'demo': 2 of 5 samples were bad .*corrupt_image 1, over_budget 1"):
-        counter.skip("over_budget", "b", "too big")  # 2 of 5 = 40% > 25%, and enough seen to judge
+    with pytest.raises(BadInputError, match="'demo': 2 of 5 samples were bad .*missing_media 1, corrupt_image 1"):
+        counter.skip("missing_media", "b", "not there")  # 2 of 5 = 40% > 25%, and enough seen to judge
     ok = BadInputCounter("demo", max_bad_fraction=0.25, min_seen=4)
     for _ in range(3):
         ok.ok()
