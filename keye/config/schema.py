@@ -95,6 +95,11 @@ class DataConfig:
         "first, to the least-loaded rank) gives it; costs duplicated reading, evens out step times.",
         "shard",
     )
+    over_budget: str = doc(
+        "A sample longer than max_tokens (e.g. several large images): skip (counted as over_budget in the stage "
+        "summary, apart from bad input: it never counts toward max_bad_fraction) or error (stop, naming it).",
+        "skip",
+    )
     image_min_tokens: int = doc("Fewest LLM tokens per image (smaller images are upscaled).", 4)
     image_max_tokens: int = doc("Most LLM tokens per image: 16384 in the paper (1280 in the released processor).", 16384)
     video_fps: float = doc("Frame sampling rate of videos; the real rate is recomputed from the frame count.", 2.0)

@@ -51,6 +51,13 @@ BACKENDS = ("auto", "gloo", "nccl")
 FP8_BACKENDS = ("te", "torch")
 #: How packed sequences are shared among data-parallel ranks (keye.data.pipeline).
 BALANCE_MODES = ("shard", "flops")
+#: What a sample longer than ``data.max_tokens`` does (keye.data.pipeline).
+OVER_BUDGET_POLICIES = ("skip", "error")
+#: Text a sample needs beside its one largest image or video (template, question, a short answer), for the
+#: budget warning: at most this, and at most a quarter of ``max_tokens`` (tiny test blueprints).
+TEXT_ROOM = 512
+OVER_BUDGET_EFFECT = {"skip": "such samples are skipped as over_budget (apart from bad input)",
+                      "error": "such a sample stops the run (over_budget: error)"}
 
 
 class ConfigCheck:
@@ -280,6 +287,7 @@ def _check_data(data: DictConfig, path: str, origin: Origin) -> None:
         count(origin, f"{path}.max_vision_patches", data.max_vision_patches)
     count(origin, f"{path}.pack_buffer", data.pack_buffer)
     one_of(origin, f"{path}.balance", data.balance, BALANCE_MODES)
+    one_of(origin, f"{path}.over_budget", data.over_budget, OVER_BUDGET_POLICIES)
     count(origin, f"{path}.image_min_tokens", data.image_min_tokens)
     count(origin, f"{path}.image_max_tokens", data.image_max_tokens, data.image_min_tokens)
     number(origin, f"{path}.video_fps", data.video_fps, above=0)
@@ -289,6 +297,28 @@ def _check_data(data: DictConfig, path: str, origin: Origin) -> None:
     count(origin, f"{path}.video_frame_tokens.0", frames[0])
     count(origin, f"{path}.video_frame_tokens.1", frames[1], frames[0])
     count(origin, f"{path}.video_max_tokens", data.video_max_tokens)
+
+
+def budget_warnings(cfg: DictConfig) -> list[str]:
+    """One line per stage whose largest allowed image or video, with some text (`TEXT_ROOM`), does not fit
+    its ``max_tokens``: such samples are valid input the stage will never train on (skipped as over_budget,
+    counted apart from bad input), which is almost never what the recipe meant, but not an error.
+
+    Stages that train the ``text_encoder`` are left out: the contrastive stage 0 feeds captions to a text
+    tower of its own length, and ``max_tokens`` does not bound its samples.
+    """
+    lines = []
+    for index, stage in enumerate(cfg.stages):
+        data, path = stage.data, f"stages.{index}.data"
+        if "text_encoder" in stage.train or not (data.sources or data.heldout):
+            continue
+        room = min(TEXT_ROOM, data.max_tokens // 4)
+        for key in ("image_max_tokens", "video_max_tokens"):
+            if data[key] + room > data.max_tokens:
+                lines.append(f"{path}.{key} ({data[key]}) + {room} tokens of text exceed {path}.max_tokens "
+                             f"({data.max_tokens}): {OVER_BUDGET_EFFECT[data.over_budget]}; raise max_tokens or "
+                             "lower the budget")
+    return lines
 
 
 # --- component nodes -----------------------------------------------------------------------------

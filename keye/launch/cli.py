@@ -83,6 +83,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     folders are not looked at (a blueprint is often checked away from its cluster); ``run`` looks at them.
     ``KEY=VALUE`` overrides, as ``run`` takes them, apply to every blueprint named."""
     from keye.config import load_blueprint
+    from keye.config.semantics import budget_warnings
 
     if args.layout_nproc is not None and args.layout_nproc < 1:
         raise KeyeUserError("--nproc must be at least 1")
@@ -100,6 +101,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             failures += 1
             continue
         print(f"ok: {path} ({len(cfg.stages)} stages)")
+        for line in budget_warnings(cfg):  # printed, not an error: the blueprint runs, as written
+            print(f"warning: {path}: {line}")
     return EXIT_USER_ERROR if failures else 0
 
 
