@@ -90,9 +90,10 @@ class DataConfig:
     )
     pack_buffer: int = doc("Processed samples gathered before packing them into sequences.", 64)
     balance: str = doc(
-        "shard: each data-parallel rank reads and packs its own share. flops: every rank reads all samples, "
-        "packs them together and keeps the packs the paper's greedy balancing (heaviest estimated FLOPs "
-        "first, to the least-loaded rank) gives it; costs duplicated reading, evens out step times.",
+        "shard: each data-parallel rank reads and packs its own share. flops (next-token training): each rank "
+        "reads its share of a round (pack_buffer samples), the ranks exchange sizes read from headers, deal "
+        "the samples by the paper's greedy rule (heaviest estimated FLOPs first, to the least-loaded rank) and "
+        "each decodes only its own; evens out step times (keye.data.balance).",
         "shard",
     )
     over_budget: str = doc(

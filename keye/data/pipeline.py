@@ -6,7 +6,13 @@ data-parallel rank reads its own share of every source; tensor- and pipeline-par
 same share, so they build identical micro-batches (every pipeline stage needs the positions and masks).
 Processed samples are gathered ``pack_buffer`` at a time and packed first-fit-decreasing into
 sequences of ``max_tokens``; a sample the processor rejects is skipped and counted by kind, and the run
-stops only when the bad share passes ``max_bad_fraction``.
+stops only when the bad share passes ``max_bad_fraction``. A sample longer than ``max_tokens`` is skipped and
+counted as ``over_budget``, which is reported (``stats()["over_budget"]``) but never counts toward that share
+(``data.over_budget: error`` stops the run instead, naming it).
+
+With ``data.balance: flops`` (next-token training streams over more than one data-parallel rank) the ranks
+read their own shares as ever, but pack and deal each round's samples together by estimated FLOPs, exchanging
+sizes rather than decoded data, and each decodes only the samples it trains on: `keye.data.balance`.
 """
 
 from __future__ import annotations
@@ -19,10 +25,11 @@ from typing import Any, Callable, Collection, Iterable, Iterator
 from omegaconf import OmegaConf
 
 from keye.config import build_component_config
+from keye.data.balance import RoundExchange, data_parallel_group, describe
 from keye.data.batch import MicroBatch, collate_pack
-from keye.data.packing import KEYE_8B_LLM, KEYE_VIT, PackItem, balance_across_ranks, flops_cost, pack_samples
+from keye.data.packing import KEYE_8B_LLM, KEYE_VIT, PackItem, flops_cost, pack_samples
 from keye.data.processor import PairItem, Processor, ProcessorSettings, SampleError
-from keye.data.sources import BAD_KINDS, BadInputCounter
+from keye.data.sources import BAD_KINDS, BadInputCounter, LoadedSample
 from keye.errors import KeyeUserError
 
 SYNTHETIC_TOKENIZER = "synthetic"
@@ -39,6 +46,10 @@ def _merged_counts(counters: list[BadInputCounter]) -> dict[str, int]:
 
 def _patches(item: Any) -> int:
     return sum(int(v.patches.shape[0]) for v in (item.images, item.videos) if v is not None)
+
+
+def _vision_tokens(item: Any, merge: int) -> int:
+    return sum(int(v.grid_thw.prod(dim=1).sum()) // merge for v in (item.images, item.videos) if v is not None)
 
 
 @functools.lru_cache(maxsize=4)
@@ -110,12 +121,16 @@ def language_positions(model_cfg: Any, registry: Any) -> Any:
     return BuildContext(registry=registry).build("position_encoding", node["position_encoding"], **owner)
 
 
-def build_sources(ctx: Any, group: str, read_all: bool = False) -> dict[str, Any]:
-    """The stage's sources; each reads this data-parallel rank's share, or everything with ``read_all``."""
+def build_sources(ctx: Any, group: str, check_media: bool = True) -> dict[str, Any]:
+    """The stage's sources, each reading this data-parallel rank's share. ``check_media=False`` turns the
+    sources' own decode check off (FLOPs balancing: the rank that owns a sample decodes it, and counts it
+    when it is broken; the rank that read it only looks at headers)."""
     sources = {}
     for label, node in ctx.stage.data[group].items():
         cls, config = build_component_config("data_source", node, ctx.registry)
-        sources[label] = cls(config, None if read_all else ctx.parallel)
+        if not check_media:
+            config.check_media = False
+        sources[label] = cls(config, ctx.parallel)
     return sources
 
 
@@ -130,17 +145,22 @@ class MicroBatchStream:
         group = "sources" if split == "train" else "heldout"
         parallel = ctx.parallel
         self.dp_rank, self.dp_size = (parallel.dp_rank, parallel.dp_size) if parallel is not None else (0, 1)
-        # FLOPs balancing needs the global set of packs: every rank reads all samples and keeps its share.
-        self.balance = data.balance == "flops" and self.dp_size > 1 and split == "train" and not pairs
         if data.balance not in BALANCE_MODES:
             raise KeyeUserError(f"stages.{ctx.index}.data.balance: '{data.balance}' is not one of {', '.join(BALANCE_MODES)}")
-        self.sources = build_sources(ctx, group, read_all=self.balance)
+        # FLOPs balancing: next-token training streams (preference pairs and contrastive batches read their shard)
+        self.balance = (data.balance == "flops" and self.dp_size > 1 and split == "train" and not pairs
+                        and not preference and not once)
+        self.over_budget = data.get("over_budget", "skip")
+        self.sources = build_sources(ctx, group, check_media=not self.balance)
         self.processor = build_processor(ctx)
         self.processor.settings.caption_length = caption_length
         self.max_tokens = data.max_tokens
         self.max_vision_patches = data.max_vision_patches
         self.pack_buffer = pair_batch if pairs else data.pack_buffer
         self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
+        self.exchange = (RoundExchange(self.dp_rank, self.dp_size, self.max_tokens, self.max_vision_patches,
+                                       self.cost, data_parallel_group()) if self.balance else None)
+        self.batch_flops: list[float] = []  # estimated FLOPs of each micro-batch made (balance checks, benchmarks)
         self.pairs = pairs
         self.preference = preference  # preference pairs as shared-prompt samples (keye.data.preference)
         self.produced = 0
@@ -170,21 +190,34 @@ class MicroBatchStream:
         samples = (loaded for source in self.sources.values() for loaded in source)
         yield from (self.view(samples) if self.view is not None else samples)
 
+    def _skip(self, exc: SampleError) -> None:
+        """Count a rejected sample by kind; an over-budget one stops the run with ``over_budget: error``."""
+        if exc.kind == "over_budget" and self.over_budget == "error":
+            raise KeyeUserError(f"sample '{exc.key}' is over budget ({exc.reason}) and data.over_budget is error")
+        self.bad.skip(exc.kind if exc.kind in BAD_KINDS else "invalid_sample", exc.key, exc.reason)
+
+    def _process(self, loaded: LoadedSample) -> Any | None:
+        try:
+            item = self.processor(loaded.sample, loaded.media, pairs=self.pairs, preference=self.preference)
+        except SampleError as exc:
+            self._skip(exc)
+            return None
+        self.bad.ok()
+        return item
+
     def _next_processed(self) -> Any | None:
         for loaded in self._samples:
-            try:
-                item = self.processor(loaded.sample, loaded.media, pairs=self.pairs, preference=self.preference)
-            except SampleError as exc:
-                self.bad.skip(exc.kind if exc.kind in BAD_KINDS else "invalid_sample", exc.key, exc.reason)
-                continue
-            self.bad.ok()
-            return item
+            item = self._process(loaded)
+            if item is not None:
+                return item
         return None
 
     def _fill(self) -> None:
         """Process up to ``pack_buffer`` samples and turn them into ready micro-batches."""
         self._fill_state = self.mixer.state_dict() if self.mixer is not None else None
         self._taken_from_fill = 0
+        if self.balance:
+            return self._fill_balanced()
         items = []
         target = self.pack_buffer
         while len(items) < target:
@@ -198,20 +231,49 @@ class MicroBatchStream:
         if self.pairs:
             self._ready.append(items)
             return
-        packed = [PackItem(item.key, len(item), _patches(item)) for item in items]
-        result = pack_samples(packed, self.max_tokens, self.max_vision_patches, cost=self.cost if self.balance else None)
+        packed = [PackItem(item.key, len(item) - _vision_tokens(item, self.processor.merge), _patches(item),
+                           _vision_tokens(item, self.processor.merge)) for item in items]
+        result = pack_samples(packed, self.max_tokens, self.max_vision_patches, cost=self.cost)
         for rejected in result.rejected:  # e.g. one sample with more patches than the cap: skipped, counted
             self.bad.good -= 1  # it was counted good when processed
-            self.bad.skip("over_budget", rejected.key, rejected.reason)
-        packs = result.packs
-        if self.balance:
-            share = balance_across_ranks(packs, self.dp_size, remainder="spread").ranks[self.dp_rank]
-            packs = [packs[i] for i in share]
+            self._skip(SampleError(rejected.key, "over_budget", rejected.reason))
+        for pack in result.packs:
+            self._ready_pack([items[i] for i in pack.indices], pack.flops)
+
+    def _ready_pack(self, samples: list[Any], flops: float) -> None:
+        self.batch_flops.append(flops)
+        self.real_tokens += sum(len(s) for s in samples)
+        self.capacity += self.max_tokens
+        self._ready.append(collate_pack(samples, self.max_tokens, pad_id=self.processor.special.pad))
+
+    def _fill_balanced(self) -> None:
+        """One round of `keye.data.balance`: describe this rank's share, exchange, decode this rank's packs."""
+        read, sizes = [], []
+        exhausted = False
+        while len(read) < self.pack_buffer:
+            loaded = next(self._samples, None)
+            if loaded is None:
+                exhausted = True
+                break
+            try:
+                sizes.append(describe(self.processor, loaded))
+            except SampleError as exc:
+                self._skip(exc)
+                continue
+            read.append(loaded)
+        packs, self._exhausted = self.exchange(read, sizes, exhausted)
         for pack in packs:
-            samples = [items[i] for i in pack.indices]
-            self.real_tokens += sum(len(s) for s in samples)
-            self.capacity += self.max_tokens
-            self._ready.append(collate_pack(samples, self.max_tokens, pad_id=self.processor.special.pad))
+            samples, flops = [], 0.0
+            for loaded, size in pack:
+                item = self._process(loaded)
+                if item is not None and len(item) != size.num_tokens:  # describe and the processor disagree
+                    self.bad.good -= 1
+                    self._skip(SampleError(size.key, "invalid_sample", f"decoded to {len(item)} tokens, "
+                                                                       f"described as {size.num_tokens}"))
+                elif item is not None:
+                    samples.append(item)
+                    flops += self.cost(size)
+            self._ready_pack(samples, flops)  # all failed: a padding micro-batch keeps the ranks in step
 
     def __iter__(self) -> "MicroBatchStream":
         return self
@@ -271,6 +333,7 @@ class MicroBatchStream:
             "skipped": self.bad.bad + sum(s.bad_inputs.bad for s in self.sources.values()),
             "skipped_by_kind": _merged_counts([self.bad, *(s.bad_inputs for s in self.sources.values())]),
         }
+        stats["over_budget"] = stats["skipped_by_kind"].get("over_budget", 0)  # never counts toward max_bad_fraction
         if self.mixer is not None and hasattr(self.mixer, "realised_ratios"):
             stats["realised_ratios"] = self.mixer.realised_ratios()
         return stats
