@@ -5,25 +5,32 @@
 
 ``hf-to-megatron`` starts ``T x P`` processes (or uses the ones torchrun started), builds the
 ``KeyeVLModel`` in that layout, loads the released weights (each rank its TP slice and PP layers) and
-writes a Megatron-Core distributed checkpoint with ``megatron.core.dist_checkpointing.save`` (the default
-``torch_dist`` format, on gloo on a CPU machine). Such a checkpoint stores *global* tensors with their
-shard offsets, so it is not tied to the layout that wrote it: ``megatron-to-hf`` reads it back in any
-layout (default one process) and writes the released format. Only renames, splits, concatenations and
-copies happen, so HF → Megatron → HF is bit-exact.
+writes a Megatron-Core distributed checkpoint (the ``torch_dist`` format, on gloo on a CPU machine) exactly
+as a training stage writes its weights (`keye.train.stage_weights.save_stage_weights`: published atomically
+with a manifest). Such a checkpoint stores *global* tensors with their shard offsets, so it is not tied to
+the layout that wrote it: ``megatron-to-hf`` reads it back in any layout (default one process) and writes
+the released format. Only renames, splits, concatenations and copies happen, so HF → Megatron → HF is
+bit-exact.
 
 The destination of ``hf-to-megatron`` holds::
 
     DST/keye_checkpoint.json   format, dtype, the layout it was written with, the source
-    DST/model/                 the Megatron-Core distributed checkpoint (metadata.json, *.distcp, common.pt)
+    DST/weights/               the Megatron-Core distributed checkpoint (metadata.json, *.distcp, common.pt,
+                               the manifest): the layout of a stage's folder, ``<run>/<stage>/weights/``
     DST/hf/                    config.json and every other non-weight file of the source (tokenizer,
                                processor, chat template, generation config), plus unused.safetensors:
                                the released tensors the model does not use (SigLIP head, packing table)
 
+One layout: a stage starts from a converted checkpoint as from another stage's folder (``init_from: DST``),
+and ``megatron-to-hf`` reads ``DST/weights/`` with the stages' own loader. A stage's folder has no ``hf/``
+(its config is the blueprint's): ``keye-launch export BLUEPRINT STAGE DST`` writes it in the released format.
+Folders written by older versions (``DST/model/``) are refused in one line: convert again.
+
 ``KeyeVLModel`` is a plain ``nn.Module`` holding Megatron modules and plain ones (the patch embedding,
 the projector), so its sharded state dict is assembled here: Megatron modules give their own (they know
 their TP axes and PP layer offsets), plain parameters are replicated ``ShardedTensor``s. To read a converted
-checkpoint into a model of any layout: ``load_megatron(DST)``, or ``dist_checkpointing.load(
-sharded_state_dict(model), DST / "model")`` for a ``KeyeVLModel`` built from a blueprint.
+checkpoint into a model of any layout: ``load_megatron(DST)``, or
+`keye.train.stage_weights.load_weights_from` (``model``, ``DST``) for a ``KeyeVLModel`` built from a blueprint.
 
 The sharded state dict and the writer are `keye.parallel.dist_checkpoint`'s, shared with training
 checkpoints.
@@ -46,7 +53,8 @@ from keye.hf.files import HF_DTYPES, INDEX_NAME, read_config, read_weights, weig
 from keye.hf.forward import KeyeVL
 from keye.hf.keye_vl import build_keye_vl_model, save_keye_vl
 from keye.hf.weights import check_hf_names, hf_to_keye_state, load_hf_into
-from keye.parallel.dist_checkpoint import load, save_strategy, sharded_state_dict
+from keye.parallel.dist_checkpoint import is_checkpoint, model_state, save, tensors_only
+from keye.train.stage_weights import load_weights_from, weights_folder
 
 META_NAME = "keye_checkpoint.json"
 FORMAT = "keye-vl/megatron-core-dist"
@@ -106,15 +114,20 @@ def read_meta(src: Path) -> dict:
         raise KeyeUserError(f"{src}: not a directory")
     meta_file = src / META_NAME
     if not meta_file.is_file():
-        raise KeyeUserError(f"{src}: no {META_NAME} (not written by keye-launch convert hf-to-megatron)")
+        stage = " (a stage's folder: keye-launch export BLUEPRINT STAGE DST writes it)" if is_checkpoint(
+            weights_folder(src)) else ""
+        raise KeyeUserError(f"{src}: no {META_NAME} (not written by keye-launch convert hf-to-megatron){stage}")
     try:
         meta = json.loads(meta_file.read_text())
     except json.JSONDecodeError as exc:
         raise KeyeUserError(f"{meta_file}: not valid JSON ({exc})") from None
     if meta.get("format") != FORMAT or meta.get("dtype") not in HF_DTYPES:
         raise KeyeUserError(f"{meta_file}: unknown format {meta.get('format')!r} / dtype {meta.get('dtype')!r}")
-    if not (src / "model" / "metadata.json").is_file():
-        raise KeyeUserError(f"{src / 'model'}: no Megatron-Core distributed checkpoint (metadata.json missing)")
+    if not is_checkpoint(weights_folder(src)):
+        if is_checkpoint(src / "model"):
+            raise KeyeUserError(f"{src}: written by an older keye-launch convert (model/ instead of weights/); "
+                                "convert the Hugging Face checkpoint again")
+        raise KeyeUserError(f"{weights_folder(src)}: no Megatron-Core distributed checkpoint (metadata.json missing)")
     return meta
 
 
@@ -143,7 +156,6 @@ def _copy_assets(src: Path, dst: Path) -> None:
 def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
     """Run on each of the ``tensor x pipeline`` ranks (after ``prepare_hf_to_megatron``)."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing
     from safetensors.torch import save_file
 
     from keye.parallel import init_parallel
@@ -157,12 +169,11 @@ def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
     model = build_keye_vl_model(configs, dtype, parallel)
     load_hf_into(model, hf_to_keye_state(hf, configs))
     if parallel.rank == 0:
-        (dst / "model").mkdir(parents=True, exist_ok=True)
         _copy_assets(src, dst / "hf")
         kept = {name: hf[name].contiguous() for name in unused}
         save_file(kept, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
     dist.barrier()
-    dist_checkpointing.save(sharded_state_dict(model), str(dst / "model"), sharded_strategy=save_strategy())
+    save(tensors_only(model_state(model)), weights_folder(dst))  # as a stage writes its weights
     if parallel.rank == 0:
         meta = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."), "tensor": tensor, "pipeline": pipeline,
                 "source": str(src.resolve())}
@@ -180,8 +191,7 @@ def load_megatron(src: Path, tensor: int = 1, pipeline: int = 1) -> KeyeVL:
     parallel = init_parallel(tensor=tensor, pipeline=pipeline)
     cfg = read_config(src / "hf")
     model = build_keye_vl_model(hf_configs(cfg), HF_DTYPES[meta["dtype"]], parallel)
-    state = load(sharded_state_dict(model), src / "model", require_manifest=False)  # verified: plain data only
-    model.load_state_dict(state, strict=True)
+    load_weights_from(model, src)  # the stages' loader: every module of the model, checked, resharded
     unused = load_file(str(src / "hf" / UNUSED_NAME)) if (src / "hf" / UNUSED_NAME).is_file() else {}
     generation = src / "hf" / "generation_config.json"
     generation_config = json.loads(generation.read_text()) if generation.is_file() else None

@@ -3,11 +3,13 @@
 HF → Megatron-Core distributed checkpoint written by 2 tensor-parallel ranks → HF, read back in one process
 and in 2 pipeline stages (so the checkpoint is resharded on the way): every tensor, the unused ones
 included, must come back with the same bits and dtype, and the non-weight files must travel along.
+The converted folder has a stage's layout (``weights/``), so a stage starts from it as from another stage.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +48,24 @@ def megatron_dir(hf_dir) -> Path:
 def test_hf_to_megatron_writes_a_tp2_dist_checkpoint(megatron_dir):
     meta = json.loads((megatron_dir / "keye_checkpoint.json").read_text())
     assert (meta["tensor"], meta["pipeline"], meta["dtype"]) == (2, 1, "float32")
-    backend = json.loads((megatron_dir / "model" / "metadata.json").read_text())
+    backend = json.loads((megatron_dir / "weights" / "metadata.json").read_text())
     assert backend["sharded_backend"] == "torch_dist"  # Megatron-Core's dist_checkpointing format
-    assert len(list((megatron_dir / "model").glob("*.distcp"))) >= 2  # both ranks wrote their shards
+    assert len(list((megatron_dir / "weights").glob("*.distcp"))) >= 2  # both ranks wrote their shards
+    assert not (megatron_dir / "model").exists()
+
+
+def test_a_stage_starts_from_the_converted_folder(megatron_dir, tmp_path):
+    """The layout stages read: ``init_from: DST`` is a weights folder, and the run's checks accept it."""
+    from keye.config import check_runnable, load_blueprint
+    from keye.plugins import get_registry
+    from keye.testing import write_blueprint
+    from keye.train.init_plan import KEYE, folder_kind
+
+    assert folder_kind(megatron_dir, "init_from") == KEYE
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "model": {"language_model": {"name": "qwen3", "size": "tiny"}},
+        "stages": [{"name": "sft", "kind": "lm", "init_from": str(megatron_dir)}]})
+    check_runnable(load_blueprint(path, [], get_registry()))
 
 
 def test_llm_norms_are_saved_under_transformer_engine_names(megatron_dir):
@@ -58,7 +75,7 @@ def test_llm_norms_are_saved_under_transformer_engine_names(megatron_dir):
     from keye.hf.weights import unfused_name
     from keye.parallel.dist_checkpoint import read_full_tensors
 
-    keys = set(read_full_tensors(megatron_dir / "model"))
+    keys = set(read_full_tensors(megatron_dir / "weights"))
     layers = "language_model.gpt.decoder.layers."
     assert {layers + "self_attention.linear_qkv.layer_norm_weight", layers + "mlp.linear_fc1.layer_norm_weight"} <= keys
     assert not any(key.startswith(layers) and "input_layernorm" in key for key in keys)
@@ -80,7 +97,7 @@ def test_back_to_hf_is_bit_exact(hf_dir, megatron_dir, tmp_path, layout):
     changed = [n for n in weights if restored[n].dtype != weights[n].dtype or not torch.equal(restored[n], weights[n])]
     assert not changed, changed[:5]
     config = json.loads((back / "config.json").read_text())
-    assert {k: v for k, v in config.items() if k != "vision_config"} == {
+    assert {k: config.get(k) for k in TINY_CONFIG if k != "vision_config"} == {  # export may add keys (auto_map)
         k: v for k, v in TINY_CONFIG.items() if k != "vision_config"
     }
     for name in ("tokenizer_config.json", "generation_config.json"):  # the assets travel along
@@ -94,20 +111,39 @@ def _bad_config(tmp_path: Path) -> Path:
     return path
 
 
+def _older_convert(megatron_dir: Path, tmp_path: Path) -> Path:
+    """A folder as convert wrote it before the layouts were one: ``model/`` instead of ``weights/``."""
+    path = tmp_path / "old"
+    path.mkdir()
+    shutil.copy(megatron_dir / "keye_checkpoint.json", path)
+    shutil.copytree(megatron_dir / "weights", path / "model")
+    return path
+
+
+def _stage_folder(megatron_dir: Path, tmp_path: Path) -> Path:
+    path = tmp_path / "stage"
+    shutil.copytree(megatron_dir / "weights", path / "weights")
+    return path
+
+
 @pytest.mark.parametrize("case, expect", [
     ("missing", "not a directory"),
     ("bad_config", "not valid JSON"),
     ("layout", "--tensor 3 does not divide num_attention_heads = 4"),
     ("not_converted", "no keye_checkpoint.json"),
+    ("older_layout", "written by an older keye-launch convert (model/ instead of weights/); convert the Hugging Face"),
+    ("stage_folder", "(a stage's folder: keye-launch export BLUEPRINT STAGE DST writes it)"),
 ])
-def test_user_errors_exit_2_with_one_line(hf_dir, tmp_path, case, expect):
+def test_user_errors_exit_2_with_one_line(hf_dir, megatron_dir, tmp_path, case, expect):
     src, _ = hf_dir
     args = {
-        "missing": ("hf-to-megatron", tmp_path / "nowhere", tmp_path / "out"),
-        "bad_config": ("hf-to-megatron", _bad_config(tmp_path) if case == "bad_config" else None, tmp_path / "out"),
-        "layout": ("hf-to-megatron", src, tmp_path / "out", "--tensor", 3),
-        "not_converted": ("megatron-to-hf", src, tmp_path / "out"),
-    }[case]
+        "missing": lambda: ("hf-to-megatron", tmp_path / "nowhere", tmp_path / "out"),
+        "bad_config": lambda: ("hf-to-megatron", _bad_config(tmp_path), tmp_path / "out"),
+        "layout": lambda: ("hf-to-megatron", src, tmp_path / "out", "--tensor", 3),
+        "not_converted": lambda: ("megatron-to-hf", src, tmp_path / "out"),
+        "older_layout": lambda: ("megatron-to-hf", _older_convert(megatron_dir, tmp_path), tmp_path / "out"),
+        "stage_folder": lambda: ("megatron-to-hf", _stage_folder(megatron_dir, tmp_path), tmp_path / "out"),
+    }[case]()
     result = launch("convert", *args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.strip()]
