@@ -176,11 +176,13 @@ def _sum_everywhere(values: torch.Tensor, is_last: bool, over_data: bool = True)
 class Reference:
     """Reference log-probs for micro-batches: from a frozen live copy, or looked up after one precomputing pass."""
 
-    def __init__(self, chunks: list[KeyeVLModel], seq_len: int, precision: Any) -> None:
-        for chunk in chunks:
+    def __init__(self, model: KeyeVLModel | list[KeyeVLModel], seq_len: int, precision: Any) -> None:
+        from keye.parallel.dist_checkpoint import model_chunks
+
+        self.chunks: list[KeyeVLModel] | None = model_chunks(model)  # this rank's model chunks; None once precomputed
+        for chunk in self.chunks:
             chunk.requires_grad_(False)
             chunk.eval()
-        self.chunks: list[KeyeVLModel] | None = list(chunks)  # this rank's model chunks; None once precomputed
         self.seq_len = seq_len
         self.precision = precision
         self.table: dict[str, tuple[float, float]] = {}
@@ -314,6 +316,9 @@ class PreferenceStage(LMStage):
     tensors and returns ``(loss, metrics)``; it has ``config.beta``, ``running.mean`` (δ) and a state dict,
     as `keye_plugins.loss.mpo.MPOLoss` does.
     """
+
+    #: report.md's headline (`keye.train.report`): held-out preference (reward) accuracy and margin, answer accuracy
+    headline_keys = ("heldout_reward_accuracy", "heldout_margin", "heldout_answer_accuracy")
 
     @dataclass
     class Config(LMStage.Config):
