@@ -42,6 +42,10 @@ class ParallelConfig:
                                           "validate refuses the others.", None)
     data: Optional[int] = doc("Data-parallel size; null derives it as world_size / (tensor * pipeline).", None)
     backend: str = doc("torch.distributed backend: auto (nccl with CUDA, gloo without), gloo or nccl.", "auto")
+    sequence_parallel: bool = doc(
+        "Megatron's sequence parallelism in the language model (activations outside attention and MLP split over "
+        "the tensor-parallel ranks). Needs Transformer Engine layers and parallel.tensor > 1; not with "
+        "precision.fp8.backend torch. The vision towers never split the sequence.", False)
 
 
 @dataclass

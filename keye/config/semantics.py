@@ -198,6 +198,7 @@ def check_layout(cfg: DictConfig, origin: Origin, nproc: int | None = None) -> N
             fail(origin, "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got {par.pipeline}")
     if par.data is not None:
         count(origin, "parallel.data", par.data)
+    _check_sequence_parallel(cfg, origin)
     if nproc is None:
         return
     group = par.tensor * par.pipeline
@@ -207,6 +208,21 @@ def check_layout(cfg: DictConfig, origin: Origin, nproc: int | None = None) -> N
     if par.data is not None and par.data != nproc // group:
         fail(origin, "parallel.data", f"{par.data}, but {nproc} processes / (tensor {par.tensor} x pipeline "
                                       f"{par.pipeline}) = {nproc // group} data-parallel ranks")
+
+
+def _check_sequence_parallel(cfg: DictConfig, origin: Origin) -> None:
+    """``parallel.sequence_parallel`` needs TP > 1 and Transformer Engine layers (Megatron's local norms refuse
+    it; the language model checks TE again when it is built, where TE is imported), and keye's torch FP8
+    linears refuse it."""
+    if not cfg.parallel.sequence_parallel:
+        return
+    fp8 = cfg.precision.fp8
+    if cfg.parallel.tensor < 2:
+        fail(origin, "parallel.sequence_parallel", f"needs parallel.tensor > 1, got {cfg.parallel.tensor}")
+    if os.environ.get("KEYE_TRANSFORMER_IMPL") == "local":
+        fail(origin, "parallel.sequence_parallel", "needs Transformer Engine layers, but KEYE_TRANSFORMER_IMPL=local")
+    if fp8.enabled and fp8.backend == "torch":
+        fail(origin, "parallel.sequence_parallel", "does not run with precision.fp8.backend torch (use te)")
 
 
 def _check_stage(cfg: DictConfig, index: int, stage: DictConfig, origin: Origin) -> None:

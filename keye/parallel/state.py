@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
@@ -49,6 +49,7 @@ class ParallelContext:
     vpp_size: int | None
     device: torch.device
     backend: str
+    sequence_parallel: bool = False  # Megatron's sequence parallelism in the LLM (parallel.sequence_parallel)
 
     @property
     def is_first_stage(self) -> bool:
@@ -76,6 +77,7 @@ class ParallelContext:
             "virtual_pipeline_model_parallel_size": self.vpp_size,
             "pipeline_dtype": dtype,
             "use_cpu_initialization": self.device.type == "cpu",
+            "sequence_parallel": self.sequence_parallel,
             **self.p2p_kwargs(),
         }
 
@@ -185,8 +187,10 @@ def init_parallel(
     backend: str = "auto",
     seed: int = 1234,
     virtual_pipeline: int | None = None,
+    sequence_parallel: bool = False,
 ) -> ParallelContext:
-    """Start torch.distributed and Megatron's tensor/pipeline/data-parallel groups in this process."""
+    """Start torch.distributed and Megatron's tensor/pipeline/data-parallel groups in this process.
+    ``sequence_parallel`` only travels in the returned context (``model_parallel_kwargs``)."""
     _quiet_megatron_imports()
     rank, world_size, local_rank, init_method = _process_env()
     check_layout(world_size, tensor, pipeline)
@@ -201,7 +205,8 @@ def init_parallel(
     _start_process_group(backend, rank, world_size, init_method)
     _start_model_parallel(tensor, pipeline, virtual_pipeline)
     seed_random_streams(seed)
-    return current_context(backend=backend, device=device, virtual_pipeline=virtual_pipeline)
+    context = current_context(backend=backend, device=device, virtual_pipeline=virtual_pipeline)
+    return replace(context, sequence_parallel=sequence_parallel)
 
 
 def current_context(

@@ -68,6 +68,7 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
             virtual_pipeline=cfg.parallel.virtual_pipeline,
             backend=cfg.parallel.backend,
             seed=cfg.run.seed,
+            sequence_parallel=cfg.parallel.sequence_parallel,
         )
     except ValueError as exc:  # a layout that does not fit the processes started
         raise KeyeUserError(f"parallel: {exc}") from None
