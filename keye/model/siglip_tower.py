@@ -131,7 +131,8 @@ def encoder_transformer_config(
     from keye.parallel.fp8 import megatron_fp8_kwargs
 
     layout = ctx.parallel.model_parallel_kwargs(ctx.dtype) if ctx.parallel is not None else {}
-    layout.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None)
+    # whole on one stage, and its input is not split along the sequence (sequence parallelism is the LLM's)
+    layout.update(pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None, sequence_parallel=False)
     return TransformerConfig(
         num_layers=num_layers,
         hidden_size=hidden_size,

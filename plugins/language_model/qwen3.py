@@ -24,6 +24,7 @@ import torch
 
 from keye import hookimpl
 from keye.config import component, doc
+from keye.errors import KeyeUserError
 from keye.model.protocols import BuildContext
 from keye.parallel import fp8 as keye_fp8
 
@@ -124,12 +125,15 @@ class Qwen3LanguageModel(torch.nn.Module):
         self.config = config
         self.position_encoding = ctx.build("position_encoding", config.position_encoding, head_dim=config.head_dim)
         self.vocab_size = config.vocab_size
-        self.transformer_config = self._transformer_config(config, ctx)
         # Which layers (keye.model.backend, one decision for every Megatron-built part): Transformer Engine's
         # or Megatron's local ones, FP8 on top ('te': Megatron enters TE's autocast from the config's fp8
         # fields; 'torch': keye's scaled-FP8 linears), keye's CPU fast paths only where they are tested. Fails
         # here, in one line, if this machine cannot run the choice.
         self.backend = choose_backend(ctx.dtype, ctx.fp8)
+        if getattr(ctx.parallel, "sequence_parallel", False) and self.backend.impl != "transformer_engine":
+            raise KeyeUserError("parallel.sequence_parallel needs Transformer Engine layers (Megatron's local norms "
+                                f"refuse it); these are {self.backend.impl}: turn it off here")
+        self.transformer_config = self._transformer_config(config, ctx)
         spec = gpt_layer_spec(self.backend, config.attention)
         self.gpt = GPTModel(
             config=self.transformer_config,
@@ -142,6 +146,7 @@ class Qwen3LanguageModel(torch.nn.Module):
             position_embedding_type="mrope",  # Megatron's one rotary path that passes the ids on: to _SchemeAngles
             parallel_output=True,
             vp_stage=ctx.vp_stage,
+            scatter_embedding_sequence_parallel=False,  # forward scatters decoder_input (vision scattered in first)
         )
         self.gpt.rotary_pos_emb = _SchemeAngles(self.position_encoding, next(self.gpt.parameters()).device)
         finish_gpt_model(self.gpt, self.backend)  # SwiGLU, RMSNorm gradient, oneDNN output, loss rows: CPU only
@@ -263,9 +268,15 @@ class Qwen3LanguageModel(torch.nn.Module):
         from keye.model.loss_rows import aligned_rows, only_loss_rows
 
         gpt = self.gpt
+        sequence_parallel = self.transformer_config.sequence_parallel
         if inference_context is not None:
+            if sequence_parallel:
+                raise KeyeUserError("qwen3: generation with parallel.sequence_parallel is not supported; generate "
+                                    "from the stage's weights with it off")
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
+        if sequence_parallel and gpt.pre_process:
+            decoder_input = self._scatter_sequence(self.embed(input_ids) if decoder_input is None else decoder_input)
         attention_mask, packed = self._attention_inputs(attention_mask, input_ids.shape[0])
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       decoder_input=decoder_input, packed_seq_params=packed)
@@ -286,6 +297,17 @@ class Qwen3LanguageModel(torch.nn.Module):
         kept_loss = kept_loss * wanted[keep][None]  # rows added for alignment: computed, their loss dropped
         return kept_loss.new_zeros(labels.shape).masked_scatter(keep, kept_loss)  # (B, L)
 
+    def _scatter_sequence(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """``(L, B, H)`` → this TP rank's ``(L / TP, B, H)`` slice, as Megatron's embedding would scatter it
+        (``scatter_embedding_sequence_parallel`` is off so that vision features go in at full length first)."""
+        from megatron.core import tensor_parallel
+
+        tp = self.transformer_config.tensor_model_parallel_size
+        if embeddings.shape[0] % tp:
+            raise KeyeUserError(f"parallel.sequence_parallel: a row of {embeddings.shape[0]} tokens does not split "
+                                f"over parallel.tensor ({tp}); make the stage's sequence length a multiple of it")
+        return tensor_parallel.scatter_to_sequence_parallel_region(embeddings).clone()  # clone: as Megatron does
+
     def _attention_inputs(self, attention_mask: Any, batch: int) -> tuple[Any, Any]:
         """(attention_mask, packed_seq_params) for Megatron's GPT from the mask a stage passes.
 
@@ -296,7 +318,6 @@ class Qwen3LanguageModel(torch.nn.Module):
         (the layers are causal). Any other mask stays dense for the local attentions; on TE it is a
         one-line ``KeyeUserError``, never silently ignored.
         """
-        from keye.errors import KeyeUserError
         from keye.model.packing_masks import causal_block_lengths, packed_seq_params
 
         te = self.backend.impl == "transformer_engine"

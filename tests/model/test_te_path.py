@@ -13,6 +13,8 @@
   for 5 loss positions, the added rows' loss is dropped, the rest match the full FP8 computation.
 * The ViT's FP8 is its own choice (``precision.fp8.vision``): off, no FP8 linears; on, FP8 linears fed a
   pack padded to a multiple of 16 rows, features close to fp32; the padding block changes nothing (fp32).
+* ``parallel.sequence_parallel`` on local layers: qwen3 refuses it in one line (Megatron's local norms would
+  assert); the vision towers never split their sequence (their config says so whatever the layout says).
 
 Tolerances: fp32 paths 1e-5 absolute on logits of size ~1 (measured ~1e-6). FP8 vs FP8 with other rows in
 the tensor: per-tensor scales change with the rows, so 5% relative (e4m3, see tests/model/test_fp8.py).
@@ -170,11 +172,26 @@ def _vit_results(ctx) -> dict:
     }
 
 
+def _sequence_parallel_results(ctx) -> dict:
+    """qwen3 on local layers with sequence parallelism on: the one-line error; the ViT: never split."""
+    from dataclasses import replace
+
+    from keye.errors import KeyeUserError
+
+    on = replace(ctx, sequence_parallel=True)
+    try:
+        _qwen3(on)
+        error = None
+    except KeyeUserError as exc:
+        error = str(exc)
+    return {"error": error, "vit": _vit(on).transformer_config.sequence_parallel}
+
+
 def _one_rank() -> dict:
     from keye.parallel import init_parallel
 
     ctx = init_parallel(seed=SEED)
-    return {"llm": _llm_results(ctx), "vit": _vit_results(ctx)}
+    return {"llm": _llm_results(ctx), "vit": _vit_results(ctx), "sp": _sequence_parallel_results(ctx)}
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +224,13 @@ def test_vit_fp8_is_its_own_choice_and_pads_its_pack_to_16_rows(results):
     assert vit["rows"] == [32] and vit["shape"] == (22, 32)  # 22 patches + a block of 10
     assert vit["cosine"] > 0.99 and 1e-5 < vit["relative"] < 0.05, vit  # close, and FP8 did run (3e-4)
     assert vit["padding_changes"] < 1e-5, vit
+
+
+def test_sequence_parallel_on_local_layers_is_one_line_and_the_vit_never_splits(results):
+    error = results["sp"]["error"]
+    assert error is not None and "\n" not in error, error
+    assert error.startswith("parallel.sequence_parallel needs Transformer Engine layers"), error
+    assert results["sp"]["vit"] is False
 
 
 if __name__ == "__main__":  # print the measured numbers
