@@ -229,6 +229,9 @@ def keye_register_stages(register: Register) -> None:
     May ignore ``parallel.virtual_pipeline``: a stage that builds one model chunk per virtual pipeline stage
     (as ``lm``'s ``build_chunks``) says so with ``supports_virtual_pipeline = True`` in its own class body;
     without it a blueprint with a virtual pipeline is refused at validation, naming the stage kind.
+    May say which summary keys show that it did its job with ``headline_keys`` (a class attribute: keys of its
+    ``eval_after``, shown before → after, or of its summary, ``*`` for one key part) and list images in its
+    folder under the summary's ``plots``: the run's report.md shows them (`keye.train.report`).
     """
 
 

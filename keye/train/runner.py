@@ -102,7 +102,9 @@ def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None =
         result = dict(cls(config, ctx).run() or {})
         result["wall_time_s"] = round(time.perf_counter() - start, 3)
         host.hook.keye_after_stage(stage=stage, blueprint=cfg, result=result)
-        summary["stages"][stage.name] = {"kind": stage.kind, **result}
+        # the kind's headline keys, for report.md (`keye.train.report`); a stage's own summary may set them
+        headline = list(getattr(cls, "headline_keys", ()))
+        summary["stages"][stage.name] = {"kind": stage.kind, "headline_keys": headline, **result}
         if is_main:
             (stage_dir / DONE).parent.mkdir(parents=True, exist_ok=True)
             (stage_dir / DONE).write_text(json.dumps(summary["stages"][stage.name], indent=2, default=str))

@@ -129,6 +129,9 @@ def _forward(data: Iterator[list[PairItem]], model: torch.nn.Module, caption_ids
 
 
 class ContrastiveStage:
+    #: report.md's headline (`keye.train.report`): held-out retrieval top-1 both ways, and chance
+    headline_keys = ("image_to_text_top1", "text_to_image_top1", "chance")
+
     @dataclass
     class Config:
         batch_size: int = doc("Image-text pairs per micro-batch on each data-parallel rank.", 32)

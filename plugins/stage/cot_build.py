@@ -25,6 +25,9 @@ from keye.config import doc
 
 
 class CotBuildStage:
+    #: report.md's headline (`keye.train.report`): verified paths written of the questions, replies right
+    headline_keys = ("written", "questions", "reply_accuracy")
+
     @dataclass
     class Config:
         stage: str = doc("The earlier stage that is the teacher (empty: the stage before; see teacher).", "")

@@ -27,6 +27,9 @@ from keye.config import doc
 
 
 class EvalStage:
+    #: report.md's headline (`keye.train.report`): the generation score overall and per task, the think ratio
+    headline_keys = ("score", "tasks.*", "think_ratio")
+
     @dataclass
     class Config:
         stage: str = doc("The earlier stage whose weights are evaluated (empty: the stage before this one).", "")

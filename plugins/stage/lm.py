@@ -94,6 +94,9 @@ def _accuracy_by_mode(verdicts: list[tuple[str, bool]], mode_of: dict[str, str],
 
 
 class LMStage:
+    #: report.md's headline (`keye.train.report`): held-out answer accuracy (per think mode), image_gain, loss
+    headline_keys = ("answer_accuracy", "answer_accuracy_by_mode.*", "image_gain", "heldout_loss")
+
     @dataclass
     class Config:
         num_microbatches: int = doc("Micro-batches per optimiser step on each data-parallel rank.", 1)

@@ -13,9 +13,9 @@ best, at least ``sft_min_score``).
 Rank 0 writes, in this stage's folder, ``pairs.jsonl`` (preference samples, for a ``preference`` stage) and/or
 ``sft.jsonl`` (conversations, for an ``lm`` stage), each with its media beside it, as the ``jsonl`` source reads
 them, and ``rejection_summary.json``. The summary (also the stage's result in the run summary) has the mean
-reward overall, per mode and per reward component, the mean best reward per prompt, the counts of what the
-rewards handled by rule (a missing reference, an unparsable judgement, a cut-off reply) and why prompts gave
-no pair.
+reward overall, per mode and per reward component, the mean best reward per prompt, the mean reward of the
+pairs' chosen and rejected replies (``pair_rewards``), the counts of what the rewards handled by rule (a missing
+reference, an unparsable judgement, a cut-off reply) and why prompts gave no pair.
 
 It trains nothing, but it publishes the weights it sampled from as its own (``save_weights``), so the stage
 after it starts from the model that produced the data without an ``init_from``, and in a ``repeat`` group
@@ -55,6 +55,11 @@ def reward_nodes(rewards: dict) -> dict[str, tuple[dict, float]]:
 
 
 class RejectionSamplingStage:
+    #: report.md's headline (`keye.train.report`): pairs written, their chosen / rejected reward, the mean reward
+    #: (per mode and component) and what the judge could not parse
+    headline_keys = ("pairs", "pair_rewards.*", "mean_reward", "mean_best_reward", "reward_by_mode.*",
+                     "components.*", "counts.*/unparsable")
+
     @dataclass
     class Config:
         stage: str = doc("The earlier stage to sample from (empty: the stage before).", "")
@@ -194,13 +199,15 @@ class RejectionSamplingStage:
                                        temperature=config.temperature, seed=seed, batch_size=config.batch_size,
                                        stats=stats))
         prefix = f"rs/{ctx.stage.name}"
-        pairs, sft = [], []
+        pairs, sft, chosen, rejected = [], [], [], []
         for group in groups:
             picked = pick_pair(group.scores, group.replies, config.margin)
             if isinstance(picked, str):
                 stats.no_pair[picked] += 1
             else:
                 pairs.append(pair_record(group, *picked, origin, prefix))
+                chosen.append(group.scores[picked[0]])
+                rejected.append(group.scores[picked[1]])
             best = pick_sft(group.scores, group.replies, config.sft_min_score)
             if best is not None:
                 sft.append(sft_record(group, best, origin, prefix))
@@ -216,6 +223,8 @@ class RejectionSamplingStage:
                     write_jsonl(items, path, media_dir=f"{name}_media")
                 written[name] = str(path)
         summary = {"policy": origin["model"], "policy_step": step, "seed": seed, "outputs": written, **stats.summary()}
+        if chosen:  # the mean reward of the pairs' best and worst replies: how far apart what MPO learns from is
+            summary["pair_rewards"] = {"chosen": sum(chosen) / len(chosen), "rejected": sum(rejected) / len(rejected)}
         if writer:
             (Path(ctx.output_dir) / "rejection_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if config.save_weights:

@@ -72,6 +72,9 @@ def rewards_of(config: Any) -> dict:
 
 
 class RLStage(LMStage):
+    #: report.md's headline (`keye.train.report`): held-out mean reward overall, per component and per mode
+    headline_keys = ("heldout_reward", "heldout_reward/*", "heldout_reward_by_mode/*", "heldout_think_ratio")
+
     @dataclass
     class Config:
         prompts_per_step: int = doc("Prompts per step on each data-parallel rank.", 8)
@@ -195,6 +198,7 @@ class RLStage(LMStage):
             summary["heldout_reward_gain"] = after["heldout_reward"] - before["heldout_reward"]
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_stage_report(Path(ctx.output_dir), stage.name, ctx.metrics.path, summary)
+        summary["plots"] = ["reward_curve.png"]  # shown in the run's report.md too (`keye.train.report`)
         return summary
 
     def _evaluate(self, step: Any) -> dict[str, Any]:
