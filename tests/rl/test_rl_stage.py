@@ -14,6 +14,7 @@ gloo processes each, for the same seed. Shared runs (module fixture), checked fo
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,16 @@ def test_metrics_summary_and_report(runs):
     assert summary["reference"] == "live"
     report = (runs / "one" / "rl" / "report.md").read_text()
     assert "reward_curve.png" in report and (runs / "one" / "rl" / "reward_curve.png").stat().st_size > 1000
+    # the run's report: the held-out reward before -> after, per component (three reward models), and the curve
+    run_report = (runs / "one" / "report.md").read_text()
+    row = next(line for line in run_report.splitlines() if line.startswith("| rl | rl |"))
+    before, after = summary["eval_before"], summary["eval_after"]
+    for key in ("heldout_reward/answer_match", "heldout_reward/format", "heldout_reward/text_length"):
+        assert f"<br>{key} " in row, (key, row)
+    shown = [f"{value:.3f}".rstrip("0").rstrip(".") if value != int(value) else f"{value:g}"
+             for value in (before["heldout_reward"], after["heldout_reward"])]
+    assert re.search(rf"heldout_reward {shown[0]}0* → {shown[1]}0*<br>", row), (shown, row)
+    assert "![rl reward curve](rl/reward_curve.png)" in run_report
 
 
 def test_bad_input_is_handled_by_rule_and_counted(runs):

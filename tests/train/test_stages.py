@@ -11,6 +11,7 @@ import torch
 
 from keye.parallel.dist_checkpoint import read_full_tensors
 from keye.testing import write_blueprint
+from keye.train.report import headline
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = [sys.executable, "-m", "keye.launch.cli", "run"]
@@ -105,6 +106,15 @@ def test_tiny_pretrain_blueprint_end_to_end_shortened(tmp_path):
     assert {"stage", "step", "loss", "lr", "grad_norm", "skipped_step"} <= set(records[-1])
     report = (out / "report.md").read_text()
     assert "| stage2_multitask | lm | 3 |" in report and (out / "plots" / "loss_stage2_multitask.png").is_file()
+    # each stage's headline (its kind's headline_keys): retrieval and accuracy before -> after, the eval's score
+    vit, lm, final = summary["stage0_vit"], summary["stage2_multitask"], summary["final_eval"]
+    assert headline(vit) == [(key, vit["eval_before"][key], vit["eval_after"][key])
+                             for key in ("image_to_text_top1", "text_to_image_top1", "chance")]
+    assert headline(lm)[0] == ("answer_accuracy", lm["eval_before"]["answer_accuracy"], lm["eval_after"]["answer_accuracy"])
+    assert headline(final)[0] == ("score", None, final["score"]) and headline(summary["stage3_merge"]) == []
+    rows = {line.split(" | ")[0][2:]: line for line in report.splitlines() if line.startswith("| stage")}
+    assert "image_to_text_top1 " in rows["stage0_vit"] and " → " in rows["stage0_vit"]
+    assert "answer_accuracy " in rows["stage2_multitask"] and "heldout_loss " in rows["stage2_multitask"]
 
 
 def test_weights_load_into_a_different_layout(tmp_path):
