@@ -10,12 +10,17 @@ table that Keye-VL never uses. One spawned process (Megatron state is per proces
 - one without a head: the head too is initialised as SigLIP initialises it;
 - a converted release (``load_keye_vl``) saved beside the remote-code files: its own head and table go back out.
 
-Names are checked against the list typed out from the spec in test_keye_vl_checkpoint (not keye.hf's).
+Names are checked against the list typed out from the spec in test_keye_vl_checkpoint (not keye.hf's). Last,
+the whole path in real processes: a contrastive stage 0 with the pooling head and its own caption tokenizer,
+an lm stage after it, ``keye-launch export``: the exported head is stage 0's, bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -23,8 +28,10 @@ from typing import Any
 import pytest
 import torch
 
+from keye.testing import write_blueprint
 from keye.testing.distributed import run_distributed
 from test_keye_vl_checkpoint import TINY_CONFIG, released_shapes, write_tiny_checkpoint
+from test_siglip_import import write_tokenizer
 
 V = "visual.vision_model."
 HUB = "Kwai-Keye/Keye-VL-8B-Preview--"
@@ -130,3 +137,42 @@ def test_a_converted_release_keeps_its_own_head_and_table(saved: dict[str, Any])
     tensors, source = saved["beside_code"]["tensors"], saved["source"]
     assert set(tensors) == set(source)  # the tiny release's 64-row table, not a new 32,768-row one
     assert all(torch.equal(tensors[name], t) for name, t in source.items())
+
+
+def test_stage0_head_goes_through_a_later_stage_into_the_export(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from keye.parallel.dist_checkpoint import read_full_tensors
+
+    pairs = {"name": "synthetic", "tasks": ["pair"], "num_samples": 8}
+    blueprint = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "head", "output_dir": str(tmp_path / "run"), "seed": 2},
+        "model": {"vision_encoder": {"name": "siglip_navit", "size": "tiny", "pooling_head": True},
+                  "text_encoder": {"name": "siglip_text", "size": "tiny",
+                                   "tokenizer": str(write_tokenizer(tmp_path / "siglip_tokenizer"))},
+                  "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
+                  "language_model": {"name": "qwen3", "size": "tiny"}},
+        "stages": [
+            {"name": "vit", "kind": "contrastive", "train": ["vision_encoder", "text_encoder"], "steps": 2,
+             "options": {"batch_size": 4}, "optimizer": {"lr": 1e-2}, "schedule": {"kind": "constant"},
+             "data": {"image_max_tokens": 16, "sources": {"pairs": pairs}}},
+            {"name": "align", "kind": "lm", "train": ["projector"], "steps": 1, "schedule": {"kind": "constant"},
+             "data": {"max_tokens": 128, "image_max_tokens": 16, "sources": {"pairs": pairs}}},
+        ],
+    })
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for command in (["run", str(blueprint)], ["export", str(blueprint), "align", str(tmp_path / "hf")]):
+        done = subprocess.run([sys.executable, "-m", "keye.launch.cli", *command], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    trained = read_full_tensors(tmp_path / "run" / "vit" / "weights")
+    assert not any(name.startswith("vision_head.") for name in trained)  # no stage-0-only Linear any more
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    heads = {name.removeprefix("vision_encoder."): t for name, t in trained.items()
+             if name.startswith("vision_encoder.head.")}
+    assert len(heads) == 11
+    for name, tensor in heads.items():
+        assert torch.equal(exported[V + name], tensor), name
+    assert exported[V + "head.attention.in_proj_bias"].abs().max() > 0  # trained away from its zero init
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"]["AutoConfig"] == (
+        HUB + "configuration_keye.KeyeConfig")

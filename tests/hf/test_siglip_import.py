@@ -24,7 +24,7 @@ import torch
 
 from keye.testing.distributed import run_distributed
 
-WORDS = "a red blue green circle square triangle on the left right of and two three small big".split()
+WORDS = "a red blue green yellow circle square triangle , on the left right of and two three small big".split()
 CAPTIONS = ["a red circle", "two blue squares on the left of a big green triangle", "three small triangles"]
 LENGTH = 8  # the text tower's max_position_embeddings: the second caption is truncated to it
 
