@@ -66,7 +66,10 @@ def keye_register_vision_encoders(register: Register) -> None:
     ``forward(patches [N, 3, P, P], grid_thw [K, 3]) -> [N, out_dim]`` (`keye.model.protocols.VisionEncoder`).
     May ignore tensor parallelism (a plain PyTorch encoder is replicated over TP ranks), ``ctx.fp8`` and
     ``ctx.vp_stage``. Rotary positions, if any, through a ``position_encoding`` node built with
-    ``ctx.build`` (`PatchPositions`). Selected by ``model.vision_encoder.name``. Built-in: ``siglip_navit``.
+    ``ctx.build`` (`PatchPositions`). May carry ``head``, a module ``(features [N, out_dim], grid_thw [K, 3]) ->
+    [K, out_dim]`` giving one embedding per image (SigLIP's attention pooling): the contrastive stage then uses
+    it, else it mean-pools into a Linear of its own. Selected by ``model.vision_encoder.name``. Built-in:
+    ``siglip_navit``.
     """
 
 
@@ -104,7 +107,9 @@ def keye_register_text_encoders(register: Register) -> None:
 
     Built as ``Cls(config, ctx: BuildContext)``. Must provide ``out_dim`` and ``forward(input_ids [B, L]) ->
     [B, out_dim]`` (`keye.model.protocols.TextEncoder`). May ignore pipeline parallelism (stage 0 runs
-    without it) and ``ctx.fp8``. Selected by ``model.text_encoder.name``. Built-in: ``siglip_text``.
+    without it) and ``ctx.fp8``. May provide ``tokenize(texts) -> [B, L] | None`` (captions with the tower's own
+    tokenizer; None: the stage uses the blueprint's ``model.tokenizer``) and ``vocab_size`` (the stage refuses
+    ids outside it, in one line). Selected by ``model.text_encoder.name``. Built-in: ``siglip_text``.
     """
 
 
