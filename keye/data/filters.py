@@ -3,7 +3,8 @@
 Why: web captions often do not describe their image (alt text, file names, ads). The paper scores every
 pair with a CLIP-style model and keeps the pairs above a threshold. Here the scorer is any registered
 ``vision_encoder`` + ``text_encoder`` pair, composed exactly as the contrastive stage 0 composes them
-(patch features mean-pooled per image, then a linear head to the text tower's width; see
+(the vision encoder's own pooling head, e.g. SigLIP's, or patch features mean-pooled per image, then a linear
+head to the text tower's width; captions with the text tower's own tokenizer when it has one; see
 ``keye_plugins.stage.contrastive``), so a stage-0 checkpoint scores with the towers it trained, and any
 third-party towers work the same way. The score of a pair is the cosine similarity of the pooled image
 embedding and the text embedding, in [-1, 1].
@@ -53,7 +54,8 @@ class ContrastiveScorer(torch.nn.Module):
         super().__init__()
         self.vision_encoder = vision_encoder
         self.text_encoder = text_encoder
-        if vision_head is None:
+        # an encoder with its own pooling head (siglip_navit pooling_head) embeds images with it, as stage 0 does
+        if vision_head is None and getattr(vision_encoder, "head", None) is None:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 vision_head = torch.nn.Linear(vision_encoder.out_dim, text_encoder.out_dim)
@@ -79,7 +81,10 @@ class ContrastiveScorer(torch.nn.Module):
     @torch.no_grad()
     def embed_images(self, images: VisionInputs) -> torch.Tensor:
         """Packed images → (K, text width), unnormalised."""
-        return self.vision_head(mean_pool(self.vision_encoder(images.patches, images.grid_thw), images.grid_thw))
+        features = self.vision_encoder(images.patches, images.grid_thw)
+        if self.vision_head is None:
+            return self.vision_encoder.head(features, images.grid_thw)
+        return self.vision_head(mean_pool(features, images.grid_thw))
 
     @torch.no_grad()
     def score(self, items: Sequence[PairItem]) -> torch.Tensor:
@@ -87,7 +92,10 @@ class ContrastiveScorer(torch.nn.Module):
         images = VisionInputs(
             torch.cat([item.images.patches for item in items]), torch.cat([item.images.grid_thw for item in items])
         )
-        captions = torch.stack([item.caption_ids for item in items])  # (K, L)
+        tokenize = getattr(self.text_encoder, "tokenize", None)  # the tower's own tokenizer, as stage 0 uses it
+        captions = tokenize([item.caption for item in items]) if tokenize is not None else None
+        if captions is None:
+            captions = torch.stack([item.caption_ids for item in items])  # (K, L)
         image_emb = torch.nn.functional.normalize(self.embed_images(images).float(), dim=-1)  # (K, D)
         text_emb = torch.nn.functional.normalize(self.text_encoder(captions).float(), dim=-1)  # (K, D)
         return (image_emb * text_emb).sum(-1)
