@@ -14,6 +14,10 @@ Each of the three classes carries its key map (`keye.hf.contract`: ``hf_weight_s
 this module knows only the *format*: `SIGLIP_MODULES`, which module lives under which prefix. The same table
 is the ``siglip`` entry of the stage-chaining dispatch (`keye.hf.sources.HF_FORMATS`: a stage's ``init_from``
 naming a SigLIP directory); :func:`load_siglip_into` is the direct route for a contrastive stage's model.
+Two things such a dispatch must do for it: route the top-level ``logit_scale`` / ``logit_bias`` to ``loss``
+(prefix ``""``), and not drop a class's ``HF_UNUSED`` names that its ``hf_weight_shapes(config)`` lists:
+``siglip_navit`` declares ``head.`` unused (the released Keye-VL format never loads it) but, built with
+``pooling_head``, expects and loads ``head.*``.
 
 At step 0 the loaded stage 0 reproduces ``SiglipModel(...).logits_per_image`` when the ViT's 2D RoPE is off
 (``position_encoding: {name: none}``) and an image is ``image_size`` square (SigLIP then adds its position
