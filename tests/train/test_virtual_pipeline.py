@@ -1,12 +1,15 @@
-"""Interleaved (virtual) pipeline through a stage: PP=2 x VPP=2 in two real processes trains like one process.
+"""Interleaved (virtual) pipeline through the stages: PP=2 x VPP=2 in two real processes runs like one process.
 
 Each rank builds two model chunks (layers 0 and 2 on the first rank, 1 and 3 on the second; the vision side
 and the embedding in chunk 0 of the first rank, the head in chunk 1 of the last); Megatron's interleaved
 schedule runs them. The weights are drawn per global name, so both layouts start from the same model; the
 first stage's weights (written from the chunks) are what the second stage starts from, and the second stage
-is resumed from a training checkpoint written from the chunks. Full tensors (Hugging Face weights) go into and
-come out of the chunks by global layer. A stage kind that does not build chunks is refused at validation, in
-one line.
+is resumed from a training checkpoint written from the chunks. After them, in the same runs: an ``eval`` stage
+(greedy generation through the chunks: the same answers), a ``preference`` stage (a live reference built as
+chunks: the same losses) and an ``rl`` stage (rollouts sampled through the chunks, a β > 0 reference, old
+log-probs and updates on fewer packs than the pipeline needs: the same rewards and loss). Full tensors
+(Hugging Face weights) go into and come out of the chunks by global layer. A stage kind that does not build
+chunks (``contrastive``) is refused at validation, in one line.
 """
 
 from __future__ import annotations
@@ -47,13 +50,35 @@ def _stage(name: str, train: list[str], steps: int, num_microbatches: int) -> di
             "options": {"eval_batches": 3, "num_microbatches": num_microbatches}}
 
 
+#: the stages after the two lm stages, each reading the weights of the one before (eval: of ``second``)
+LATER = [
+    {"name": "answers", "kind": "eval", "data": {"image_max_tokens": 16, "video_frame_tokens": [4, 16], "video_max_tokens": 64},
+     "options": {"stage": "second", "synthetic_tasks": ["color", "video_direction"], "synthetic_samples": 4,
+                 "mode": "no_think", "max_new_tokens": 6, "batch_size": 4}},
+    {"name": "prefer", "kind": "preference", "train": ["language_model"], "steps": 2, "loss": {"name": "mpo"},
+     "optimizer": {"lr": 3e-3}, "schedule": {"kind": "constant", "warmup_steps": 0},
+     "options": {"reference": "live", "num_microbatches": 2, "eval_batches": 2},
+     "data": {**DATA, "max_tokens": 512,
+              "sources": {"pairs": {"name": "synthetic", "tasks": ["preference"], "num_samples": 40}},
+              "heldout": {"pairs": {"name": "synthetic", "tasks": ["preference"], "split": "heldout", "num_samples": 4}}}},
+    {"name": "reinforce", "kind": "rl", "train": ["language_model"], "steps": 1, "loss": {"name": "grpo", "beta": 0.1},
+     "optimizer": {"lr": 1e-3}, "schedule": {"kind": "constant", "warmup_steps": 0},
+     "options": {"prompts_per_step": 2, "group_size": 2, "max_new_tokens": 8, "eval_prompts": 2,
+                 "generator": {"name": "megatron", "kv_cache": "megatron"},  # eval decodes with keye's cache
+                 "dynamic_sampling": False, "mask_truncated": False, "save_rollouts": True},
+     "data": {**DATA, "max_tokens": 512,
+              "sources": {"prompts": {"name": "synthetic", "tasks": ["rl"], "num_samples": 20}},
+              "heldout": {"prompts": {"name": "synthetic", "tasks": ["rl"], "split": "heldout", "num_samples": 2}}}},
+]
+
+
 def _blueprint(tmp_path: Path, name: str, parallel: dict) -> Path:
     # 2 then 3 micro-batches a step: one interleaved group of PP, and a count that is not a multiple of PP;
     # the held-out pass has 3 too. A checkpoint after every step (not after the last: it has its weights).
     return write_blueprint(tmp_path / f"{name}.yaml", {
         "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 11, "checkpoint_every": 1},
         "model": MODEL, "parallel": parallel,
-        "stages": [_stage("first", ALL, 2, 2), _stage("second", ["language_model"], 2, 3)],
+        "stages": [_stage("first", ALL, 2, 2), _stage("second", ["language_model"], 2, 3), *LATER],
     })
 
 
@@ -91,11 +116,42 @@ def _records(run: Path) -> list[dict]:
 
 
 def test_losses_and_grad_norms_match_one_process(runs):
-    one, vpp = _records(runs / "one"), _records(runs / "vpp")
-    assert [(r["stage"], r["step"]) for r in vpp] == [(r["stage"], r["step"]) for r in one] == \
-        [("first", 1), ("first", 2), ("second", 1), ("second", 2)]
-    assert [r["loss"] for r in vpp] == pytest.approx([r["loss"] for r in one], abs=1e-5)
-    assert [r["grad_norm"] for r in vpp] == pytest.approx([r["grad_norm"] for r in one], rel=1e-4)
+    """lm, preference (live reference chunks) and rl steps: the same loss and gradient norm as one process."""
+    one = {(r["stage"], r["step"]): r for r in _records(runs / "one")}
+    vpp = {(r["stage"], r["step"]): r for r in _records(runs / "vpp")}
+    assert sorted(vpp) == sorted(one) == [("first", 1), ("first", 2), ("prefer", 1), ("prefer", 2),
+                                          ("reinforce", 1), ("second", 1), ("second", 2)]
+    keys = sorted(one)
+    assert [vpp[k]["loss"] for k in keys] == pytest.approx([one[k]["loss"] for k in keys], abs=1e-5)
+    assert [vpp[k]["grad_norm"] for k in keys] == pytest.approx([one[k]["grad_norm"] for k in keys], rel=1e-4)
+    for name in ("reward_accuracy", "margin", "delta"):  # MPO against the live reference, built as chunks
+        assert [vpp[("prefer", s)][name] for s in (1, 2)] == pytest.approx([one[("prefer", s)][name] for s in (1, 2)],
+                                                                          abs=1e-5), name
+    rl_one, rl_vpp = one[("reinforce", 1)], vpp[("reinforce", 1)]
+    assert rl_vpp["updates"] == rl_one["updates"] == 1  # rollouts sampled through the chunks trained
+    for name in ("reward", "response_tokens", "kl", "ratio", "entropy"):  # same rollouts, old and reference log-probs
+        assert rl_vpp[name] == pytest.approx(rl_one[name], abs=1e-5), name
+
+
+def test_generation_through_chunks_answers_as_one_process(runs):
+    """The megatron generator through both chunks of each rank: the rl stage's sampled rollouts (Megatron's static
+    inference context, decode steps through the model's forward; temperature 1: a wrong layer order would draw
+    other tokens) and the eval stage's greedy answers (keye's KV cache, lean decode steps) are those of one
+    process, and so is the rl stage's held-out reward."""
+    rollouts = {run: [json.loads(line) for line in (runs / run / "reinforce" / "rollouts.jsonl").read_text().splitlines()]
+                for run in ("one", "vpp")}
+    assert len(rollouts["vpp"]) == 4 and all(len(r["token_ids"]) == 8 for r in rollouts["one"])
+    assert [r["token_ids"] for r in rollouts["vpp"]] == [r["token_ids"] for r in rollouts["one"]]
+    rows = {run: [json.loads(line) for line in (runs / run / "answers" / "results.jsonl").read_text().splitlines()]
+            for run in ("one", "vpp")}
+    assert len(rows["vpp"]) == 4 and all(r["response"] for r in rows["one"])
+    assert [(r["prompt"], r["response"], r["score"]) for r in rows["vpp"]] == \
+        [(r["prompt"], r["response"], r["score"]) for r in rows["one"]]
+    one, vpp = (json.loads((runs / run / "summary.json").read_text())["stages"] for run in ("one", "vpp"))
+    assert vpp["answers"]["score"] == one["answers"]["score"]
+    for when in ("eval_before", "eval_after"):
+        assert vpp["reinforce"][when]["heldout_reward"] == pytest.approx(one["reinforce"][when]["heldout_reward"])
+        assert vpp["reinforce"][when]["heldout_response_tokens"] == one["reinforce"][when]["heldout_response_tokens"]
 
 
 def test_heldout_loss_matches_one_process(runs):
@@ -103,6 +159,8 @@ def test_heldout_loss_matches_one_process(runs):
     for stage in ("first", "second"):
         for when in ("eval_before", "eval_after"):
             assert vpp[stage][when]["heldout_loss"] == pytest.approx(one[stage][when]["heldout_loss"], abs=1e-5)
+    for name in ("heldout_margin", "heldout_chosen_nll", "heldout_reward_accuracy", "heldout_answer_accuracy"):
+        assert vpp["prefer"]["eval_after"][name] == pytest.approx(one["prefer"]["eval_after"][name], abs=1e-5), name
     assert vpp["second"]["initialised_from"].endswith("first/weights")
     assert vpp["second"]["resumed_from_step"] == 1 and one["second"]["resumed_from_step"] == 0
 
@@ -116,7 +174,7 @@ def test_weights_written_from_chunks_are_the_whole_model(runs):
         torch.testing.assert_close(vpp[name], one[name], rtol=0, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["preference", "eval"])
+@pytest.mark.parametrize("kind", ["contrastive"])  # its two towers train with parallel.pipeline 1 only
 def test_a_stage_kind_without_chunks_is_one_line_at_validate(keye_registry, tmp_path, kind):
     path = write_blueprint(tmp_path / "bp.yaml", {
         "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
@@ -180,13 +238,30 @@ def test_full_tensors_load_into_and_gather_from_chunks():
     assert first[2:] == [True, False] and second[2:] == [False, True]  # embedding / head only at the ends
 
 
-def test_lm_and_merge_stages_validate_with_a_virtual_pipeline(keye_registry, tmp_path):
-    """The stage kinds that declare it (lm builds chunks; merge builds no model) pass validation."""
+def test_stage_kinds_that_build_chunks_validate_with_a_virtual_pipeline(keye_registry, tmp_path):
+    """The stage kinds that declare it (they build chunks; merge builds no model) pass validation."""
+    generated = {"data": DATA, "options": {"stage": "a", "max_new_tokens": 4}}
     path = write_blueprint(tmp_path / "bp.yaml", {
         "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
         "parallel": {"pipeline": 2, "virtual_pipeline": 2},
-        "stages": [_stage("a", ALL, 1, 2), _stage("b", ALL, 1, 2),
-                   {"name": "merged", "kind": "merge", "options": {"inputs": ["a", "b"]}}],
+        "stages": [_stage("a", ALL, 1, 2), _stage("second", ALL, 1, 2),
+                   {"name": "merged", "kind": "merge", "options": {"inputs": ["a", "second"]}}, *LATER,
+                   {"name": "cot", "kind": "cot_build", **generated},
+                   {"name": "rs", "kind": "rejection_sampling", "data": DATA,
+                    "options": {**generated["options"], "n": 2, "modes": {"no_think": 1.0},
+                                "rewards": {"answer_match": {"weight": 1.0}}}}],
     })
     cfg = load_blueprint(path, [], keye_registry)
-    assert cfg.parallel.virtual_pipeline == 2 and [s.kind for s in cfg.stages] == ["lm", "lm", "merge"]
+    assert cfg.parallel.virtual_pipeline == 2
+    assert [s.kind for s in cfg.stages] == ["lm", "lm", "merge", "eval", "preference", "rl", "cot_build",
+                                            "rejection_sampling"]
+
+
+def test_too_few_preference_microbatches_for_the_interleaved_schedule_is_one_line(keye_registry, tmp_path):
+    path = write_blueprint(tmp_path / "bp.yaml", {
+        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
+        "parallel": {"pipeline": 2, "virtual_pipeline": 2},
+        "stages": [_stage("first", ALL, 1, 2), {**LATER[1], "options": {"num_microbatches": 1}}],
+    })
+    with pytest.raises(BlueprintError, match=r"stages\.1\.options\.num_microbatches: 1, but an interleaved pipeline"):
+        load_blueprint(path, [], keye_registry)
