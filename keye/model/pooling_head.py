@@ -68,13 +68,15 @@ class AttentionPoolingHead(nn.Module):
         q = F.linear(self.probe.reshape(1, width), w[:width], b[:width])  # (1, D)
         k = F.linear(features, w[width:2 * width], b[width:2 * width]).view(n, heads, -1)  # (N, H, hd)
         v = F.linear(features, w[2 * width:], b[2 * width:]).view(n, heads, -1)  # (N, H, hd)
-        scores = (k * q.view(1, heads, -1)).sum(-1) / math.sqrt(width // heads)  # (N, H)
+        # the softmax and its sums in float32 at least: an image may have 65,536 patches, too many to add up in bf16
+        acc = torch.promote_types(k.dtype, torch.float32)
+        scores = (k.to(acc) * q.to(acc).view(1, heads, -1)).sum(-1) / math.sqrt(width // heads)  # (N, H)
         index = segment[:, None].expand(n, heads)
         top = scores.new_full((images, heads), -math.inf).scatter_reduce(0, index, scores, "amax")  # (K, H)
         weights = (scores - top[segment].detach()).exp()  # (N, H); the max only steadies exp
         weights = weights / weights.new_zeros(images, heads).index_add(0, segment, weights)[segment]
-        pooled = v.new_zeros(images, heads, v.shape[-1]).index_add(0, segment, weights[..., None] * v)  # (K, H, hd)
-        x = self.attention.out_proj(pooled.reshape(images, width))  # (K, D)
+        pooled = weights.new_zeros(images, heads, v.shape[-1]).index_add(0, segment, weights[..., None] * v.to(acc))
+        x = self.attention.out_proj(pooled.reshape(images, width).to(v.dtype))  # (K, H, hd) → (K, D)
         hidden = F.gelu(self.mlp.fc1(self.layernorm(x)), approximate="tanh")
         return x + self.mlp.fc2(hidden)
 
