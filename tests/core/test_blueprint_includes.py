@@ -110,11 +110,13 @@ def _error(path: Path, registry) -> str:
     ({"include": "parts/first.yaml", "steps": 3}, "top.yaml: stages.1.steps: an include has only include, stages, override"),
     ({"include": "parts/empty.yaml"}, "top.yaml: stages.1.include: 'parts/empty.yaml' has no list of stages to include"),
     ({"include": "parts/broken.yaml"}, "broken.yaml: invalid YAML"),
+    ({"include": "parts/hostile.yaml"}, "hostile.yaml: stages.0.options.tag: resolver 'python' is not allowed"),
 ])
 def test_bad_includes_are_one_line_naming_the_key(parts, registry, item, expected):
     (parts / "outside.yaml").write_text("stages: [{name: x, kind: toy_stage}]\n")
     write(parts / "parts" / "empty.yaml", {"run": {"name": "no stages"}})
     (parts / "parts" / "broken.yaml").write_text("stages: [unclosed\n")
+    write(parts / "parts" / "hostile.yaml", {"stages": [stage("h", options={"tag": "${python:x}"})]})
     top = write(parts / "top.yaml", {"stages": [stage("z"), item]})
     message = _error(top, registry)
     assert expected in message, message
