@@ -149,6 +149,7 @@ def test_run_needs_stages_and_existing_init_from_folders(keye_registry, tmp_path
         check_runnable(cfg)
     check_runnable(cfg, only_stage="stage2_multitask")  # that stage does not read it
     (tmp_path / "missing" / "weights").mkdir(parents=True)
+    (tmp_path / "missing" / "weights" / "metadata.json").write_text("{}")  # what a published checkpoint has
     check_runnable(cfg)
 
 
