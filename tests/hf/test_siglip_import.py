@@ -185,3 +185,20 @@ def test_tokenizer_larger_than_the_table_is_one_line(tmp_path: Path) -> None:
         load_caption_tokenizer(str(path), vocab_size=8)
     with pytest.raises(KeyeUserError, match=r"^model.text_encoder.tokenizer: cannot load a tokenizer from"):
         load_caption_tokenizer(str(tmp_path / "nothing"), vocab_size=8)
+
+
+def test_blueprint_tokenizer_too_large_for_the_table_stops_before_step_one(tmp_path: Path) -> None:
+    """No tower tokenizer: captions would use model.tokenizer; a tokenizer larger than the table is refused."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from keye.errors import KeyeUserError
+    from keye_plugins.stage.contrastive import check_caption_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(write_tokenizer(tmp_path / "tok")), local_files_only=True)
+    check_caption_tokenizer(SimpleNamespace(tokenizer=None, vocab_size=len(tokenizer)), tokenizer)  # fits: fine
+    with pytest.raises(KeyeUserError, match=rf"^model.text_encoder.tokenizer is not set, so captions use "
+                                            rf"model.tokenizer \({len(tokenizer)} tokens\), but the text tower's "
+                                            r"table has 8 rows"):
+        check_caption_tokenizer(SimpleNamespace(tokenizer=None, vocab_size=8), tokenizer)
