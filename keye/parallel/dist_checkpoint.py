@@ -15,9 +15,11 @@ without TE loads into a TE model and back.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import nn
 
@@ -48,6 +50,19 @@ def sharded_state_dict(module: nn.Module, prefix: str = "", metadata: dict | Non
 def save_strategy() -> Any:
     """Megatron's default writer where it can run, else :func:`serial_torch_dist_strategy`."""
     return None if importlib.util.find_spec("psutil") is not None else serial_torch_dist_strategy()
+
+
+@contextlib.contextmanager
+def _writer_failures_told_once() -> Iterator[None]:
+    """Megatron's writer logs a worker's failure (a full disk) as an error before raising it; :func:`save`
+    reports every failure itself, in one line naming the folder, so the writer's own line is held back."""
+    log = logging.getLogger("megatron.core.dist_checkpointing.strategies.filesystem_async")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 def serial_torch_dist_strategy() -> Any:
@@ -113,7 +128,8 @@ def save(state: dict[str, Any], folder: str | Path) -> None:
     dist.barrier()
     error: BaseException | None = None
     try:
-        dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy())
+        with _writer_failures_told_once():
+            dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy())
         checkpoint_folder.hook("shards-written", folder)  # Megatron's save ends with a barrier: every rank is done
         if rank == 0:
             checkpoint_folder.publish(partial, folder)
