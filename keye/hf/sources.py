@@ -181,7 +181,10 @@ def check_module(source: HFDirectory, module: str, cls: type, config: Any, where
     """Everything that can be checked without reading a tensor: the module's class has a key map, config.json
     agrees with its Config, and the checkpoint has exactly the weights that Config expects, with their shapes."""
     module_prefix(source, module, where)
-    hf_weights(cls, module)
+    try:
+        hf_weights(cls, module)
+    except KeyeUserError as exc:
+        raise KeyeUserError(f"{where}: {exc}") from None
     check_config_keys(source, module, config, where)
     expected = {name: tuple(shape) for name, shape in cls.hf_weight_shapes(config).items()}
     found = header_shapes(source, module)

@@ -189,3 +189,21 @@ def test_keye_launch_run_refuses_it_with_exit_2(qwen3, tmp_path, capsys):
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "stages.1.init_from.language_model: " in lines[0] and "num_hidden_layers = 3" in lines[0]
     assert not (tmp_path / "run").exists()  # refused before the output folder was claimed
+
+
+def test_tied_embeddings_fill_the_output_layer(qwen3, tmp_path):
+    """The smaller Qwen3 models tie lm_head to the embedding and do not store it: keye's (untied) output layer
+    starts as a copy of the embedding, so the logits are the tied model's."""
+    from keye.config import build_component_config, check_runnable, load_blueprint
+    from keye.hf.sources import open_hf_directory, read_module
+    from keye.plugins import get_registry
+
+    qwen3_dir, reference = qwen3
+    path = _variant(qwen3_dir, tmp_path, {"tie_word_embeddings": True}, drop="lm_head.weight")
+    cfg = load_blueprint(_blueprint(tmp_path / "bp.yaml", tmp_path / "run", path), [], get_registry())
+    check_runnable(cfg)  # the missing lm_head.weight is not reported
+    cls, config = build_component_config("language_model", cfg.model.language_model, get_registry())
+    state = read_module(open_hf_directory(path, "init_from"), "language_model", cls, config)
+    embedding = reference.model.embed_tokens.weight
+    assert torch.equal(state["language_model.gpt.output_layer.weight"], embedding)
+    assert torch.equal(state["language_model.gpt.embedding.word_embeddings.weight"], embedding)
