@@ -275,6 +275,9 @@ class Qwen3LanguageModel(torch.nn.Module):
                                     "from the stage's weights with it off")
             return gpt(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                        decoder_input=decoder_input, inference_context=inference_context, runtime_gather_output=True)
+        if self.backend.fp8 == "te" and input_ids.numel() % 16:  # TE's FP8 GEMMs refuse other row counts
+            raise KeyeUserError(f"precision.fp8 te: a batch of {tuple(input_ids.shape)} tokens; Transformer Engine's "
+                                "FP8 GEMMs need a multiple of 16 rows: make the stage's sequence length one")
         if sequence_parallel and gpt.pre_process:
             decoder_input = self._scatter_sequence(self.embed(input_ids) if decoder_input is None else decoder_input)
         attention_mask, packed = self._attention_inputs(attention_mask, input_ids.shape[0])
