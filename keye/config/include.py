@@ -71,7 +71,8 @@ def include_stages(item: dict, label: str, index: int, chain: tuple[Path, ...],
     stages = read(target, chain)
     if not isinstance(stages, list) or not stages:
         raise BlueprintError(f"{where}.include: '{short(name)}' has no list of stages to include")
-    by_name = {stage.get("name"): stage for stage in stages if isinstance(stage, dict)}
+    by_name = {stage["name"]: stage for stage in stages
+               if isinstance(stage, dict) and isinstance(stage.get("name"), str)}
     taken = _select(item.get("stages"), by_name, stages, where, name)
     return _override(taken, item.get("override"), where)
 
@@ -94,7 +95,7 @@ def _override(taken: list[dict], override: Any, where: str) -> list[dict]:
         return taken
     if not isinstance(override, dict):
         raise BlueprintError(f"{where}.override: expected {{<stage name>: {{<key>: <value>}}}}, got {short(override)}")
-    names = [stage.get("name") for stage in taken if isinstance(stage, dict)]
+    names = [stage["name"] for stage in taken if isinstance(stage, dict) and isinstance(stage.get("name"), str)]
     for stage_name, settings in override.items():
         if stage_name not in names:
             raise BlueprintError(f"{where}.override.{short(stage_name)}: not a stage taken by this include; "
@@ -102,8 +103,8 @@ def _override(taken: list[dict], override: Any, where: str) -> list[dict]:
         if not isinstance(settings, dict):
             raise BlueprintError(f"{where}.override.{short(stage_name)}: expected a mapping of stage settings, "
                                  f"got {short(settings)}")
-    return [merged(stage, override[stage["name"]]) if isinstance(stage, dict) and stage.get("name") in override
-            else stage for stage in taken]
+    return [merged(stage, override[stage["name"]]) if isinstance(stage, dict) and stage.get("name") in names
+            and stage["name"] in override else stage for stage in taken]
 
 
 def merged(base: dict, extra: dict) -> dict:
