@@ -36,7 +36,8 @@ from keye.hf.files import read_config, weight_files
 HF_FORMATS: dict[str, dict[str, str]] = {
     "qwen3": {"language_model": ""},  # Qwen3ForCausalLM: model.*, lm_head.weight
     "Keye": {slot.kind: slot.prefix for slot in FORMAT},  # the released Keye-VL-8B-Preview
-    "siglip": {"vision_encoder": "vision_model.", "text_encoder": "text_model."},  # SiglipModel
+    # SiglipModel; logit_scale/logit_bias (top level) are the contrastive stage's loss (siglip_sigmoid's key map)
+    "siglip": {"vision_encoder": "vision_model.", "text_encoder": "text_model.", "loss": ""},
 }
 
 _QWEN3_KEYS = {
@@ -207,11 +208,13 @@ def read_module(source: HFDirectory, module: str, cls: type, config: Any) -> dic
     from safetensors import safe_open
 
     prefix, unused = source.modules[module], tuple(getattr(cls, "HF_UNUSED", ()))
+    expected = set(cls.hf_weight_shapes(config))  # read even under an unused prefix (siglip_navit pooling_head: head.*)
     hf: dict[str, Tensor] = {}
     for file in weight_files(source.path):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                if _claims(source, module, name) and not name[len(prefix):].startswith(unused):
+                relative = name[len(prefix):]
+                if _claims(source, module, name) and (relative in expected or not relative.startswith(unused)):
                     hf[name[len(prefix):]] = f.get_tensor(name)
     for name, origin in _tied(source).items():
         if _claims(source, module, name) and name[len(prefix):] not in hf and origin[len(prefix):] in hf:
