@@ -347,8 +347,8 @@ def _check_components(cfg: DictConfig, registry: Any, origin: Origin) -> None:
     for index, stage in enumerate(cfg.stages):
         path = f"stages.{index}"
         options = {"name": stage.kind, **OmegaConf.to_container(stage.options)}
+        check_node(cfg, registry, origin, "stage", options, f"{path}.options", index)  # its own reason first
         _check_virtual_pipeline(cfg, registry, origin, stage.kind)
-        check_node(cfg, registry, origin, "stage", options, f"{path}.options", index)
         if stage.loss is not None:
             check_node(cfg, registry, origin, "loss", stage.loss, f"{path}.loss", index)
         for group in ("sources", "heldout"):
