@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -174,18 +175,38 @@ def test_weights_written_from_chunks_are_the_whole_model(runs):
         torch.testing.assert_close(vpp[name], one[name], rtol=0, atol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["contrastive"])  # its two towers train with parallel.pipeline 1 only
-def test_a_stage_kind_without_chunks_is_one_line_at_validate(keye_registry, tmp_path, kind):
+class _OneModelStage:
+    """A third-party stage kind that builds one model per rank (no ``supports_virtual_pipeline``)."""
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, config: Config, ctx: object) -> None:
+        self.config, self.ctx = config, ctx
+
+    def run(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("one_model", "parallel.virtual_pipeline: the 'one_model' stage kind does not support an interleaved pipeline"),
+    ("contrastive", "stages.1.options: the contrastive stage needs parallel.pipeline=1, got 2"),  # its own reason
+])
+def test_a_stage_kind_without_chunks_is_one_line_at_validate(keye_registry, tmp_path, kind, reason):
+    from keye.registry import Provenance
+
+    keye_registry.register("stage", "one_model", _OneModelStage, Provenance("keye-test-vpp", "0.1", "here"))
     path = write_blueprint(tmp_path / "bp.yaml", {
-        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0}, "model": MODEL,
+        "run": {"name": "x", "output_dir": str(tmp_path / "run"), "seed": 0},
+        "model": {**MODEL, "text_encoder": {"name": "siglip_text", "size": "tiny"}},
         "parallel": {"pipeline": 2, "virtual_pipeline": 2},
         "stages": [_stage("first", ALL, 1, 2), {"name": "later", "kind": kind, "steps": 0, "train": [], "data": DATA}],
     })
     with pytest.raises(BlueprintError) as info:
         load_blueprint(path, [], keye_registry)
     message = str(info.value)
-    assert "\n" not in message
-    assert f"parallel.virtual_pipeline: the '{kind}' stage kind does not support an interleaved pipeline" in message
+    assert "\n" not in message and reason in message
 
 
 def test_too_few_microbatches_for_the_interleaved_schedule_is_one_line(keye_registry, tmp_path):
