@@ -20,7 +20,9 @@ The `lm` stage's loop (`keye.train.loop.train_steps`, `TrainEngine`, `stage_summ
   run continues with the same δ.
 
 The reference pass runs as a whole pipeline schedule between optimiser steps (`_PreferenceEngine`), never
-inside the policy's schedule, whose point-to-point messages it would otherwise cross under PP > 1.
+inside the policy's schedule, whose point-to-point messages it would otherwise cross under PP > 1. Under an
+interleaved pipeline (``parallel.virtual_pipeline``) the policy and the reference are each built as one model
+chunk per virtual stage, and every forward-only pass goes through `keye.train.engine.schedule_data`.
 
 Metrics each step: the loss, each MPO term, reward accuracy (r_c > r_r), margin, chosen and rejected rewards
 and δ. Evaluation on held-out pairs before and after training reports reward accuracy, margin, rewards, and
