@@ -86,22 +86,22 @@ def test_plan_fills_empty_packs_and_pads_only_when_it_must():
 
 
 def _rank(tmp: str) -> dict:
-    import os
-
-    import torch.distributed as dist
+    from megatron.core import parallel_state as mpu
 
     from keye.config import load_blueprint
     from keye.data.pipeline import micro_batches
+    from keye.parallel.state import init_parallel
     from keye.plugins import PluginHost
 
-    rank = int(os.environ["RANK"])
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    parallel = init_parallel(backend="gloo")  # as a stage runs: the exchange uses Megatron's data-parallel group
+    rank = parallel.dp_rank
     host = PluginHost(strict=True)
     host.load_entry_points()
     out = {}
     for mode in ("shard", "flops"):
         cfg = load_blueprint(blueprint(f"{tmp}/{mode}-{rank}.yaml", f"{tmp}/data/mixed.jsonl", mode), [], host.registry)
-        stream = micro_batches(context(cfg, host.registry, rank, 2))
+        stream = micro_batches(SimpleNamespace(blueprint=cfg, stage=cfg.stages[0], index=0, registry=host.registry,
+                                               parallel=parallel))
         decoded = []
         for name in ("image", "video"):  # count what this rank decodes, by sample key
             method = getattr(stream.processor, name)
@@ -109,10 +109,12 @@ def _rank(tmp: str) -> dict:
         keys = [batch.keys for batch in stream.take(1000)]
         out[mode] = {"keys": keys, "decoded": decoded, "flops": stream.batch_flops,
                      "source_decodes": [source.config.check_media for source in stream.sources.values()]}
-    first = micro_batches(context(cfg, host.registry, rank, 2))
+    out["group"] = stream.exchange.group is mpu.get_data_parallel_group_gloo()
+    ctx = SimpleNamespace(blueprint=cfg, stage=cfg.stages[0], index=0, registry=host.registry, parallel=parallel)
+    first = micro_batches(ctx)
     head = [b.keys for b in first.take(3)]
     state = first.state_dict()
-    resumed = micro_batches(context(cfg, host.registry, rank, 2))
+    resumed = micro_batches(ctx)
     resumed.load_state_dict(state)
     out["resume"] = {"head": head, "rest": [b.keys for b in resumed.take(1000)]}
     return out
@@ -132,6 +134,7 @@ def ranks(run):
 
 
 def test_every_sample_lands_on_exactly_one_rank(ranks):
+    assert all(r["group"] for r in ranks)  # Megatron's gloo data-parallel group carried the exchange
     keys = [[k for batch in r["flops"]["keys"] for k in batch] for r in ranks]
     everything = [k for r in ranks for batch in r["shard"]["keys"] for k in batch]
     assert len(everything) == NUM_SAMPLES
