@@ -121,16 +121,16 @@ def language_positions(model_cfg: Any, registry: Any) -> Any:
     return BuildContext(registry=registry).build("position_encoding", node["position_encoding"], **owner)
 
 
-def build_sources(ctx: Any, group: str, check_media: bool = True) -> dict[str, Any]:
-    """The stage's sources, each reading this data-parallel rank's share. ``check_media=False`` turns the
-    sources' own decode check off (FLOPs balancing: the rank that owns a sample decodes it, and counts it
-    when it is broken; the rank that read it only looks at headers)."""
+def build_sources(ctx: Any, group: str, read_all: bool = False, *, check_media: bool = True) -> dict[str, Any]:
+    """The stage's sources; each reads this data-parallel rank's share, or everything with ``read_all``.
+    ``check_media=False`` turns the sources' own decode check off (FLOPs balancing: the rank that owns a sample
+    decodes it, and counts it when it is broken; the rank that read it only looks at headers)."""
     sources = {}
     for label, node in ctx.stage.data[group].items():
         cls, config = build_component_config("data_source", node, ctx.registry)
         if not check_media:
             config.check_media = False
-        sources[label] = cls(config, ctx.parallel)
+        sources[label] = cls(config, None if read_all else ctx.parallel)
     return sources
 
 
