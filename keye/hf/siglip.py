@@ -10,14 +10,10 @@ directory holds (transformers names):
 - ``logit_scale``, ``logit_bias`` (t' and b, shape [1]), into the stage's loss (``siglip_sigmoid``), which
   means the same by them.
 
-Each of the three classes carries its key map (`keye.hf.contract`: ``hf_weight_shapes``, ``hf_to_keye``), so
-this module knows only the *format*: `SIGLIP_MODULES`, which module lives under which prefix. The same table
-is the ``siglip`` entry of the stage-chaining dispatch (`keye.hf.sources.HF_FORMATS`: a stage's ``init_from``
-naming a SigLIP directory); :func:`load_siglip_into` is the direct route for a contrastive stage's model.
-Two things such a dispatch must do for it: route the top-level ``logit_scale`` / ``logit_bias`` to ``loss``
-(prefix ``""``), and not drop a class's ``HF_UNUSED`` names that its ``hf_weight_shapes(config)`` lists:
-``siglip_navit`` declares ``head.`` unused (the released Keye-VL format never loads it) but, built with
-``pooling_head``, expects and loads ``head.*``.
+Each of the three classes carries its key map (`keye.hf.contract`: ``hf_weight_shapes``, ``hf_to_keye``); the
+format, which module lives under which prefix, is the ``siglip`` entry of `keye.hf.sources.HF_FORMATS`, the
+dispatch behind a stage's ``init_from`` naming a SigLIP directory. :func:`load_siglip_into` is that same path
+for a model in hand (checks of config.json against the towers' Configs and of every weight's shape first).
 
 At step 0 the loaded stage 0 reproduces ``SiglipModel(...).logits_per_image`` when the ViT's 2D RoPE is off
 (``position_encoding: {name: none}``) and an image is ``image_size`` square (SigLIP then adds its position
@@ -31,13 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from keye.errors import KeyeUserError
-
-#: keye module of a contrastive model → prefix of its weights in a ``SiglipModel`` checkpoint. The loss takes
-#: the top-level names no tower claims (``logit_scale``, ``logit_bias``).
-SIGLIP_MODULES = {"vision_encoder": "vision_model.", "text_encoder": "text_model.", "loss": ""}
 
 
 def tower_nodes(config: dict) -> dict[str, dict[str, Any]]:
@@ -58,45 +50,16 @@ def tower_nodes(config: dict) -> dict[str, dict[str, Any]]:
     return {"vision_encoder": vision, "text_encoder": text}
 
 
-def siglip_to_keye_state(hf: dict[str, Tensor], model: nn.Module, where: str) -> dict[str, Tensor]:
-    """A ``SiglipModel``'s tensors → the contrastive model's parameter names (``<module>.<parameter>``), each
-    module converted by its own class; a missing, unexpected or misshapen weight is one line naming it."""
-    out: dict[str, Tensor] = {}
-    claimed: set[str] = set()
-    for module, prefix in SIGLIP_MODULES.items():
-        part = getattr(model, module)
-        cls, config = type(part), part.config
-        if not callable(getattr(cls, "hf_to_keye", None)):
-            raise KeyeUserError(f"{where}: model.{module} ({cls.__qualname__}) has no Hugging Face key map "
-                                "(keye.hf.contract)")
-        expected = {prefix + name: tuple(shape) for name, shape in cls.hf_weight_shapes(config).items()}
-        for name, shape in expected.items():
-            if name not in hf:
-                raise KeyeUserError(f"{where}: missing weight {name} (model.{module} expects it)")
-            if tuple(hf[name].shape) != shape:
-                raise KeyeUserError(f"{where}: {name} has shape {tuple(hf[name].shape)}, model.{module} wants {shape}")
-        claimed |= set(expected)
-        tensors = {name[len(prefix):]: hf[name] for name in expected}
-        out.update({f"{module}.{name}": tensor for name, tensor in cls.hf_to_keye(tensors, config).items()})
-    unexpected = sorted(set(hf) - claimed)
-    if any(name.startswith("vision_model.head.") for name in unexpected):
-        raise KeyeUserError(f"{where}: the checkpoint has SigLIP's pooling head (vision_model.head.*) but the vision "
-                            "encoder has none: set model.vision_encoder.pooling_head: true")
-    if unexpected:
-        raise KeyeUserError(f"{where}: unexpected weight {unexpected[0]}" + (
-            f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else "") + " (a tower config differs?)")
-    return out
-
-
 def load_siglip_into(model: nn.Module, hf_dir: str | Path) -> None:
     """Load a transformers ``SiglipModel`` directory into a contrastive model (``vision_encoder`` with its
-    pooling head, ``text_encoder``, ``loss``): each tensor-parallel rank its slice. Call it on every rank."""
-    from keye.hf.files import read_config, read_weights
-    from keye.hf.weights import load_hf_into
+    pooling head, ``text_encoder``, ``loss``) through the stages' own dispatch (`keye.hf.sources`): each
+    tensor-parallel rank its slice. Call it on every rank."""
+    from keye.hf.sources import load_module, open_hf_directory
 
-    path = Path(hf_dir)
-    config = read_config(path)
-    if config.get("model_type") != "siglip":
-        raise KeyeUserError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not 'siglip' "
+    where = str(hf_dir)
+    directory = open_hf_directory(hf_dir, where)
+    if directory.model_type != "siglip":
+        raise KeyeUserError(f"{Path(hf_dir) / 'config.json'}: model_type {directory.model_type!r} is not 'siglip' "
                             "(a transformers SiglipModel checkpoint)")
-    load_hf_into(model, siglip_to_keye_state(read_weights(path), model, str(path)))
+    for module in directory.modules:
+        load_module(model, directory, module, where)

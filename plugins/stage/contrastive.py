@@ -151,7 +151,8 @@ class ContrastiveStage:
         if model.vision_encoder is None or model.text_encoder is None:
             check.fail("", "the contrastive stage needs model.vision_encoder and model.text_encoder")
         longest = model.text_encoder.get("max_position_embeddings")
-        if isinstance(longest, int) and config.caption_length > longest:
+        own_tokenizer = model.text_encoder.get("tokenizer")  # then captions are the tower's length, not caption_length
+        if isinstance(longest, int) and config.caption_length > longest and not own_tokenizer:
             check.fail("caption_length", f"{config.caption_length} tokens, but model.text_encoder.max_position_embeddings "
                                          f"is {longest}")
         if check.stage.steps > 0 and not check.stage.data.sources:
