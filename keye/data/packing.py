@@ -16,7 +16,8 @@ Packs then differ in cost: attention is quadratic in each sample's length, so on
 costs more than eight 1K-token samples of the same total length. `balance_across_ranks` is the Keye-VL
 paper's *global greedy balancing* (spec §3.2, infra): sort by estimated FLOPs, descending, and give each
 pack to the least-loaded rank (Graham's LPT rule), so no rank idles at the step's gradient all-reduce.
-The unit balanced here is the pack, not the raw sample, because a pack is what one micro-batch runs.
+The unit balanced here is the pack. The data pipeline balances samples instead, packing them as it deals
+them, from sizes the ranks exchange before decoding: `keye.data.balance`.
 
 Token accounting: ``num_text_tokens`` excludes the vision placeholders and ``vision_tokens`` are the
 LLM tokens the vision contributes after the 2×2 patch merge (``num_vision_patches // 4``), so a sample

@@ -7,6 +7,7 @@ rank decodes only the samples it trains on, the per-rank FLOPs are more even tha
 own share, and a stream restored from its state gives the micro-batches the first one gave.
 """
 
+import itertools
 import json
 import random
 from types import SimpleNamespace
@@ -72,6 +73,22 @@ def test_plan_deals_every_sample_once_in_equal_counts():
         assert load == pytest.approx(sum(COST(sizes[r][i]) for pack in rank for r, i in pack))
     # no rank carries more than the heaviest share the ranks read
     assert max(plan.loads) <= max(sum(COST(item) for item in share) for share in sizes)
+
+
+def test_plan_is_graham_lpt_when_everything_fits_one_pack():
+    """With room for a rank's whole share in one pack, the plan is the paper's rule on samples (Graham's LPT):
+    within (4/3 - 1/(3·dp)) of the best split, found here by trying every assignment."""
+    rng = random.Random(3)
+    for trial in range(30):
+        dp = 2 + trial % 2
+        sizes = [[PackItem(f"{r}-{i}", rng.choice([rng.randint(5, 50), rng.randint(50, 400)]))
+                  for i in range(rng.randint(1, 3))] for r in range(dp)]
+        costs = [COST(item) for share in sizes for item in share]
+        plan = plan_round(sizes, 10_000, None, COST)
+        assert all(len(rank) == 1 for rank in plan.ranks)
+        best = min(max(sum(c for c, r in zip(costs, choice) if r == rank) for rank in range(dp))
+                   for choice in itertools.product(range(dp), repeat=len(costs)))
+        assert best <= max(plan.loads) <= (4 / 3 - 1 / (3 * dp)) * best * (1 + 1e-12)
 
 
 def test_plan_fills_empty_packs_and_pads_only_when_it_must():
