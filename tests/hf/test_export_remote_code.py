@@ -11,8 +11,9 @@ table that Keye-VL never uses. One spawned process (Megatron state is per proces
 - a converted release (``load_keye_vl``) saved beside the remote-code files: its own head and table go back out.
 
 Names are checked against the list typed out from the spec in test_keye_vl_checkpoint (not keye.hf's). Last,
-the whole path in real processes: a contrastive stage 0 with the pooling head and its own caption tokenizer,
-an lm stage after it, ``keye-launch export``: the exported head is stage 0's, bit for bit.
+the whole path in real processes: a contrastive stage 0 started from a SigLIP checkpoint (``init_from``), with the
+pooling head and SigLIP's caption tokenizer, an lm stage after it, ``keye-launch export``: the exported head is
+stage 0's, bit for bit.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import torch
 from keye.testing import write_blueprint
 from keye.testing.distributed import run_distributed
 from test_keye_vl_checkpoint import TINY_CONFIG, released_shapes, write_tiny_checkpoint
-from test_siglip_import import write_tokenizer
+from test_siglip_import import write_siglip, write_tokenizer
 
 V = "visual.vision_model."
 HUB = "Kwai-Keye/Keye-VL-8B-Preview--"
@@ -142,19 +143,21 @@ def test_a_converted_release_keeps_its_own_head_and_table(saved: dict[str, Any])
 def test_stage0_head_goes_through_a_later_stage_into_the_export(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
+    from keye.hf.siglip import tower_nodes
     from keye.parallel.dist_checkpoint import read_full_tensors
 
+    siglip = write_siglip(tmp_path / "siglip")
+    towers = tower_nodes(json.loads((siglip / "config.json").read_text()))  # pooling_head: true
+    towers["text_encoder"]["tokenizer"] = str(write_tokenizer(tmp_path / "siglip_tokenizer"))
     pairs = {"name": "synthetic", "tasks": ["pair"], "num_samples": 8}
     blueprint = write_blueprint(tmp_path / "bp.yaml", {
         "run": {"name": "head", "output_dir": str(tmp_path / "run"), "seed": 2},
-        "model": {"vision_encoder": {"name": "siglip_navit", "size": "tiny", "pooling_head": True},
-                  "text_encoder": {"name": "siglip_text", "size": "tiny",
-                                   "tokenizer": str(write_tokenizer(tmp_path / "siglip_tokenizer"))},
-                  "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
+        "model": {**towers, "projector": {"name": "patch_merge_mlp", "in_dim": 32, "out_dim": 64},
                   "language_model": {"name": "qwen3", "size": "tiny"}},
         "stages": [
             {"name": "vit", "kind": "contrastive", "train": ["vision_encoder", "text_encoder"], "steps": 2,
-             "options": {"batch_size": 4}, "optimizer": {"lr": 1e-2}, "schedule": {"kind": "constant"},
+             "init_from": str(siglip), "options": {"batch_size": 4}, "optimizer": {"lr": 1e-2},
+             "schedule": {"kind": "constant"},
              "data": {"image_max_tokens": 16, "sources": {"pairs": pairs}}},
             {"name": "align", "kind": "lm", "train": ["projector"], "steps": 1, "schedule": {"kind": "constant"},
              "data": {"max_tokens": 128, "image_max_tokens": 16, "sources": {"pairs": pairs}}},
@@ -173,6 +176,7 @@ def test_stage0_head_goes_through_a_later_stage_into_the_export(tmp_path: Path) 
     assert len(heads) == 11
     for name, tensor in heads.items():
         assert torch.equal(exported[V + name], tensor), name
-    assert exported[V + "head.attention.in_proj_bias"].abs().max() > 0  # trained away from its zero init
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())["stages"]["vit"]
+    assert summary["initialised_from"] == str(siglip)
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["auto_map"]["AutoConfig"] == (
         HUB + "configuration_keye.KeyeConfig")
