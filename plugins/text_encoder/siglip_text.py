@@ -193,6 +193,9 @@ def load_caption_tokenizer(path: str, vocab_size: int) -> object:
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"model.text_encoder.tokenizer: cannot load a tokenizer from '{path}': "
                             f"{str(exc).splitlines()[0]}") from None
+    except ImportError:  # google/siglip-*: a SentencePiece model (spiece.model), transformers' SiglipTokenizer
+        raise KeyeUserError(f"model.text_encoder.tokenizer: '{path}' needs the sentencepiece and protobuf packages "
+                            "(SigLIP's tokenizer is a SentencePiece model): pip install 'keye[siglip]'") from None
     if tokenizer.pad_token_id is None:
         raise KeyeUserError(f"model.text_encoder.tokenizer: '{path}' has no pad token (SigLIP pads every caption "
                             "to the tower's length)")

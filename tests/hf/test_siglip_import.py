@@ -202,3 +202,19 @@ def test_blueprint_tokenizer_too_large_for_the_table_stops_before_step_one(tmp_p
                                             rf"model.tokenizer \({len(tokenizer)} tokens\), but the text tower's "
                                             r"table has 8 rows"):
         check_caption_tokenizer(SimpleNamespace(tokenizer=None, vocab_size=8), tokenizer)
+
+
+def test_a_sentencepiece_tokenizer_without_sentencepiece_is_one_line(tmp_path: Path) -> None:
+    """google/siglip-so400m's tokenizer is a SentencePiece model: without the package, one line saying what to install."""
+    import importlib.util
+
+    from keye.errors import KeyeUserError
+    from keye_plugins.text_encoder.siglip_text import load_caption_tokenizer
+
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed here: the message for its absence cannot show")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "SiglipTokenizer", "model_max_length": 64}')
+    (tmp_path / "spiece.model").write_bytes(b"\0" * 16)
+    with pytest.raises(KeyeUserError, match=r"^model.text_encoder.tokenizer: '.*' needs the sentencepiece and "
+                                            r"protobuf packages .*: pip install 'keye\[siglip\]'$"):
+        load_caption_tokenizer(str(tmp_path), vocab_size=32000)
