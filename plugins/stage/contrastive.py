@@ -51,6 +51,8 @@ class ContrastiveModel(torch.nn.Module):
     """Vision encoder (with its pooling head, or this stage's mean-pool + ``vision_head``) + text encoder + the
     loss's learnable temperature and bias."""
 
+    uses_vision_head = True  # the encoder's pooling head trains here (keye.train.freezing)
+
     def __init__(self, vision_encoder: torch.nn.Module, text_encoder: torch.nn.Module, loss: torch.nn.Module) -> None:
         super().__init__()
         self.vision_encoder = vision_encoder
