@@ -73,6 +73,12 @@ class ModelConfig:
         "Hugging Face tokenizer directory, or 'synthetic' for the synthetic world's tiny BPE (built on the fly).",
         "synthetic",
     )
+    transformer_impl: Optional[str] = doc(
+        "Layers of every Megatron-built component: auto (Transformer Engine where it imports with CUDA, else "
+        "Megatron's local layers), local, or transformer_engine (te). A component's own transformer_impl key "
+        "overrides it; null: $KEYE_TRANSFORMER_IMPL, default auto.",
+        None,
+    )
 
 
 @dataclass

@@ -38,6 +38,7 @@ from keye.config.fields import field_component_kind
 from keye.config.schema import MODULES
 from keye.config.validate import short
 from keye.errors import BlueprintError, KeyeUserError
+from keye.model.backend import check_impl_name, effective_impl_name
 
 Origin = Callable[[str], str]
 
@@ -198,6 +199,9 @@ def check_layout(cfg: DictConfig, origin: Origin, nproc: int | None = None) -> N
             fail(origin, "parallel.virtual_pipeline", f"needs parallel.pipeline >= 2, got {par.pipeline}")
     if par.data is not None:
         count(origin, "parallel.data", par.data)
+    impl = cfg.model.transformer_impl
+    if impl is not None and check_impl_name(str(impl)):
+        fail(origin, "model.transformer_impl", check_impl_name(str(impl)))
     _check_sequence_parallel(cfg, origin)
     if nproc is None:
         return
@@ -219,8 +223,9 @@ def _check_sequence_parallel(cfg: DictConfig, origin: Origin) -> None:
     fp8 = cfg.precision.fp8
     if cfg.parallel.tensor < 2:
         fail(origin, "parallel.sequence_parallel", f"needs parallel.tensor > 1, got {cfg.parallel.tensor}")
-    if os.environ.get("KEYE_TRANSFORMER_IMPL") == "local":
-        fail(origin, "parallel.sequence_parallel", "needs Transformer Engine layers, but KEYE_TRANSFORMER_IMPL=local")
+    if effective_impl_name(cfg) == "local":
+        where = "model.transformer_impl" if cfg.model.transformer_impl is not None else "KEYE_TRANSFORMER_IMPL"
+        fail(origin, "parallel.sequence_parallel", f"needs Transformer Engine layers, but {where}=local")
     if fp8.enabled and fp8.backend == "torch":
         fail(origin, "parallel.sequence_parallel", "does not run with precision.fp8.backend torch (use te)")
 

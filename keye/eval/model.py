@@ -158,6 +158,7 @@ def load_source(source: str, stage: str | None = None, overrides: Sequence[str] 
     path = Path(source)
     if is_blueprint(source):
         from keye.config import load_blueprint
+        from keye.model.backend import use_blueprint_impl
         from keye.parallel import init_parallel
         from keye.plugins import get_host
 
@@ -167,6 +168,7 @@ def load_source(source: str, stage: str | None = None, overrides: Sequence[str] 
             raise KeyeUserError(f"{source}: a blueprint source needs the stage to load (SOURCE STAGE)")
         host = get_host()
         cfg = load_blueprint(source, overrides, host.registry)
+        use_blueprint_impl(cfg)
         return from_stage(cfg, stage, host.registry, init_parallel(seed=cfg.run.seed), **settings)
     if not path.is_dir():
         raise KeyeUserError(f"{source}: not a released-format folder nor a blueprint file (.yaml)")

@@ -19,6 +19,7 @@ def export_stage(blueprint: str, stage: str, destination: str, overrides: Sequen
     from keye.data.pipeline import load_tokenizer, vocab_size
     from keye.data.tokenizer import SpecialTokens
     from keye.hf import save_keye_vl
+    from keye.model.backend import use_blueprint_impl
     from keye.model.composition import KeyeVLModel
     from keye.model.protocols import DTYPES, BuildContext
     from keye.parallel import init_parallel
@@ -34,6 +35,7 @@ def export_stage(blueprint: str, stage: str, destination: str, overrides: Sequen
     folder = Path(cfg.run.output_dir) / stage
     if not is_checkpoint(weights_folder(folder)):
         raise KeyeUserError(f"{folder}: stage '{stage}' has no weights yet (run it first)")
+    use_blueprint_impl(cfg)
     parallel = init_parallel(seed=cfg.run.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer, vocab_size(cfg.model))
     special = SpecialTokens.from_tokenizer(tokenizer)

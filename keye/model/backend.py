@@ -4,7 +4,10 @@ One setting, ``transformer_impl``, decides it for every Megatron-built component
 Qwen3 LM): ``auto`` (the default) is Transformer Engine where it imports *and* CUDA exists, else Megatron's
 local layers; ``local`` forces the local layers; ``transformer_engine`` (or ``te``) asks for TE and fails in
 one line where it cannot run. A component's ``transformer_impl`` key, when set, overrides it for that
-component; otherwise the process-wide choice applies, read from ``KEYE_TRANSFORMER_IMPL`` (default auto).
+component; otherwise the process-wide choice applies: the blueprint's ``model.transformer_impl``
+(:func:`use_blueprint_impl`, called where a run or an evaluation starts from a blueprint), else
+``KEYE_TRANSFORMER_IMPL`` (default auto). The blueprint's value is written to that variable, so processes a
+run starts (ranks, writers) make the same choice.
 FP8 is a separate choice on top (``precision.fp8``, `keye.parallel.fp8`): TE's FP8 needs the TE layers.
 
 The CPU fast paths (oneDNN linears, the closed-form RMSNorm gradient, the fused SwiGLU function, the
@@ -37,6 +40,27 @@ def transformer_engine_usable() -> bool:
     from keye.parallel.fp8 import transformer_engine_available
 
     return transformer_engine_available()
+
+
+def use_blueprint_impl(blueprint: Any) -> None:
+    """Make the blueprint's ``model.transformer_impl`` (when set) this process's choice (module docstring)."""
+    impl = blueprint.model.get("transformer_impl") if blueprint is not None else None
+    if impl is not None:
+        os.environ[ENV] = str(impl)
+
+
+def check_impl_name(impl: str) -> str | None:
+    """None for a known impl name (or alias), else what is wrong, for validation messages."""
+    if _ALIASES.get(impl, impl) in TRANSFORMER_IMPLS:
+        return None
+    return f"unknown {impl!r}; known: {', '.join(TRANSFORMER_IMPLS)} (or te)"
+
+
+def effective_impl_name(blueprint: Any) -> str:
+    """The impl a run of ``blueprint`` asks for, before 'auto' is resolved: its own, else the environment's."""
+    impl = blueprint.model.get("transformer_impl") if blueprint is not None else None
+    impl = impl if impl is not None else os.environ.get(ENV, "auto")
+    return _ALIASES.get(impl, impl)
 
 
 def resolve_transformer_impl(impl: str | None = None) -> str:

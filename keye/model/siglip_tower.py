@@ -166,8 +166,9 @@ class SiglipTowerConfig:
     init_std: float = doc("Std of the normal initialisation (training normally starts from SigLIP weights).", 0.02)
     recompute: bool = doc("Recompute each layer's activations in backward (saves memory on long sequences).", False)
     transformer_impl: Optional[str] = doc(
-        "auto | local | transformer_engine (te); null: the process-wide choice ($KEYE_TRANSFORMER_IMPL, default "
-        "auto: Transformer Engine where it and CUDA exist, else local). See keye.model.backend.", None
+        "auto | local | transformer_engine (te) for this tower; null: the run's choice (model.transformer_impl, "
+        "else $KEYE_TRANSFORMER_IMPL, default auto: Transformer Engine where it and CUDA exist, else local). "
+        "See keye.model.backend.", None
     )
     attention: str = doc(
         "Core attention of the local (non-TE) path: sdpa (PyTorch SDPA per packed block, the default) or "

@@ -58,8 +58,10 @@ class Stage(Protocol):
 
 def run_blueprint(cfg: DictConfig, host: PluginHost, *, only_stage: str | None = None, resume: bool = False) -> dict:
     """Run every stage (or only ``only_stage``); write ``summary.json``; return the summary."""
+    from keye.model.backend import use_blueprint_impl
     from keye.parallel import init_parallel
 
+    use_blueprint_impl(cfg)  # model.transformer_impl: TE or local layers for every component built below
     check_fp8_available(cfg.precision)  # a clear error now, not deep inside the first model build
     try:
         parallel = init_parallel(

@@ -173,3 +173,21 @@ def test_only_the_cpu_bridge_patches_torch_or_megatron():
     bridge = [line for line in patches if "/keye/parallel/cpu_bridge.py:" in line]
     assert [line for line in patches if line not in bridge] == []
     assert any("torch.cuda.current_device" in line for line in bridge)  # the scan sees the bridge's own
+
+
+@needs_no_te
+def test_a_blueprints_transformer_impl_is_the_process_wide_choice(monkeypatch):
+    """``model.transformer_impl`` is written where every component and every started process reads it."""
+    from omegaconf import OmegaConf
+
+    from keye.model.backend import effective_impl_name, use_blueprint_impl
+
+    monkeypatch.setenv(ENV, "local")
+    unset = OmegaConf.create({"model": {"transformer_impl": None}})
+    use_blueprint_impl(unset)  # null: the environment's choice stays
+    assert effective_impl_name(unset) == "local" and resolve_transformer_impl() == "local"
+    asked = OmegaConf.create({"model": {"transformer_impl": "te"}})
+    assert effective_impl_name(asked) == "transformer_engine"
+    use_blueprint_impl(asked)
+    with pytest.raises(KeyeUserError, match="needs Transformer Engine with CUDA"):
+        resolve_transformer_impl()  # what every component asks when its own key is null

@@ -38,3 +38,12 @@ def test_sequence_parallel_with_local_layers_is_one_line_and_with_tp2_it_validat
     monkeypatch.setenv("KEYE_TRANSFORMER_IMPL", "local")
     with pytest.raises(BlueprintError, match="parallel.sequence_parallel: needs Transformer Engine layers, but KEYE_TRANSFORMER_IMPL=local"):
         load_blueprint(TINY, ON + ["parallel.tensor=2"], keye_registry)
+
+
+def test_the_blueprint_key_chooses_the_layers_too(keye_registry, monkeypatch):
+    monkeypatch.delenv("KEYE_TRANSFORMER_IMPL", raising=False)
+    with pytest.raises(BlueprintError, match="parallel.sequence_parallel: needs Transformer Engine layers, but "
+                                             "model.transformer_impl=local"):
+        load_blueprint(TINY, ON + ["parallel.tensor=2", "model.transformer_impl=local"], keye_registry)
+    with pytest.raises(BlueprintError, match=r"model.transformer_impl: unknown 'tensorrt'; known: auto, local"):
+        load_blueprint(TINY, ["model.transformer_impl=tensorrt"], keye_registry)
