@@ -72,6 +72,23 @@ def _eval_forward(verdicts: list, data: Iterator[MicroBatch], model: torch.nn.Mo
     return logits, partial(_eval_loss_func, batch, verdicts=verdicts)
 
 
+def _pipeline_minimum(engine: TrainEngine) -> int:
+    """The fewest micro-batches a pass can have: the pipeline size under an interleaved pipeline, else 1."""
+    if len(engine.chunks) == 1:
+        return 1
+    from megatron.core import parallel_state as mpu
+
+    return mpu.get_pipeline_model_parallel_world_size()
+
+
+def _rider(batch: MicroBatch) -> MicroBatch:
+    """A copy of ``batch`` that counts for nothing (no loss tokens, no answers, no keys), so a held-out pass of
+    fewer batches than an interleaved pipeline needs can run without counting a sample twice."""
+    from dataclasses import replace
+
+    return replace(batch, loss_mask=torch.zeros_like(batch.loss_mask), answer_segments=[], keys=[])
+
+
 #: the modes held-out accuracy is reported for, in a fixed order (every rank sums the same table)
 _MODES = (*THINKING_MODES, NO_MODE)
 
@@ -206,6 +223,7 @@ class LMStage:
         batches = stream.take(self.config.eval_batches if view is None else 1 << 30)
         if not batches:
             return {}, set()
+        batches = batches + [_rider(batches[-1])] * (_pipeline_minimum(engine) - len(batches))
         verdicts: list[tuple[str, bool]] = []
         result = engine.eval_step(partial(_eval_forward, verdicts), iter(batches), len(batches), seq_len, 1)
         out = {"heldout_loss": result["loss"]}

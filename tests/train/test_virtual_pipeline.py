@@ -79,7 +79,9 @@ def _blueprint(tmp_path: Path, name: str, parallel: dict) -> Path:
     return write_blueprint(tmp_path / f"{name}.yaml", {
         "run": {"name": name, "output_dir": str(tmp_path / name), "seed": 11, "checkpoint_every": 1},
         "model": MODEL, "parallel": parallel,
-        "stages": [_stage("first", ALL, 2, 2), _stage("second", ["language_model"], 2, 3), *LATER],
+        # second: one held-out batch, fewer than the pipeline's 2 (the pass adds a batch that counts for nothing)
+        "stages": [_stage("first", ALL, 2, 2), {**_stage("second", ["language_model"], 2, 3),
+                                                 "options": {"eval_batches": 1, "num_microbatches": 3}}, *LATER],
     })
 
 
