@@ -7,6 +7,11 @@ concatenated in reading order so the model's ``masked_scatter`` puts every featu
 Padding is one extra block that attends only to itself and carries no loss. A preference pair is one
 sample whose block is tree-shaped (its two replies share the prompt, `keye.data.preference`); the micro-batch
 lists each pair's chosen and rejected label positions in ``pairs``.
+
+The attention travels as a `PackedMask` (block boundaries, and only the tree blocks as tensors), never as
+the dense ``(1, 1, T, T)`` mask: that is T² bytes (1 GiB per micro-batch at 32768 tokens) built on the data
+path only for the language model to turn it back into cu_seqlens. Whoever needs the dense form calls
+``attention_mask.dense()``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from keye.data.packing import block_attention_mask
 from keye.model.composition import VisionInputs
+from keye.model.packing_masks import PackedMask
 
 IGNORE = -100
 
@@ -46,8 +52,8 @@ class MicroBatch:
     labels: torch.Tensor  # (1, T), IGNORE replaced by 0 (Megatron's cross entropy needs valid ids)
     loss_mask: torch.Tensor  # (1, T) float: 1 where the label counts
     position_ids: torch.Tensor  # (3, 1, T)
-    attention_mask: torch.Tensor  # (1, 1, T, T) bool, True = masked (Megatron's convention)
-    cu_seqlens: torch.Tensor  # (S + 1,) sample boundaries
+    attention_mask: PackedMask  # the row's blocks; .dense(): (1, 1, T, T) bool, True = masked
+    cu_seqlens: torch.Tensor  # (S + 1,) sample boundaries (the padding not included)
     answer_segments: list[torch.Tensor] = field(default_factory=list)  # per sample: positions of its answer
     images: VisionInputs | None = None
     videos: VisionInputs | None = None
@@ -69,6 +75,10 @@ def _concat_vision(items: Sequence[VisionInputs | None]) -> VisionInputs | None:
     )
 
 
+def _causal(n: int) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool).tril_()
+
+
 def collate_pack(samples: Sequence[TokenSample], seq_len: int, pad_id: int = 0) -> MicroBatch:
     """Pack ``samples`` (in order) into one row of ``seq_len`` positions."""
     lengths = [len(sample) for sample in samples]
@@ -82,13 +92,12 @@ def collate_pack(samples: Sequence[TokenSample], seq_len: int, pad_id: int = 0) 
         [s.position_ids for s in samples] + [torch.arange(pad, dtype=torch.long).expand(3, pad)], dim=1
     )  # (3, T)
     cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
-    keep = block_attention_mask(cu_seqlens, seq_len, causal=True)  # (T, T), True = may attend
-    answer_segments, pairs = [], []
+    answer_segments, pairs, blocks = [], [], {}
     for start, sample in zip(cu_seqlens.tolist(), samples):
         if sample.answer_mask is not None and bool(sample.answer_mask.any()):
             answer_segments.append(torch.nonzero(sample.answer_mask).flatten() + start)
-        if sample.attention is not None:
-            keep[start : start + len(sample), start : start + len(sample)] = sample.attention
+        if sample.attention is not None and not torch.equal(sample.attention, _causal(len(sample))):
+            blocks[start] = sample.attention  # a causal one stays implicit, so the row keeps its thd form
         if sample.rejected_mask is not None:
             pairs.append((torch.nonzero(sample.answer_mask).flatten() + start,
                           torch.nonzero(sample.rejected_mask).flatten() + start))
@@ -98,7 +107,7 @@ def collate_pack(samples: Sequence[TokenSample], seq_len: int, pad_id: int = 0) 
         labels=labels.clamp(min=0).unsqueeze(0),
         loss_mask=loss_mask.unsqueeze(0),
         position_ids=position_ids.unsqueeze(1),
-        attention_mask=(~keep).view(1, 1, seq_len, seq_len),
+        attention_mask=PackedMask(F.pad(cu_seqlens, (0, 1), value=seq_len) if pad else cu_seqlens, blocks),
         cu_seqlens=cu_seqlens,
         answer_segments=answer_segments,
         images=_concat_vision([s.images for s in samples]),

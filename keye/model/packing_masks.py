@@ -15,10 +15,17 @@ one to one); Megatron's ``TEDotProductAttention`` then runs TE with ``padding_ca
 to it under ``thd``), causal inside each block and nothing across blocks. A mask of another shape (a
 preference pair's shared-prompt tree, a left-padded batch of several rows) has no ``thd`` form:
 ``causal_block_lengths`` says so with None.
+
+``PackedMask`` is how a packed micro-batch carries its attention without the dense mask: the block
+boundaries, plus the few blocks that have their own pattern (a preference pair's tree). A dense
+``(1, 1, T, T)`` bool is T² bytes, 1 GiB at the 8B blueprints' 32768 tokens, for what the boundaries say in
+a few numbers; the language model asks for ``thd`` first and builds ``dense`` only where an attention needs
+it (Megatron's own dense-mask attention, a tree block on local layers).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import torch
@@ -72,3 +79,50 @@ def causal_thd_params(mask: Tensor, device: torch.device | None = None) -> Any:
     has no such form (``causal_block_lengths``)."""
     lengths = causal_block_lengths(mask)
     return None if lengths is None else packed_seq_params(lengths, device if device is not None else mask.device)
+
+
+@dataclass(frozen=True)
+class PackedMask:
+    """The attention of one packed row, compactly: block ``i`` spans ``cu_seqlens[i]:cu_seqlens[i + 1]`` and
+    is causal unless ``blocks`` gives its own ``(n, n)`` pattern (True = may attend) by start position;
+    nothing is seen across blocks. The padding is the last block, so ``cu_seqlens[-1]`` is the row length.
+
+    A value object rather than a lazily built tensor so that the choice of form stays with the consumer
+    (``Qwen3LanguageModel._attention_inputs``): ``thd`` where the row is all causal blocks, ``dense`` only
+    where an attention takes nothing else. Megatron never sends it between pipeline stages (each stage's
+    data iterator hands it its own copy), so it needs no tensor protocol.
+    """
+
+    cu_seqlens: Tensor  # (K + 1,) long, from 0 to T
+    blocks: dict[int, Tensor] = field(default_factory=dict)  # start of a block -> its (n, n) bool pattern, True = may attend
+
+    @property
+    def length(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The dense form's shape, for messages."""
+        return (1, 1, self.length, self.length)
+
+    def lengths(self) -> list[int]:
+        """The non-empty block lengths in order (an empty sample is no block)."""
+        return [n for n in torch.diff(self.cu_seqlens).tolist() if n]
+
+    def causal_lengths(self) -> list[int] | None:
+        """The block lengths when every block is causal (what ``thd`` can say), else None."""
+        return None if self.blocks else self.lengths()
+
+    def thd(self, device: torch.device | None = None) -> Any:
+        """``thd`` PackedSeqParams, or None where a block has its own pattern (no ``thd`` form)."""
+        lengths = self.causal_lengths()
+        return None if lengths is None else packed_seq_params(lengths, device)
+
+    def dense(self, device: torch.device | None = None) -> Tensor:
+        """``(1, 1, T, T)`` bool, True = masked (Megatron's convention): the mask this object stands for."""
+        keep = torch.zeros(self.length, self.length, dtype=torch.bool)
+        for start, end in zip(self.cu_seqlens[:-1].tolist(), self.cu_seqlens[1:].tolist()):
+            pattern = self.blocks.get(start)
+            keep[start:end, start:end] = (torch.ones(end - start, end - start, dtype=torch.bool).tril_()
+                                          if pattern is None else pattern)
+        return (~keep).view(1, 1, self.length, self.length).to(device)

@@ -280,7 +280,7 @@ class Qwen3LanguageModel(torch.nn.Module):
                                 "FP8 GEMMs need a multiple of 16 rows: make the stage's sequence length one")
         if sequence_parallel and gpt.pre_process:
             decoder_input = self._scatter_sequence(self.embed(input_ids) if decoder_input is None else decoder_input)
-        attention_mask, packed = self._attention_inputs(attention_mask, input_ids.shape[0])
+        attention_mask, packed = self._attention_inputs(attention_mask, input_ids.shape[0], input_ids.device)
         inputs = dict(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                       decoder_input=decoder_input, packed_seq_params=packed)
         rows = 16 if self.backend.fp8 else 1  # FP8 GEMMs take row counts that are multiples of 16
@@ -311,8 +311,10 @@ class Qwen3LanguageModel(torch.nn.Module):
                                 f"over parallel.tensor ({tp}); make the stage's sequence length a multiple of it")
         return tensor_parallel.scatter_to_sequence_parallel_region(embeddings).clone()  # clone: as Megatron does
 
-    def _attention_inputs(self, attention_mask: Any, batch: int) -> tuple[Any, Any]:
-        """(attention_mask, packed_seq_params) for Megatron's GPT from the mask a stage passes.
+    def _attention_inputs(self, attention_mask: Any, batch: int, device: Any = None) -> tuple[Any, Any]:
+        """(attention_mask, packed_seq_params) for Megatron's GPT from the mask a stage passes: a dense bool
+        tensor (True = masked) or a packed row's ``PackedMask``, whose dense form is built (on ``device``)
+        only where the attention takes nothing else.
 
         A packed row's block-causal mask becomes ``thd`` PackedSeqParams (``keye.model.packing_masks``)
         wherever the attention takes them: Transformer Engine, which would otherwise ignore the mask under
@@ -321,22 +323,24 @@ class Qwen3LanguageModel(torch.nn.Module):
         (the layers are causal). Any other mask stays dense for the local attentions; on TE it is a
         one-line ``KeyeUserError``, never silently ignored.
         """
-        from keye.model.packing_masks import causal_block_lengths, packed_seq_params
+        from keye.model.packing_masks import PackedMask, causal_block_lengths, packed_seq_params
 
         te = self.backend.impl == "transformer_engine"
+        compact = isinstance(attention_mask, PackedMask)
+        device = attention_mask.device if isinstance(attention_mask, torch.Tensor) else device
         if attention_mask is None or not (te or self.config.attention == "sdpa"):
-            return attention_mask, None
-        lengths = causal_block_lengths(attention_mask)
+            return (attention_mask.dense(device) if compact else attention_mask), None
+        lengths = attention_mask.causal_lengths() if compact else causal_block_lengths(attention_mask)
         if lengths is not None and len(lengths) == 1:
             return None, None
         if lengths is not None and batch == 1:
-            return None, packed_seq_params(lengths, attention_mask.device)
+            return None, packed_seq_params(lengths, device)
         if te:
             raise KeyeUserError(
                 f"qwen3 on Transformer Engine: an attention mask of shape {tuple(attention_mask.shape)} for "
                 f"{batch} row(s) is not one packed row of causal blocks, the only mask TE honours (as thd "
                 "cu_seqlens); run this stage with KEYE_TRANSFORMER_IMPL=local")
-        return attention_mask, None
+        return (attention_mask.dense(device) if compact else attention_mask), None
 
 
 class _SchemeAngles(torch.nn.Module):

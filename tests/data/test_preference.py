@@ -88,7 +88,7 @@ def test_packed_pairs_keep_their_tree_and_positions(tokenizer):
     a = processor(conversation("two"), media)
     b = processor(preference(), media, preference=True)
     batch = collate_pack([a, b], seq_len=len(a) + len(b) + 3)
-    keep = ~batch.attention_mask[0, 0]
+    keep = ~batch.attention_mask.dense()[0, 0]
     start = len(a)
     assert torch.equal(keep[start:start + len(b), start:start + len(b)], b.attention)
     assert not keep[start:, :start].any() and not keep[:start, start:].any()  # samples stay apart

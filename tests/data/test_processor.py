@@ -59,10 +59,11 @@ def test_packing_two_processed_samples(tokenizer):
     batch = collate_pack([a, b], seq_len=len(a) + len(b) + 5, pad_id=0)
     assert batch.images.patches.shape[0] == 16 + 36  # 4×4 and 6×6 patches, in order
     assert batch.images.grid_thw.tolist() == [[1, 4, 4], [1, 6, 6]]
-    assert batch.attention_mask.shape == (1, 1, len(a) + len(b) + 5, len(a) + len(b) + 5)
-    assert bool(batch.attention_mask[0, 0, len(a), 0])  # b's first token cannot see a's (True = masked)
-    assert bool(batch.attention_mask[0, 0, len(a), len(a) - 1])
-    assert not bool(batch.attention_mask[0, 0, len(a) + 1, len(a)])  # ... but its own earlier tokens
+    mask = batch.attention_mask.dense()  # (1, 1, T, T), True = masked
+    assert mask.shape == (1, 1, len(a) + len(b) + 5, len(a) + len(b) + 5)
+    assert bool(mask[0, 0, len(a), 0])  # b's first token cannot see a's (True = masked)
+    assert bool(mask[0, 0, len(a), len(a) - 1])
+    assert not bool(mask[0, 0, len(a) + 1, len(a)])  # ... but its own earlier tokens
     assert torch.equal(batch.position_ids[:, 0, len(a):len(a) + len(b)], b.position_ids)
     assert batch.loss_mask.sum() == (a.labels != IGNORE).sum() + (b.labels != IGNORE).sum()
     assert len(batch.answer_segments) == 2
