@@ -95,7 +95,7 @@ class SiglipSigmoidLoss(torch.nn.Module):
 
     @classmethod
     def hf_to_keye(cls, hf: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
-        return {name: hf[name].reshape(()) for name in ("logit_scale", "logit_bias")}
+        return {name: hf[name].reshape(()) for name in ("logit_scale", "logit_bias") if name in hf}  # any subset
 
     @classmethod
     def keye_to_hf(cls, state: dict[str, torch.Tensor], config: Config) -> dict[str, torch.Tensor]:
