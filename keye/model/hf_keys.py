@@ -132,15 +132,18 @@ def split_gqa_qkv(qkv: Tensor, heads: int, groups: int, head_dim: int) -> tuple[
 
 def hf_decoder_to_megatron(hf: dict[str, Tensor], config: Any, *, hf_prefix: str = "model.",
                            head: str = "lm_head.weight", prefix: str = "gpt.") -> dict[str, Tensor]:
-    """HF decoder tensors → ``prefix`` + Megatron ``GPTModel`` names. ``config`` gives ``num_layers``,
-    ``num_attention_heads``, ``num_query_groups`` and ``head_dim`` (a Qwen3 ``Config``)."""
+    """HF decoder tensors → ``prefix`` + Megatron ``GPTModel`` names. ``config`` gives ``num_attention_heads``,
+    ``num_query_groups`` and ``head_dim`` (a Qwen3 ``Config``).
+
+    Any subset made of whole layers and single tensors outside the layers maps on its own (a streamed load
+    converts one layer at a time, `keye.hf.contract`); a layer missing one of its tensors is a ``KeyError``
+    naming it. Names it does not know are ignored."""
     heads, groups, head_dim = config.num_attention_heads, config.num_query_groups, config.head_dim
-    out = {
-        f"{prefix}embedding.word_embeddings.weight": hf[f"{hf_prefix}embed_tokens.weight"],
-        f"{prefix}decoder.final_layernorm.weight": hf[f"{hf_prefix}norm.weight"],
-        f"{prefix}output_layer.weight": hf[head],
-    }
-    for layer in range(config.num_layers):
+    plain = {f"{hf_prefix}embed_tokens.weight": "embedding.word_embeddings.weight",
+             f"{hf_prefix}norm.weight": "decoder.final_layernorm.weight", head: "output_layer.weight"}
+    out = {prefix + name: hf[hf_name] for hf_name, name in plain.items() if hf_name in hf}
+    layer_name = re.compile(rf"^{re.escape(hf_prefix)}layers\.(\d+)\.")
+    for layer in sorted({int(m.group(1)) for m in map(layer_name.match, hf) if m}):
         src, dst = f"{hf_prefix}layers.{layer}.", f"{prefix}decoder.layers.{layer}."
         for hf_name, name in DECODER_RENAMES.items():
             out[dst + name] = hf[src + hf_name]

@@ -62,10 +62,17 @@ def load_full_state_dict(module: torch.nn.Module, state: dict[str, Tensor]) -> N
     if missing or unexpected:
         raise KeyError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     for name, param in params.items():
-        shard = tp_slice(state[name], param, tp_rank, tp_size)
-        if shard.shape != param.shape:
-            raise ValueError(f"{name}: shape {tuple(shard.shape)} for TP rank {tp_rank}, expected {tuple(param.shape)}")
-        param.copy_(shard)
+        load_full_tensor(param, state[name], name, tp_rank, tp_size)
+
+
+@torch.no_grad()
+def load_full_tensor(param: Tensor, full: Tensor, name: str, tp_rank: int, tp_size: int) -> None:
+    """Copy this TP rank's slice of one full tensor into ``param`` (a streamed load fills a module tensor by
+    tensor); ``name`` is only for the error on a shape that does not fit."""
+    shard = tp_slice(full, param, tp_rank, tp_size)
+    if shard.shape != param.shape:
+        raise ValueError(f"{name}: shape {tuple(shard.shape)} for TP rank {tp_rank}, expected {tuple(param.shape)}")
+    param.copy_(shard)
 
 
 @torch.no_grad()
