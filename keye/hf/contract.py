@@ -12,6 +12,14 @@ language model):
 - ``keye_to_hf(state, config) -> {released name: tensor}``: the inverse, tensor by tensor (any subset of the
   state maps on its own: `keye.generate.weight_stream` sends one tensor at a time).
 
+``hf_to_keye`` must also map any *load unit* on its own, and any union of them: all tensors of one layer
+(the names with ``layers.<N>.`` in them; the layer's whole set, so fused q/k/v and gate/up can be built),
+or any single tensor outside the layers, and give exactly the parameters those tensors make; it must
+work on meta tensors (shape operations only: renames, reshapes, concatenations). `keye.hf.sources.
+stream_module` relies on both: a module is read and converted one unit at a time, so a rank never holds
+the whole module, and a unit is first converted as meta tensors (nothing read) to learn whether this rank
+holds any of what it makes; if not, it is never read. The built-in maps do (``tests/hf/test_streamed_hf_load.py``).
+
 Optional: ``HF_UNUSED``, prefixes of released weights the component does not use (kept and written back,
 never loaded). The built-ins ``siglip_navit``, ``patch_merge_mlp`` and ``qwen3`` implement it; a third-party
 component that does the same can be loaded from and saved to the format. `keye.model.hf_keys` has the

@@ -14,15 +14,30 @@ tables below; the component it feeds brings the key map.
 Before anything is read, a module is checked against the directory (:func:`check_module`): the config.json
 keys in `CONFIG_KEYS` must equal the module's Config fields (one line naming both keys: a Qwen3-1.7B
 directory for an 8B language model fails here), then every expected weight must be there with its shape,
-read from the safetensors headers alone. Only the module's own tensors are read (memory: one module, not
-the checkpoint); note that every rank reads its module whole before slicing it.
+read from the safetensors headers alone.
+
+Memory: a module is *streamed* (:func:`stream_module`, :func:`load_module`). Its checkpoint tensors are
+grouped into load units, all tensors of one layer together (a fused q/k/v needs q, k and v of a layer) and
+every other tensor alone; each unit is read, converted by the component's ``hf_to_keye`` on that unit alone
+(the contract of `keye.hf.contract`), copied into this rank's slices and dropped before the next is read.
+A unit whose keye names this rank does not hold is not read at all: a pipeline stage reads only its own
+layers (global numbers), the embedding only on the stage with the embedding, the final norm and output head
+only on the last. So a rank's checkpoint tensors in memory at once are one unit (plus its converted copy):
+one layer or the largest tensor outside the layers (the embedding), not the module; and a rank reads about
+1/PP of the module. Under TP each rank still reads the full tensors of its units and keeps its slice.
+For Qwen3-8B in bf16 (16.4 GB) at TP=8 x PP=4: before, every rank read and held the whole 16.4 GB (131 GB
+on an 8-GPU node at once); now a rank reads ~3.5-4.7 GB (9 layers of 0.39 GB, plus the 1.24 GB embedding or
+output head on the first or last stage) and holds at most one unit at once, the 1.24 GB embedding or head
+(0.39 GB elsewhere), with its 1/32 of the parameters.
 """
 
 from __future__ import annotations
 
+import re
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from torch import Tensor
 
@@ -202,37 +217,99 @@ def check_module(source: HFDirectory, module: str, cls: type, config: Any, where
             raise KeyeUserError(f"{where}: {source.path}: {label} {names[0]}{more}")
 
 
-def read_module(source: HFDirectory, module: str, cls: type, config: Any) -> dict[str, Tensor]:
-    """The module's full tensors under keye names (``<module>.<parameter>``, global layer numbers), converted
-    by its class's ``hf_to_keye``; only its own weights are read."""
-    from safetensors import safe_open
+@dataclass
+class ReadStats:
+    """What a streamed load read on this rank: the memory claim of :func:`stream_module`, measured."""
 
+    tensors: int = 0  #: checkpoint tensors read
+    bytes: int = 0  #: their bytes, all together
+    peak_bytes: int = 0  #: the largest unit read (the checkpoint tensors held at once)
+    units_skipped: int = 0  #: units not read, since nothing of them is held here
+
+
+#: ``…layers.<N>.`` in a checkpoint name: the tensors of one transformer layer (a unit of a streamed load)
+_LAYER = re.compile(r"^(.*?\blayers\.\d+\.)")
+
+
+def _units(source: HFDirectory, module: str, cls: type, config: Any,
+           handles: list) -> list[list[tuple[str, str, Any]]]:
+    """The module's tensors in the checkpoint as ``(name relative to its prefix, stored name, safetensors
+    slice)``, grouped into load units: all tensors of one layer together (fused q/k/v and gate/up need them
+    together), every other tensor alone. A tied tensor the checkpoint leaves out is read from its origin."""
     prefix, unused = source.modules[module], tuple(getattr(cls, "HF_UNUSED", ()))
     expected = set(cls.hf_weight_shapes(config))  # read even under an unused prefix (siglip_navit pooling_head: head.*)
-    hf: dict[str, Tensor] = {}
-    for file in weight_files(source.path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                relative = name[len(prefix):]
-                if _claims(source, module, name) and (relative in expected or not relative.startswith(unused)):
-                    hf[name[len(prefix):]] = f.get_tensor(name)
+    stored: dict[str, tuple[str, Any]] = {}
+    for handle in handles:  # safetensors files, open
+        for name in handle.keys():
+            relative = name[len(prefix):]
+            if _claims(source, module, name) and (relative in expected or not relative.startswith(unused)):
+                stored[relative] = (name, handle)
     for name, origin in _tied(source).items():
-        if _claims(source, module, name) and name[len(prefix):] not in hf and origin[len(prefix):] in hf:
-            hf[name[len(prefix):]] = hf[origin[len(prefix):]]
-    return {f"{module}.{name}": tensor for name, tensor in cls.hf_to_keye(hf, config).items()}
+        if _claims(source, module, name) and name[len(prefix):] not in stored and origin[len(prefix):] in stored:
+            stored[name[len(prefix):]] = stored[origin[len(prefix):]]
+    units: dict[str, list[tuple[str, str, Any]]] = {}
+    for relative, (name, handle) in stored.items():
+        layer = _LAYER.match(relative)
+        units.setdefault(layer.group(1) if layer else relative, []).append((relative, name, handle))
+    return list(units.values())
 
 
-def load_module(model: Any, source: HFDirectory, module: str, where: str) -> bool:
+def _keye_names(cls: type, config: Any, unit: list[tuple[str, str, Any]]) -> set[str]:
+    """The parameter names a unit converts to, found by converting shapes alone (meta tensors: nothing read)."""
+    import torch
+
+    meta = {relative: torch.empty(handle.get_slice(name).get_shape(), device="meta") for relative, name, handle in unit}
+    return set(cls.hf_to_keye(meta, config))
+
+
+def stream_module(source: HFDirectory, module: str, cls: type, config: Any, wanted: set[str] | None = None,
+                  stats: ReadStats | None = None) -> Iterator[dict[str, Tensor]]:
+    """The module's full tensors under keye names (``<module>.<parameter>``, global layer numbers), one load
+    unit at a time (one layer, or one tensor outside the layers), each converted by its class's ``hf_to_keye``
+    on that unit alone (`keye.hf.contract`). With ``wanted`` (keye names), a unit converting to none of them is
+    not read at all: a pipeline stage reads its own layers, and the embedding or output head only if it holds
+    them. Drop each part once used, and the checkpoint tensors held at once are one unit's."""
+    from safetensors import safe_open
+
+    with ExitStack() as files:
+        handles = [files.enter_context(safe_open(str(file), framework="pt")) for file in weight_files(source.path)]
+        yield from _stream(_units(source, module, cls, config, handles), module, cls, config, wanted, stats)
+
+
+def _stream(units: list, module: str, cls: type, config: Any, wanted: set[str] | None,
+            stats: ReadStats | None) -> Iterator[dict[str, Tensor]]:
+    for unit in units:
+        if wanted is not None and not {f"{module}.{name}" for name in _keye_names(cls, config, unit)} & wanted:
+            if stats is not None:
+                stats.units_skipped += 1
+            continue
+        hf = {relative: handle.get_tensor(name) for relative, name, handle in unit}
+        if stats is not None:
+            size = sum(t.numel() * t.element_size() for t in hf.values())
+            stats.tensors, stats.bytes = stats.tensors + len(hf), stats.bytes + size
+            stats.peak_bytes = max(stats.peak_bytes, size)
+        yield {f"{module}.{name}": tensor for name, tensor in cls.hf_to_keye(hf, config).items()}
+
+
+def read_module(source: HFDirectory, module: str, cls: type, config: Any) -> dict[str, Tensor]:
+    """The module's full tensors under keye names, all of them at once (:func:`stream_module`, gathered)."""
+    return {name: tensor for part in stream_module(source, module, cls, config) for name, tensor in part.items()}
+
+
+def load_module(model: Any, source: HFDirectory, module: str, where: str) -> ReadStats | None:
     """Fill ``module`` of every model chunk on this rank that holds it (its TP slice, its PP layers) from the
-    directory; False when no chunk here holds it (a later pipeline stage has no vision encoder). Not collective."""
-    from keye.hf.weights import load_hf_into
+    directory, streamed: only the units this rank holds are read, one at a time. What was read, or None when
+    no chunk here holds the module (a later pipeline stage has no vision encoder). Not collective."""
+    from keye.hf.weights import held_parameters, load_hf_parts
     from keye.parallel.dist_checkpoint import model_chunks
 
     held = [getattr(chunk, module, None) for chunk in model_chunks(model)]
     built = next((part for part in held if part is not None), None)
     if built is None:
-        return False
+        return None
     cls, config = type(built), built.config
     check_module(source, module, cls, config, where)
-    load_hf_into(model, read_module(source, module, cls, config), module=module)
-    return True
+    stats = ReadStats()
+    wanted = set(held_parameters(model, module))
+    load_hf_parts(model, stream_module(source, module, cls, config, wanted, stats), module=module)
+    return stats

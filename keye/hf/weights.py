@@ -6,13 +6,14 @@ Here they are put together: :func:`expected_hf_shapes` lists every weight of the
 each missing, unexpected or misshapen tensor *before* converting anything; :func:`hf_to_keye_state` /
 :func:`keye_to_hf_state` map full tensors (global layer numbers), renames, splits and concatenations only:
 the round trip is bit-exact. :func:`load_hf_into` / :func:`gather_full_state` move those full tensors in
-and out of a model in any TP/PP layout.
+and out of a model in any TP/PP layout; :func:`load_hf_parts` moves them in a part at a time (a streamed
+load, `keye.hf.sources.stream_module`), so no rank needs the whole state at once.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from torch import Tensor, nn
 
@@ -108,21 +109,50 @@ def unfused_name(name: str) -> str:
     return name
 
 
-def load_hf_into(model: nn.Module | list[nn.Module], keye_state: dict[str, Tensor], module: str | None = None) -> None:
-    """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers
-    (each chunk its own, for the list of an interleaved pipeline's chunks). With ``module``, only that
-    top-level module is filled (``keye_state`` names still start with it; chunks without it are skipped)."""
+def held_parameters(model: nn.Module | list[nn.Module], module: str | None = None) -> dict[str, list[Tensor]]:
+    """This rank's parameters by the global name of the full tensor they are a slice of (``<module>.<name>``,
+    global layer numbers, the local spec's naming); over every chunk of ``model``, only ``module`` if given."""
     from keye.parallel.dist_checkpoint import model_chunks
-    from keye.parallel.tp_weights import load_full_state_dict
     from keye.parallel.weight_init import global_name
 
     prefix = "" if module is None else f"{module}."
+    held: dict[str, list[Tensor]] = {}
     for chunk in model_chunks(model):
         target = chunk if module is None else getattr(chunk, module, None)
         if target is None:
             continue
-        local = {name: keye_state[unfused_name(global_name(chunk, prefix + name))] for name, _ in target.named_parameters()}
-        load_full_state_dict(target, local)
+        for name, param in target.named_parameters():
+            held.setdefault(unfused_name(global_name(chunk, prefix + name)), []).append(param)
+    return held
+
+
+def load_hf_parts(model: nn.Module | list[nn.Module], parts: Iterable[dict[str, Tensor]],
+                  module: str | None = None) -> None:
+    """Copy full tensors (global names) into ``model`` part by part, each TP rank its slice, each PP stage (each
+    chunk) its layers; tensors this rank does not hold are passed over. A part can be dropped as soon as it is
+    copied, so a streamed load holds one part at a time (`keye.hf.sources.stream_module`). Every parameter
+    here must be filled by some part (a ``KeyError`` naming the first that is not)."""
+    from megatron.core import parallel_state as mpu
+
+    from keye.parallel.tp_weights import load_full_tensor
+
+    tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
+    held, filled = held_parameters(model, module), set()
+    for part in parts:
+        for name, full in part.items():
+            for param in held.get(name, ()):
+                load_full_tensor(param, full, name, tp_rank, tp_size)
+                filled.add(name)
+    missing = sorted(set(held) - filled)
+    if missing:
+        raise KeyError(f"no tensor for {missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def load_hf_into(model: nn.Module | list[nn.Module], keye_state: dict[str, Tensor], module: str | None = None) -> None:
+    """Copy full tensors (global names) into ``model``: each TP rank its slice, each PP stage its layers
+    (each chunk its own, for the list of an interleaved pipeline's chunks). With ``module``, only that
+    top-level module is filled (``keye_state`` names still start with it; chunks without it are skipped)."""
+    load_hf_parts(model, [keye_state], module)
 
 
 def gather_full_state(model: nn.Module | list[nn.Module]) -> dict[str, Tensor] | None:

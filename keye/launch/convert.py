@@ -49,13 +49,16 @@ import torch
 
 from keye.errors import KeyeUserError
 from keye.hf.config import KeyeVLConfigs, hf_configs
-from keye.hf.files import HF_DTYPES, INDEX_NAME, read_config, read_weights, weight_files
+from keye.hf.files import HF_DTYPES, INDEX_NAME, read_config, weight_files
 from keye.hf.forward import KeyeVL
 from keye.hf.keye_vl import build_keye_vl_model, save_keye_vl
-from keye.hf.weights import check_hf_names, hf_to_keye_state, load_hf_into
+from keye.hf.sources import load_module, open_hf_directory
+from keye.hf.weights import check_hf_names
 from keye.parallel.dist_checkpoint import is_checkpoint, model_state, save, tensors_only
 from keye.train.stage_weights import load_weights_from, weights_folder
 
+#: safetensors' dtype names (headers) → the dtype the model is built in
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 META_NAME = "keye_checkpoint.json"
 FORMAT = "keye-vl/megatron-core-dist"
 UNUSED_NAME = "unused.safetensors"
@@ -79,7 +82,7 @@ def check_layout(configs: KeyeVLConfigs, tensor: int, pipeline: int) -> None:
             raise KeyeUserError(f"{flag} {by} does not divide {what} = {count}")
 
 
-def _hf_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[torch.dtype]]:
+def _hf_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[str]]:
     """Names, shapes and dtypes of a checkpoint's tensors, read from the safetensors headers only."""
     from safetensors import safe_open
 
@@ -91,6 +94,17 @@ def _hf_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], set[torch.dtype]
                 shapes[name] = tuple(piece.get_shape())
                 dtypes.add(piece.get_dtype())
     return shapes, dtypes
+
+
+def _read_named(path: Path, names: set[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors of a checkpoint."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in weight_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys() if name in names})
+    return tensors
 
 
 def _empty_destination(path: Path) -> None:
@@ -106,6 +120,8 @@ def prepare_hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> 
     check_hf_names(shapes, configs, str(src))
     if len(dtypes) != 1:
         raise KeyeUserError(f"{src}: weights mix dtypes {sorted(dtypes)}; convert them to one dtype first")
+    if not dtypes <= set(SAFETENSORS_DTYPES):
+        raise KeyeUserError(f"{src}: weights are {dtypes.pop()}; keye converts {', '.join(SAFETENSORS_DTYPES)}")
     _empty_destination(dst)
 
 
@@ -163,14 +179,16 @@ def hf_to_megatron(src: Path, dst: Path, tensor: int, pipeline: int) -> None:
     parallel = init_parallel(tensor=tensor, pipeline=pipeline)
     cfg = read_config(src)
     configs = hf_configs(cfg)
-    hf = read_weights(src)
-    unused = check_hf_names({name: tuple(t.shape) for name, t in hf.items()}, configs, str(src))
-    dtype = next(iter(hf.values())).dtype
+    shapes, dtypes = _hf_shapes(src)
+    unused = check_hf_names(shapes, configs, str(src))
+    dtype = SAFETENSORS_DTYPES[dtypes.pop()]
     model = build_keye_vl_model(configs, dtype, parallel)
-    load_hf_into(model, hf_to_keye_state(hf, configs))
+    source = open_hf_directory(src, str(src))
+    for module in source.modules:  # streamed: each rank reads only what it holds, a layer at a time
+        load_module(model, source, module, str(src))
     if parallel.rank == 0:
         _copy_assets(src, dst / "hf")
-        kept = {name: hf[name].contiguous() for name in unused}
+        kept = _read_named(src, set(unused))
         save_file(kept, str(dst / "hf" / UNUSED_NAME), metadata={"format": "pt"})
     dist.barrier()
     save(tensors_only(model_state(model)), weights_folder(dst))  # as a stage writes its weights
