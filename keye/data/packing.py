@@ -4,7 +4,8 @@ Packing puts many samples into one sequence of at most ``max_tokens`` LLM tokens
 ``max_vision_patches`` ViT patches, which bounds the vision encoder's memory) so short samples do not
 waste a padded row. Each sample keeps its own attention block: ``cu_seqlens`` marks the boundaries
 (what FlashAttention varlen / Megatron's ``PackedSeqParams`` take), position ids restart per sample,
-and `block_attention_mask` builds the equivalent dense mask for CPU attention and for tests.
+and `block_attention_mask` builds the equivalent dense mask (for tests and references: a micro-batch
+carries the boundaries, `keye.model.packing_masks.PackedMask`).
 
 Bin packing is greedy *first-fit-decreasing* (default) or *best-fit-decreasing*: sort by length,
 then put each sample in the first (or the tightest) open pack where it fits. With tokens as the only

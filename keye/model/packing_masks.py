@@ -6,12 +6,12 @@ attention and, without TE, ``keye.model.sdpa_attention.SDPAAttention`` (SDPA per
 ``block_diagonal_mask`` is the boolean mask (True = masked) for Megatron's own dense attention, which
 SDPAAttention also reads (it finds the blocks in the mask).
 
-The LLM's packed rows arrive as a dense block-causal mask (``keye.data.batch.collate_pack``: one causal
-block per sample, the padding one more block). Transformer Engine cannot take that mask: its fused
-attention under the ``causal`` mask type *ignores* ``attention_mask``, so the samples of a row would
-attend to each other. ``causal_thd_params`` turns such a mask back into ``thd`` PackedSeqParams (the
-padding included as a last block, so ``cu_seqlens[-1]`` is the row length and per-token RoPE angles map
-one to one); Megatron's ``TEDotProductAttention`` then runs TE with ``padding_causal`` (it maps ``causal``
+The LLM's packed rows are block-causal (``keye.data.batch.collate_pack``: one causal block per sample, the
+padding one more block). Transformer Engine cannot take such a row as a dense mask: its fused attention
+under the ``causal`` mask type *ignores* ``attention_mask``, so the samples of a row would attend to each
+other. It takes them as ``thd`` PackedSeqParams (the padding included as a last block, so
+``cu_seqlens[-1]`` is the row length and per-token RoPE angles map one to one): ``PackedMask.thd`` below,
+or ``causal_thd_params`` for a mask that arrives dense (a test's, a caller's own); Megatron's ``TEDotProductAttention`` then runs TE with ``padding_causal`` (it maps ``causal``
 to it under ``thd``), causal inside each block and nothing across blocks. A mask of another shape (a
 preference pair's shared-prompt tree, a left-padded batch of several rows) has no ``thd`` form:
 ``causal_block_lengths`` says so with None.
