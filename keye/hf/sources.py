@@ -22,13 +22,16 @@ every other tensor alone; each unit is read, converted by the component's ``hf_t
 (the contract of `keye.hf.contract`), copied into this rank's slices and dropped before the next is read.
 A unit whose keye names this rank does not hold is not read at all: a pipeline stage reads only its own
 layers (global numbers), the embedding only on the stage with the embedding, the final norm and output head
-only on the last. So a rank's checkpoint tensors in memory at once are one unit (plus its converted copy):
-one layer or the largest tensor outside the layers (the embedding), not the module; and a rank reads about
-1/PP of the module. Under TP each rank still reads the full tensors of its units and keeps its slice.
-For Qwen3-8B in bf16 (16.4 GB) at TP=8 x PP=4: before, every rank read and held the whole 16.4 GB (131 GB
-on an 8-GPU node at once); now a rank reads ~3.5-4.7 GB (9 layers of 0.39 GB, plus the 1.24 GB embedding or
-output head on the first or last stage) and holds at most one unit at once, the 1.24 GB embedding or head
-(0.39 GB elsewhere), with its 1/32 of the parameters.
+only on the last. Under TP, a tensor the key map only renames into a plain row- or column-parallel weight
+(embedding, output head, attention output, MLP down projection) is read as this rank's block alone
+(safetensors ``get_slice``); fused ones (q/k/v, gate/up) are read whole and sliced after fusing.
+
+So a rank's checkpoint tensors in memory at once are one unit (plus the fused copies of it): one layer or
+the largest tensor outside the layers, not the module. Qwen3-8B in bf16 (16.4 GB) at TP=8 x PP=4: before,
+every rank read and held the whole 16.4 GB before slicing (131 GB on an 8-GPU node at once); now a rank
+reads 2.4 GB (9 layers of 0.27 GB: q/k/v and gate/up whole, 1/8 of o_proj and down_proj), 2.6 GB on the
+first and last stage (1/8 of the embedding or output head, 0.16 GB), and holds at most one layer's 0.27 GB
+(plus 0.25 GB of fused q/k/v and gate/up) besides its 1/32 of the parameters.
 """
 
 from __future__ import annotations
@@ -254,21 +257,32 @@ def _units(source: HFDirectory, module: str, cls: type, config: Any,
     return list(units.values())
 
 
-def _keye_names(cls: type, config: Any, unit: list[tuple[str, str, Any]]) -> set[str]:
-    """The parameter names a unit converts to, found by converting shapes alone (meta tensors: nothing read)."""
+def _plan(cls: type, config: Any, module: str,
+          unit: list[tuple[str, str, Any]]) -> tuple[dict[str, str | None], set[str]]:
+    """What a unit makes, from shapes alone (meta tensors: nothing read): for each checkpoint tensor the keye
+    name it becomes unchanged (a plain rename: ``hf_to_keye`` returns the very tensor it was given) or None
+    (fused, split or reshaped), and every keye name the unit converts to."""
     import torch
 
     meta = {relative: torch.empty(handle.get_slice(name).get_shape(), device="meta") for relative, name, handle in unit}
-    return set(cls.hf_to_keye(meta, config))
+    made = cls.hf_to_keye(meta, config)
+    renamed = {id(tensor): f"{module}.{name}" for name, tensor in made.items()}
+    return {relative: renamed.get(id(tensor)) for relative, tensor in meta.items()}, {f"{module}.{n}" for n in made}
 
 
-def stream_module(source: HFDirectory, module: str, cls: type, config: Any, wanted: set[str] | None = None,
+def stream_module(source: HFDirectory, module: str, cls: type, config: Any,
+                  wanted: dict[str, tuple[int, int, int] | None] | None = None,
                   stats: ReadStats | None = None) -> Iterator[dict[str, Tensor]]:
-    """The module's full tensors under keye names (``<module>.<parameter>``, global layer numbers), one load
-    unit at a time (one layer, or one tensor outside the layers), each converted by its class's ``hf_to_keye``
-    on that unit alone (`keye.hf.contract`). With ``wanted`` (keye names), a unit converting to none of them is
-    not read at all: a pipeline stage reads its own layers, and the embedding or output head only if it holds
-    them. Drop each part once used, and the checkpoint tensors held at once are one unit's."""
+    """The module's tensors under keye names (``<module>.<parameter>``, global layer numbers), one load unit at
+    a time (one layer, or one tensor outside the layers), each converted by its class's ``hf_to_keye`` on that
+    unit alone (`keye.hf.contract`). Drop each part once used, and the checkpoint tensors held at once are one
+    unit's.
+
+    ``wanted``: the keye names this rank holds, each with its TP block (`keye.parallel.tp_weights.tp_block`) or
+    None. A unit making none of them is not read at all (a pipeline stage reads its own layers, the embedding
+    or output head only where it holds them); a tensor the key map only renames into a name with a block is
+    read as that block alone (``get_slice``) and comes out as this rank's slice, not the full tensor. Fused
+    tensors (q/k/v, gate/up) are read whole. Without ``wanted``: every tensor, full."""
     from safetensors import safe_open
 
     with ExitStack() as files:
@@ -276,14 +290,25 @@ def stream_module(source: HFDirectory, module: str, cls: type, config: Any, want
         yield from _stream(_units(source, module, cls, config, handles), module, cls, config, wanted, stats)
 
 
-def _stream(units: list, module: str, cls: type, config: Any, wanted: set[str] | None,
+def _read(handle: Any, name: str, block: tuple[int, int, int] | None) -> Tensor:
+    if block is None:
+        return handle.get_tensor(name)
+    dim, start, stop = block
+    return handle.get_slice(name)[(slice(None),) * dim + (slice(start, stop),)]
+
+
+def _stream(units: list, module: str, cls: type, config: Any, wanted: dict | None,
             stats: ReadStats | None) -> Iterator[dict[str, Tensor]]:
     for unit in units:
-        if wanted is not None and not {f"{module}.{name}" for name in _keye_names(cls, config, unit)} & wanted:
-            if stats is not None:
-                stats.units_skipped += 1
-            continue
-        hf = {relative: handle.get_tensor(name) for relative, name, handle in unit}
+        blocks = {}
+        if wanted is not None:
+            renamed, made = _plan(cls, config, module, unit)
+            if not made & wanted.keys():
+                if stats is not None:
+                    stats.units_skipped += 1
+                continue
+            blocks = {relative: wanted.get(name) for relative, name in renamed.items() if name is not None}
+        hf = {relative: _read(handle, name, blocks.get(relative)) for relative, name, handle in unit}
         if stats is not None:
             size = sum(t.numel() * t.element_size() for t in hf.values())
             stats.tensors, stats.bytes = stats.tensors + len(hf), stats.bytes + size
@@ -300,8 +325,11 @@ def load_module(model: Any, source: HFDirectory, module: str, where: str) -> Rea
     """Fill ``module`` of every model chunk on this rank that holds it (its TP slice, its PP layers) from the
     directory, streamed: only the units this rank holds are read, one at a time. What was read, or None when
     no chunk here holds the module (a later pipeline stage has no vision encoder). Not collective."""
+    from megatron.core import parallel_state as mpu
+
     from keye.hf.weights import held_parameters, load_hf_parts
     from keye.parallel.dist_checkpoint import model_chunks
+    from keye.parallel.tp_weights import tp_block
 
     held = [getattr(chunk, module, None) for chunk in model_chunks(model)]
     built = next((part for part in held if part is not None), None)
@@ -309,7 +337,8 @@ def load_module(model: Any, source: HFDirectory, module: str, where: str) -> Rea
         return None
     cls, config = type(built), built.config
     check_module(source, module, cls, config, where)
+    tp_rank, tp_size = mpu.get_tensor_model_parallel_rank(), mpu.get_tensor_model_parallel_world_size()
     stats = ReadStats()
-    wanted = set(held_parameters(model, module))
+    wanted = {name: tp_block(params[0], tp_rank, tp_size) for name, params in held_parameters(model, module).items()}
     load_hf_parts(model, stream_module(source, module, cls, config, wanted, stats), module=module)
     return stats

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Iterable, Iterator
 
+import torch
 from torch import Tensor, nn
 
 from keye.errors import KeyeUserError
@@ -126,12 +127,15 @@ def held_parameters(model: nn.Module | list[nn.Module], module: str | None = Non
     return held
 
 
+@torch.no_grad()
 def load_hf_parts(model: nn.Module | list[nn.Module], parts: Iterable[dict[str, Tensor]],
                   module: str | None = None) -> None:
     """Copy full tensors (global names) into ``model`` part by part, each TP rank its slice, each PP stage (each
     chunk) its layers; tensors this rank does not hold are passed over. A part can be dropped as soon as it is
-    copied, so a streamed load holds one part at a time (`keye.hf.sources.stream_module`). Every parameter
-    here must be filled by some part (a ``KeyError`` naming the first that is not)."""
+    copied, so a streamed load holds one part at a time (`keye.hf.sources.stream_module`). A tensor already of
+    the parameter's shape is copied as it is: under a TP split a full tensor never is, so it is this rank's
+    slice, read alone from the file. Every parameter here must be filled by some part (a ``KeyError`` naming
+    the first that is not)."""
     from megatron.core import parallel_state as mpu
 
     from keye.parallel.tp_weights import load_full_tensor
@@ -141,7 +145,10 @@ def load_hf_parts(model: nn.Module | list[nn.Module], parts: Iterable[dict[str, 
     for part in parts:
         for name, full in part.items():
             for param in held.get(name, ()):
-                load_full_tensor(param, full, name, tp_rank, tp_size)
+                if full.shape == param.shape:  # replicated, TP 1, or read as this rank's slice already
+                    param.copy_(full)
+                else:
+                    load_full_tensor(param, full, name, tp_rank, tp_size)
                 filled.add(name)
     missing = sorted(set(held) - filled)
     if missing:

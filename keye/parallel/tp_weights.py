@@ -25,6 +25,16 @@ def tp_slice(full: Tensor, param: Tensor, tp_rank: int, tp_size: int) -> Tensor:
     return torch.cat(pieces[tp_rank::tp_size], dim=dim)
 
 
+def tp_block(param: Tensor, tp_rank: int, tp_size: int) -> tuple[int, int, int] | None:
+    """``(dim, start, stop)``: this rank's slice of the full tensor when it is one block of it (a TP-split
+    parameter of stride 1, a plain row- or column-parallel weight), so a reader can take just that block
+    from a file; None when the rank holds the full tensor or several pieces of it (stride > 1)."""
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1 or getattr(param, "partition_stride", 1) != 1:
+        return None
+    size = param.shape[param.partition_dim]
+    return param.partition_dim, tp_rank * size, (tp_rank + 1) * size
+
+
 @torch.no_grad()
 def tp_gather(local: Tensor, param: Tensor, group: Any, tp_size: int) -> Tensor:
     """The full tensor from every TP rank's ``local`` (``param`` itself, or its gradient); collective over

@@ -5,7 +5,8 @@ unit by unit (one layer's tensors, or one tensor outside the layers) gives exact
 converting it whole. (2) In a real two-process run with pipeline parallelism 2 on a tiny 4-layer Qwen3
 checkpoint (files written here), each rank reads the tensors of its own layers plus the embedding (first
 stage) or the final norm and output head (last stage), and nothing else; the most held at once is one unit;
-and the model gathered back equals the whole-dict conversion of the file.
+and the model gathered back equals the whole-dict conversion of the file. (3) Under TP 2 each rank reads
+only its half of the weights the key map merely renames, and the gathered model is still exact.
 """
 
 from __future__ import annotations
@@ -93,8 +94,9 @@ def _write_qwen3(path: Path) -> dict[str, torch.Tensor]:
     return hf
 
 
-def _load_under_pp2(path: str) -> tuple:
-    """Rank body: a PP=2 language model, loaded from the directory; what was read, and the gathered model."""
+def _load(path: str, tensor: int, pipeline: int) -> tuple:
+    """Rank body: a language model in this layout, loaded from the directory; what was read, and the model
+    gathered back (on the first pipeline stage)."""
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
     from keye.hf.sources import load_module, open_hf_directory
@@ -102,7 +104,7 @@ def _load_under_pp2(path: str) -> tuple:
     from keye.model.protocols import BuildContext
     from keye.parallel import init_parallel
 
-    ctx = init_parallel(pipeline=2, seed=0)
+    ctx = init_parallel(tensor=tensor, pipeline=pipeline, seed=0)
     holder = torch.nn.Module()  # a model with a language_model module, as a stage's is
     holder.language_model = Qwen3LanguageModel(Qwen3LanguageModel.Config(**QWEN3), BuildContext(
         ctx, torch.float32, ctx.is_first_stage, ctx.is_last_stage, seed=0))
@@ -111,10 +113,21 @@ def _load_under_pp2(path: str) -> tuple:
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory):
+def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("stream") / "Qwen3-tiny-4L"
-    hf = _write_qwen3(path)
-    return hf, run_distributed(_load_under_pp2, 2, str(path), timeout=300)
+    return path, _write_qwen3(path)
+
+
+@pytest.fixture(scope="module")
+def pp2(checkpoint):
+    path, hf = checkpoint
+    return hf, run_distributed(_load, 2, str(path), 1, 2, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tp2(checkpoint):
+    path, hf = checkpoint
+    return hf, run_distributed(_load, 2, str(path), 2, 1, timeout=300)
 
 
 def _bytes(tensors) -> int:
@@ -135,11 +148,30 @@ def test_each_stage_reads_only_what_it_holds(pp2):
     assert first.peak_bytes == last.peak_bytes == biggest < _bytes(hf.values()) / 3
 
 
-def test_the_streamed_model_equals_the_whole_conversion(pp2):
+def _whole(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The whole checkpoint converted at once (the load before streaming)."""
     from keye.model.hf_keys import hf_decoder_to_megatron
     from keye_plugins.language_model.qwen3 import Qwen3LanguageModel
 
+    return hf_decoder_to_megatron(hf, Qwen3LanguageModel.Config(**QWEN3), prefix="language_model.gpt.")
+
+
+def test_the_streamed_model_equals_the_whole_conversion(pp2):
     hf, ((_, gathered), (_, nothing)) = pp2
-    whole = hf_decoder_to_megatron(hf, Qwen3LanguageModel.Config(**QWEN3), prefix="language_model.gpt.")
+    whole = _whole(hf)
     assert nothing is None  # gathered on the first stage
     assert sorted(gathered) == sorted(whole) and all(torch.equal(gathered[name], whole[name]) for name in whole)
+
+
+def test_under_tp_plain_weights_are_read_as_this_ranks_block(tp2):
+    """Row/column-parallel weights the key map only renames (embedding, output head, o_proj, down_proj) are
+    read as this rank's half straight from the file; fused q/k/v and gate/up, and the norms, are read whole."""
+    hf, ((first, gathered), (second, _)) = tp2
+    halved = ("embed_tokens", "lm_head", "o_proj", "down_proj")
+    expect = sum(t.numel() * t.element_size() // (2 if any(part in name for part in halved) else 1)
+                 for name, t in hf.items())
+    assert first.bytes == second.bytes == expect < _bytes(hf.values())
+    assert first.tensors == len(hf) and first.units_skipped == 0
+    whole = _whole(hf)
+    assert sorted(gathered) == sorted(whole) and all(torch.equal(gathered[name], whole[name]) for name in whole)
+
