@@ -4,7 +4,8 @@
     keye-launch convert megatron-to-hf SRC_DIR DST_HF_DIR [--tensor T] [--pipeline P]
 
 ``hf-to-megatron`` starts ``T x P`` processes (or uses the ones torchrun started), builds the
-``KeyeVLModel`` in that layout, loads the released weights (each rank its TP slice and PP layers) and
+``KeyeVLModel`` in that layout, loads the released weights (each rank reads only its PP layers and, where
+it can, its TP slices, a layer at a time: `keye.hf.sources.load_module`) and
 writes a Megatron-Core distributed checkpoint (the ``torch_dist`` format, on gloo on a CPU machine) exactly
 as a training stage writes its weights (`keye.train.stage_weights.save_stage_weights`: published atomically
 with a manifest). Such a checkpoint stores *global* tensors with their shard offsets, so it is not tied to
