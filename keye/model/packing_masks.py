@@ -94,7 +94,7 @@ class PackedMask:
     """
 
     cu_seqlens: Tensor  # (K + 1,) long, from 0 to T
-    blocks: dict[int, Tensor] = field(default_factory=dict)  # start of a block -> its (n, n) bool pattern, True = may attend
+    blocks: dict[int, Tensor] = field(default_factory=dict)  # block start -> (n, n) bool, True = may attend
 
     @property
     def length(self) -> int:
@@ -122,6 +122,8 @@ class PackedMask:
         """``(1, 1, T, T)`` bool, True = masked (Megatron's convention): the mask this object stands for."""
         keep = torch.zeros(self.length, self.length, dtype=torch.bool)
         for start, end in zip(self.cu_seqlens[:-1].tolist(), self.cu_seqlens[1:].tolist()):
+            if end == start:  # an empty sample: no block (a tree block at this start is the next sample's)
+                continue
             pattern = self.blocks.get(start)
             keep[start:end, start:end] = (torch.ones(end - start, end - start, dtype=torch.bool).tril_()
                                           if pattern is None else pattern)

@@ -30,10 +30,12 @@ def _sample(key: str, length: int, seed: int, attention: torch.Tensor | None = N
 
 def _rows() -> dict[str, tuple[list[TokenSample], int]]:
     """Rows (samples, T): text samples with padding; a preference pair's tree beside a conversation; a row
-    exactly full; a sample whose given attention is plain causal (it keeps the row's thd form)."""
+    exactly full; a sample whose given attention is plain causal (it keeps the row's thd form). An empty
+    sample is no block, also where the next one has its own pattern at the same start."""
     return {
-        "text": ([_sample("a", 9, 1), _sample("b", 14, 2), _sample("c", 5, 3)], 40),
-        "tree": ([_sample("a", 9, 1), _sample("pair", 6 + 4 + 5, 4, tree_attention(6, 4, 5))], 32),
+        "text": ([_sample("a", 9, 1), _sample("empty", 0, 5), _sample("b", 14, 2), _sample("c", 5, 3)], 40),
+        "tree": ([_sample("a", 9, 1), _sample("empty", 0, 5), _sample("pair", 6 + 4 + 5, 4, tree_attention(6, 4, 5))],
+                 32),
         "full": ([_sample("a", 9, 1), _sample("b", 7, 2)], 16),
         "causal_given": ([_sample("a", 9, 1, torch.ones(9, 9, dtype=torch.bool).tril()), _sample("b", 3, 2)], 16),
     }
