@@ -3,13 +3,10 @@ its table and ratios. Only the format is checked: speed targets live in the benc
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from keye.testing.bench import run_quick
+
 CASES = (
     "keye megatron generator, kv_cache keye",
     "keye megatron generator, kv_cache keye, lean_decode off",
@@ -21,11 +18,8 @@ NUMBER = r"(\d+(?:\.\d+)?)"
 
 
 def test_quick_run_prints_table_and_ratios() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "generate.py"), "--quick"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    out = run_quick("generate.py")
+    lines = out.splitlines()
     assert lines[0] == "generation: fp32, 1 CPU thread(s), cpu time, fastest of 3 runs (quick)"
     batch = re.match(r"batch: 2 prompts of \d+-\d+ tokens .* x 2 samples x 4 new tokens = (\d+) tokens$", lines[1])
     assert batch and int(batch[1]) == 16, lines[1]
@@ -37,5 +31,5 @@ def test_quick_run_prints_table_and_ratios() -> None:
         assert per_second > 0 and abs(seconds - 16 / per_second) <= 0.0051  # seconds printed to 0.01
     names = ["kv_cache keye/transformers", "kv_cache keye, lean_decode off/transformers",
              "kv_cache megatron/transformers", "kv_cache keye/no cache"]
-    ratios = re.findall(rf"^({'|'.join(names)}): {NUMBER}x", done.stdout, re.M)
+    ratios = re.findall(rf"^({'|'.join(names)}): {NUMBER}x", out, re.M)
     assert [name for name, _ in ratios] == names

@@ -5,23 +5,14 @@ The numbers themselves are not checked (speed targets live in the benchmark's ou
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from keye.testing.bench import run_quick
+
 
 
 def test_quick_run_prints_both_decoders_and_the_ratio():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "bench" / "data_pipeline.py"), "--quick"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = result.stdout
+    out = run_quick("data_pipeline.py")
     number = r"\s+([0-9]+\.[0-9]+)"
     for decoder in ("decord", "pyav"):
         row = re.search(rf"^{decoder}{number * 5}\s*$", out, re.MULTILINE)

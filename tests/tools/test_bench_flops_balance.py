@@ -4,25 +4,19 @@ from 64 to 24576 vision tokens) balancing lowers it; the numbers themselves are 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from keye.testing.bench import run_quick
+
 
 
 def test_quick_run_prints_both_modes_and_the_ratio():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "flops_balance.py"), "--quick"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_quick("flops_balance.py")
     rows = {}
     for name in ("mixed files", "paper mix"):
         row = re.search(rf"^{name}\s+(\d+)\s+(\d+) \|\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)% \|\s+([0-9.]+)\s+([0-9.]+)\s+"
-                        r"([0-9.]+)% \|\s+([0-9.]+)$", result.stdout, re.MULTILINE)
-        assert row, f"no '{name}' row in:\n{result.stdout}"
+                        r"([0-9.]+)% \|\s+([0-9.]+)$", out, re.MULTILINE)
+        assert row, f"no '{name}' row in:\n{out}"
         rows[name] = [float(value) for value in row.groups()]
     for samples, steps, shard, shard_worst, _, flops, flops_worst, _, ratio in rows.values():
         assert steps >= 1 and 1.0 <= shard <= shard_worst and 1.0 <= flops <= flops_worst

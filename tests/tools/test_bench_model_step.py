@@ -4,14 +4,10 @@ the benchmark's output, not in a timed test."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "tools" / "bench" / "model_step.py"
+from keye.testing.bench import run_quick
+
 CASES = (
     "keye: siglip_navit + patch_merge_mlp + qwen3 (Megatron)",
     "transformers: Qwen2_5_VLForConditionalGeneration",
@@ -23,11 +19,8 @@ NUMBER = r"(\d+(?:\.\d+)?)"
 
 
 def test_quick_run_prints_table_and_ratios() -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.splitlines()
+    out = run_quick("model_step.py")
+    lines = out.splitlines()
 
     assert lines[0].startswith("model step: forward + backward, fp32, 1 CPU thread(s), cpu time")
     batch = re.match(r"batch: one sequence of (\d+) LLM tokens; .*; (\d+) ViT patches .* max diff (\S+)$", lines[1])
@@ -45,7 +38,7 @@ def test_quick_run_prints_table_and_ratios() -> None:
         assert ms > 0 and abs(per_second - count / (ms / 1e3)) <= max(1.0, 0.01 * per_second)
 
     found = re.finditer(rf"^(ours/transformers|packed/padded|ours with the same attention work .*/transformers): "
-                        rf"{NUMBER}x", done.stdout, re.M)
+                        rf"{NUMBER}x", out, re.M)
     ratios = {m[1].split(" (")[0]: float(m[2]) for m in found}
     assert sorted(ratios) == ["ours with the same attention work as transformers", "ours/transformers", "packed/padded"]
     assert all(value > 0 for value in ratios.values())

@@ -4,26 +4,20 @@ hold is checked, not the numbers: the micro-batch without the dense mask holds a
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from keye.testing.bench import run_quick
+
 
 
 def test_quick_run_prints_before_now_and_the_ratio():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench" / "packed_mask.py"), "--quick"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_quick("packed_mask.py")
     rows = {}
     for variant in ("before", "now"):
-        row = re.search(rf"^\s+4096\s+{variant}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", result.stdout, re.MULTILINE)
-        assert row, f"no '{variant}' row in:\n{result.stdout}"
+        row = re.search(rf"^\s+4096\s+{variant}\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", out, re.MULTILINE)
+        assert row, f"no '{variant}' row in:\n{out}"
         rows[variant] = [float(value) for value in row.groups()]
-    assert re.search(r"^\s+4096\s+ratio\s+\d+x\s+\d+x\s+\d+x\s+\(before / now\)$", result.stdout, re.MULTILINE), result.stdout
+    assert re.search(r"^\s+4096\s+ratio\s+\d+x\s+\d+x\s+\d+x\s+\(before / now\)$", out, re.MULTILINE), out
     (peak_before, held_before, _), (peak_now, held_now, _) = rows["before"], rows["now"]
     assert held_before - held_now >= 16.0 and held_now < 1.0  # the (1, 1, 4096, 4096) bool mask is 16 MiB
     assert peak_now < 8.0 < peak_before
