@@ -29,8 +29,6 @@ saved mixer state (as the unbalanced stream does) and gets the same plan.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -102,20 +100,11 @@ def _image_grid(processor: Processor, ref: Any, media: Any, key: str) -> tuple[i
 
 def _video_grid(processor: Processor, ref: Any, media: Any, key: str) -> tuple[int, int, int]:
     """``(frames, h/14, w/14)`` from the container's metadata, as the processor samples and resizes it."""
-    if processor.video_decoder is None:
-        raise SampleError(key, "unreadable_video", "no video decoder configured")
     s = processor.settings
-    handle, path = tempfile.mkstemp(suffix=".mp4")  # decoders read files
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(processor._bytes(ref, media, key))
+    with processor.video_file(ref, media, key) as path:
         info = processor.video_decoder.probe(path)
         frames = smart_nframes(info.total_frames, info.video_fps, s.video_fps, max_video_tokens=s.video_max_tokens,
                                min_tokens_per_frame=s.video_min_frame_tokens)
-    except ValueError as exc:
-        raise SampleError(key, "unreadable_video", str(exc).replace(path, ref.key or str(ref.path))) from None
-    finally:
-        os.unlink(path)
     try:
         h, w = frame_size(info.height, info.width, frames, min_pixels=s.video_min_frame_tokens * TOKEN,
                           max_pixels=s.video_max_frame_tokens * TOKEN, max_video_tokens=s.video_max_tokens)

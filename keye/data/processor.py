@@ -19,9 +19,10 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -117,21 +118,28 @@ class Processor:
             raise SampleError(key, "over_budget", str(exc)) from None
         return VisionInputs(patches, torch.tensor([grid], dtype=torch.long))
 
-    def video(self, ref: Any, media: Mapping[str, bytes], key: str) -> tuple[VisionInputs, float]:
+    @contextmanager
+    def video_file(self, ref: Any, media: Mapping[str, bytes], key: str) -> Iterator[str]:
+        """The video's bytes in a temporary file, for the decoder (decoders read files); a decoder's
+        ``ValueError`` inside the block is the sample's ``unreadable_video``, naming the video, not the file."""
         if self.video_decoder is None:
             raise SampleError(key, "unreadable_video", "no video decoder configured")
-        s = self.settings
         data = self._bytes(ref, media, key)
-        handle, path = tempfile.mkstemp(suffix=".mp4")  # decoders read files
+        handle, path = tempfile.mkstemp(suffix=".mp4")
         try:
             with os.fdopen(handle, "wb") as out:
                 out.write(data)
-            decoded = self.video_decoder.read(path, fps=s.video_fps, max_video_tokens=s.video_max_tokens,
-                                              min_tokens_per_frame=s.video_min_frame_tokens)
+            yield path
         except ValueError as exc:
             raise SampleError(key, "unreadable_video", str(exc).replace(path, ref.key or str(ref.path))) from None
         finally:
             os.unlink(path)
+
+    def video(self, ref: Any, media: Mapping[str, bytes], key: str) -> tuple[VisionInputs, float]:
+        s = self.settings
+        with self.video_file(ref, media, key) as path:
+            decoded = self.video_decoder.read(path, fps=s.video_fps, max_video_tokens=s.video_max_tokens,
+                                              min_tokens_per_frame=s.video_min_frame_tokens)
         try:
             inputs = preprocess_video(
                 decoded.frames, decoded.timestamps, decoded.video_fps, decoded.total_frames,
