@@ -62,7 +62,7 @@ def load_tokenizer(spec: str, vocab_size: int = 1024):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"model.tokenizer: cannot load a tokenizer from '{spec}': {str(exc).splitlines()[0]}") from None
 

@@ -97,7 +97,7 @@ def from_released(path: str | Path, **settings: Any) -> EvalModel:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # AutoTokenizer reads config.json and warns that "Keye" is no model it knows
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"{path}: no tokenizer beside the weights ({str(exc).splitlines()[0]})") from None
     finally:

@@ -189,7 +189,7 @@ def load_caption_tokenizer(path: str, vocab_size: int) -> object:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise KeyeUserError(f"model.text_encoder.tokenizer: cannot load a tokenizer from '{path}': "
                             f"{str(exc).splitlines()[0]}") from None
