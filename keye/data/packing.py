@@ -1,4 +1,4 @@
-"""Sequence packing and FLOPs-balanced assignment of packs to data-parallel ranks.
+"""Sequence packing, and the FLOPs a packed sample costs.
 
 Packing puts many samples into one sequence of at most ``max_tokens`` LLM tokens (and at most
 ``max_vision_patches`` ViT patches, which bounds the vision encoder's memory) so short samples do not
@@ -14,11 +14,9 @@ FFD's tight bound, Dósa 2007); the patch cap makes it a two-dimensional problem
 but it binds only for image-heavy packs. Cost is O(n·packs), negligible next to a training step.
 
 Packs then differ in cost: attention is quadratic in each sample's length, so one 8K-token sample
-costs more than eight 1K-token samples of the same total length. `balance_across_ranks` is the Keye-VL
-paper's *global greedy balancing* (spec §3.2, infra): sort by estimated FLOPs, descending, and give each
-pack to the least-loaded rank (Graham's LPT rule), so no rank idles at the step's gradient all-reduce.
-The unit balanced here is the pack. The data pipeline balances samples instead, packing them as it deals
-them, from sizes the ranks exchange before decoding: `keye.data.balance`.
+costs more than eight 1K-token samples of the same total length. `estimate_flops` prices a sample (and
+`flops_cost` a pack item) for the Keye-VL paper's *global greedy balancing* across data-parallel ranks
+(spec §3.2, infra), which `keye.data.balance` does on samples, from sizes the ranks exchange before decoding.
 
 Token accounting: ``num_text_tokens`` excludes the vision placeholders and ``vision_tokens`` are the
 LLM tokens the vision contributes after the 2×2 patch merge (``num_vision_patches // 4``), so a sample
@@ -27,7 +25,6 @@ occupies ``num_text_tokens + vision_tokens`` positions of the packed sequence.
 
 from __future__ import annotations
 
-import heapq
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -315,82 +312,3 @@ def flops_cost(llm: TransformerDims, vit: TransformerDims | None = None) -> Call
         )
 
     return cost
-
-
-# --- data-parallel balancing ------------------------------------------------------------------------
-
-REMAINDER_MODES = ("spread", "carry")
-
-
-@dataclass
-class RankAssignment:
-    """Packs per data-parallel rank (indices into the input, heaviest first) and each rank's load."""
-
-    ranks: list[list[int]]
-    loads: list[float]
-    carried: list[int] = field(default_factory=list)  # held back for the next step (remainder="carry")
-
-    @property
-    def max_load(self) -> float:
-        return max(self.loads) if self.loads else 0.0
-
-
-def _cost_of(pack: Any) -> float:
-    return float(pack.flops) if hasattr(pack, "flops") else float(pack)
-
-
-def balance_across_ranks(
-    packs: Sequence[Any],
-    dp_size: int,
-    *,
-    cost: Callable[[Any], float] | None = None,
-    equal_counts: bool = True,
-    remainder: str = "spread",
-) -> RankAssignment:
-    """Global greedy balancing: heaviest pack first, each to the least-loaded rank (ties: lowest rank).
-
-    ``packs`` are `Pack` objects (cost = ``.flops``), plain numbers, or anything ``cost`` can price.
-
-    ``equal_counts`` keeps the number of micro-batches per rank equal, because every rank of a
-    Megatron step runs the same number of micro-batches: a rank is skipped once it holds its share.
-    When ``len(packs)`` is not a multiple of ``dp_size`` nothing is padded (an empty pack would still
-    cost a forward pass and need a zero-weight loss); instead, with ``remainder="spread"`` the
-    ``len % dp_size`` extra packs go one each to different ranks, so counts differ by at most one;
-    with ``remainder="carry"`` the cheapest ``len % dp_size`` packs are returned in ``carried`` for the
-    caller to put into the next step, and every rank gets exactly ``len // dp_size``. With fewer packs than
-    ranks, "spread" leaves some ranks empty and "carry" assigns nothing.
-
-    ``equal_counts=False`` is the paper's rule verbatim (Graham's LPT; max load ≤ (4/3 − 1/(3·dp))·optimum).
-    With the count limit the same greedy is "modified LPT" for k-partitioning, bounded by (2 − 1/dp)·optimum
-    (Babel, Kellerer & Kotov 1998) and in practice close to the unconstrained result.
-    """
-    if dp_size < 1:
-        raise ValueError(f"dp_size must be >= 1, got {dp_size}")
-    if remainder not in REMAINDER_MODES:
-        raise ValueError(f"unknown remainder mode {remainder!r}; known: {', '.join(REMAINDER_MODES)}")
-    price = cost or _cost_of
-    costs = [price(p) for p in packs]
-    order = sorted(range(len(packs)), key=lambda i: (-costs[i], i))
-
-    carried: list[int] = []
-    if equal_counts and remainder == "carry":
-        keep = len(order) - len(order) % dp_size
-        order, carried = order[:keep], order[keep:]
-    base, extras = divmod(len(order), dp_size)
-    if not equal_counts:
-        base, extras = len(order), 0  # no limit
-
-    ranks: list[list[int]] = [[] for _ in range(dp_size)]
-    loads = [0.0] * dp_size
-    heap = [(0.0, r) for r in range(dp_size)]  # (load, rank): least-loaded open rank on top
-    for i in order:
-        while True:
-            load, r = heapq.heappop(heap)
-            if len(ranks[r]) < base or (len(ranks[r]) == base and extras > 0):
-                break  # open; a rank that is full (or at its share once extras ran out) is dropped
-        if len(ranks[r]) == base:
-            extras -= 1
-        ranks[r].append(i)
-        loads[r] = load + costs[i]
-        heapq.heappush(heap, (loads[r], r))
-    return RankAssignment(ranks, loads, carried)

@@ -1,10 +1,10 @@
-"""Packing, the packed attention layout, the FLOPs estimate and FLOPs-balanced rank assignment.
+"""Packing, the packed attention layout and the FLOPs estimate (the balancing across ranks that uses it is
+``tests/data/test_flops_balance.py``).
 
 Each numeric piece is checked on hand-computed cases and against an independent formulation written
-here (per-sample masks put on a block diagonal; brute-force optimal assignments)."""
+here (per-sample masks put on a block diagonal)."""
 
 import itertools
-import math
 import random
 
 import pytest
@@ -16,7 +16,6 @@ from keye.data.packing import (
     Pack,
     PackItem,
     TransformerDims,
-    balance_across_ranks,
     block_attention_mask,
     estimate_flops,
     flops_cost,
@@ -217,71 +216,3 @@ def test_pack_flops_are_the_sum_of_their_samples():
     pack = pack_samples(items, 100, cost=flops_cost(TINY_LLM, TINY_VIT)).packs[0]
     assert pack.flops == estimate_flops(3, 8, TINY_LLM, TINY_VIT) + estimate_flops(4, 0, TINY_LLM, TINY_VIT)
 
-
-# --- balancing ----------------------------------------------------------------------------------------
-
-
-def test_balance_by_hand():
-    # LPT: 5→r0, 4→r1, 3→r1 (7), 3→r0 (8), 3→r1 (10)
-    plan = balance_across_ranks([3, 5, 3, 4, 3], 2, equal_counts=False)
-    assert plan.ranks == [[1, 2], [3, 0, 4]] and plan.loads == [8, 10]
-    # equal counts: 5 packs on 2 ranks, one rank gets the third pack
-    plan = balance_across_ranks([3, 5, 3, 4, 3], 2)
-    assert sorted(len(r) for r in plan.ranks) == [2, 3] and plan.carried == []
-    carry = balance_across_ranks([3, 5, 3, 4, 3], 2, remainder="carry")
-    assert [len(r) for r in carry.ranks] == [2, 2] and carry.carried == [4]  # the cheapest, last in order
-    assert carry.loads == [8, 7]
-
-
-def test_balance_reads_pack_flops():
-    packs = [Pack([0], [1], [0], 10, flops=f) for f in (1.0, 9.0, 4.0, 6.0)]
-    plan = balance_across_ranks(packs, 2)
-    assert plan.ranks == [[1, 0], [3, 2]] and plan.loads == [10.0, 10.0]
-
-
-def brute_force(costs, dp, counts_between=None):
-    best = math.inf
-    for assignment in itertools.product(range(dp), repeat=len(costs)):
-        counts = [assignment.count(r) for r in range(dp)]
-        if counts_between and not all(counts_between[0] <= c <= counts_between[1] for c in counts):
-            continue
-        loads = [0.0] * dp
-        for cost, r in zip(costs, assignment):
-            loads[r] += cost
-        best = min(best, max(loads))
-    return best
-
-
-def test_balance_against_brute_force():
-    rng = random.Random(2)
-    worst = {False: 1.0, True: 1.0}
-    for trial in range(40):
-        dp = 2 + trial % 2
-        costs = [rng.choice([rng.randint(1, 10), rng.randint(1, 100)]) for _ in range(rng.randint(dp, 7))]
-        for equal in (False, True):
-            plan = balance_across_ranks(costs, dp, equal_counts=equal)
-            assert sorted(i for r in plan.ranks for i in r) == list(range(len(costs)))
-            assert plan.loads == [sum(costs[i] for i in r) for r in plan.ranks]
-            floor, extra = divmod(len(costs), dp)
-            if equal:
-                assert sorted(len(r) for r in plan.ranks) == [floor] * (dp - extra) + [floor + 1] * extra
-                optimum = brute_force(costs, dp, (floor, floor + (extra > 0)))
-                bound = 2 - 1 / dp  # modified LPT for k-partitioning
-            else:
-                optimum = brute_force(costs, dp)
-                bound = 4 / 3 - 1 / (3 * dp)  # Graham's LPT bound
-            assert optimum <= plan.max_load <= bound * optimum + 1e-9
-            worst[equal] = max(worst[equal], plan.max_load / optimum)
-    assert worst[False] <= 4 / 3 and worst[True] <= 4 / 3  # observed: well inside the proven bounds
-
-
-def test_balance_counts_stay_equal_with_zero_costs_and_few_packs():
-    plan = balance_across_ranks([0.0] * 7, 3)
-    assert sorted(len(r) for r in plan.ranks) == [2, 2, 3]
-    plan = balance_across_ranks([5.0], 3)
-    assert plan.ranks == [[0], [], []]
-    assert balance_across_ranks([5.0], 3, remainder="carry").carried == [0]
-    with pytest.raises(ValueError, match="dp_size"):
-        balance_across_ranks([1.0], 0)
-    with pytest.raises(ValueError, match="remainder"):
-        balance_across_ranks([1.0], 1, remainder="pad")
