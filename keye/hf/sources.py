@@ -37,7 +37,7 @@ first and last stage (1/8 of the embedding or output head, 0.16 GB), and holds a
 from __future__ import annotations
 
 import re
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -179,21 +179,34 @@ def check_config_keys(source: HFDirectory, module: str, config: Any, where: str)
                                 f"model.{module}.{field} = {ours!r}")
 
 
+@contextmanager
+def _open_files(source: HFDirectory) -> Iterator[list]:
+    """The checkpoint's safetensors files, open (headers are read; tensors only when asked for)."""
+    from safetensors import safe_open
+
+    with ExitStack() as files:
+        yield [files.enter_context(safe_open(str(file), framework="pt")) for file in weight_files(source.path)]
+
+
+def _claimed(source: HFDirectory, module: str, handles: list) -> dict[str, tuple[str, Any]]:
+    """The module's tensors in the open files: name relative to its prefix → (stored name, file handle). A tied
+    tensor the checkpoint leaves out is listed with its origin's entry."""
+    prefix = source.modules[module]
+    stored = {name[len(prefix):]: (name, handle)
+              for handle in handles for name in handle.keys() if _claims(source, module, name)}
+    for name, origin in _tied(source).items():
+        relative, source_name = name[len(prefix):], origin[len(prefix):]
+        if _claims(source, module, name) and relative not in stored and source_name in stored:
+            stored[relative] = stored[source_name]
+    return stored
+
+
 def header_shapes(source: HFDirectory, module: str) -> dict[str, tuple[int, ...]]:
     """The module's weights in the checkpoint (names relative to its prefix) and their shapes, from the
     safetensors headers only; tied weights the checkpoint leaves out are listed with their source's shape."""
-    from safetensors import safe_open
-
-    prefix, shapes = source.modules[module], {}
-    for file in weight_files(source.path):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if _claims(source, module, name):
-                    shapes[name[len(prefix):]] = tuple(f.get_slice(name).get_shape())
-    for name, origin in _tied(source).items():
-        if _claims(source, module, name) and name[len(prefix):] not in shapes and origin[len(prefix):] in shapes:
-            shapes[name[len(prefix):]] = shapes[origin[len(prefix):]]
-    return shapes
+    with _open_files(source) as handles:
+        return {relative: tuple(handle.get_slice(name).get_shape())
+                for relative, (name, handle) in _claimed(source, module, handles).items()}
 
 
 def check_module(source: HFDirectory, module: str, cls: type, config: Any, where: str) -> None:
@@ -239,17 +252,10 @@ def _units(source: HFDirectory, module: str, cls: type, config: Any,
     """The module's tensors in the checkpoint as ``(name relative to its prefix, stored name, safetensors
     slice)``, grouped into load units: all tensors of one layer together (fused q/k/v and gate/up need them
     together), every other tensor alone. A tied tensor the checkpoint leaves out is read from its origin."""
-    prefix, unused = source.modules[module], tuple(getattr(cls, "HF_UNUSED", ()))
+    unused = tuple(getattr(cls, "HF_UNUSED", ()))
     expected = set(cls.hf_weight_shapes(config))  # read even under an unused prefix (siglip_navit pooling_head: head.*)
-    stored: dict[str, tuple[str, Any]] = {}
-    for handle in handles:  # safetensors files, open
-        for name in handle.keys():
-            relative = name[len(prefix):]
-            if _claims(source, module, name) and (relative in expected or not relative.startswith(unused)):
-                stored[relative] = (name, handle)
-    for name, origin in _tied(source).items():
-        if _claims(source, module, name) and name[len(prefix):] not in stored and origin[len(prefix):] in stored:
-            stored[name[len(prefix):]] = stored[origin[len(prefix):]]
+    stored = {relative: entry for relative, entry in _claimed(source, module, handles).items()
+              if relative in expected or not relative.startswith(unused)}
     units: dict[str, list[tuple[str, str, Any]]] = {}
     for relative, (name, handle) in stored.items():
         layer = _LAYER.match(relative)
@@ -283,10 +289,7 @@ def stream_module(source: HFDirectory, module: str, cls: type, config: Any,
     or output head only where it holds them); a tensor the key map only renames into a name with a block is
     read as that block alone (``get_slice``) and comes out as this rank's slice, not the full tensor. Fused
     tensors (q/k/v, gate/up) are read whole. Without ``wanted``: every tensor, full."""
-    from safetensors import safe_open
-
-    with ExitStack() as files:
-        handles = [files.enter_context(safe_open(str(file), framework="pt")) for file in weight_files(source.path)]
+    with _open_files(source) as handles:
         yield from _stream(_units(source, module, cls, config, handles), module, cls, config, wanted, stats)
 
 
