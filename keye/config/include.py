@@ -19,7 +19,8 @@ that sets ``stages``, with its own includes and ``repeat`` groups expanded. Noth
 expanded inside the included file, and ``${run.output_dir}`` in an included stage resolves in the including
 blueprint, so its data paths point into the including run's own folder. ``override`` merges a mapping onto a
 stage as written (mappings key by key, any other value replaces, ``null`` too: ``init_from: null`` = start
-from the stage before, as any stage does).
+from the stage before, as any stage does), by the rule overrides follow everywhere (`keye.config.swap
+.merge_nodes`): a component node given another ``name`` replaces the old node rather than keeping its keys.
 
 The included file is named as ``extends:`` names a base (`keye.config.loader`): relative to the including
 file's folder, without ``..``, no symlink out of it; a blueprint cannot reach a file outside where the user
@@ -33,6 +34,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from keye.config.swap import merge_nodes
 from keye.config.validate import short
 from keye.errors import BlueprintError
 
@@ -103,16 +105,6 @@ def _override(taken: list[dict], override: Any, where: str) -> list[dict]:
         if not isinstance(settings, dict):
             raise BlueprintError(f"{where}.override.{short(stage_name)}: expected a mapping of stage settings, "
                                  f"got {short(settings)}")
-    return [merged(stage, override[stage["name"]]) if isinstance(stage, dict) and stage.get("name") in names
+    return [merge_nodes(stage, override[stage["name"]]) if isinstance(stage, dict) and stage.get("name") in names
             and stage["name"] in override else stage for stage in taken]
 
-
-def merged(base: dict, extra: dict) -> dict:
-    """``base`` with ``extra`` merged in: mappings key by key, any other value (a list, null) replaces."""
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merged(out[key], value)
-        else:
-            out[key] = value
-    return out
