@@ -33,10 +33,23 @@ from keye.data.sources import LoadedSample
 from keye.model.composition import VisionInputs
 
 
-def mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """(N, D) patch features of K packed images → (K, D), each image's mean (the stage-0 pooling)."""
-    counts = grid_thw.prod(dim=1)  # (K,)
-    return torch.stack([chunk.mean(0) for chunk in features.split(counts.tolist())])
+def pooled_images(vision_encoder: torch.nn.Module, vision_head: torch.nn.Module | None,
+                  images: VisionInputs) -> torch.Tensor:
+    """Packed images → (K, D), unnormalised, as stage 0 embeds them: the encoder's own pooling head where
+    ``vision_head`` is None (SigLIP's), else each image's mean patch feature through ``vision_head``."""
+    features = vision_encoder(images.patches, images.grid_thw)  # (N, D)
+    if vision_head is None:
+        return vision_encoder.head(features, images.grid_thw)
+    counts = images.grid_thw.prod(dim=1)  # (K,)
+    return vision_head(torch.stack([chunk.mean(0) for chunk in features.split(counts.tolist())]))
+
+
+def tower_caption_ids(text_encoder: torch.nn.Module, items: Sequence[PairItem]) -> torch.Tensor:
+    """``[K, L]`` caption ids as stage 0 feeds them: the text tower's own tokenizer's where it has one
+    (``tokenize``, e.g. SigLIP's), else the ones the processor made with the blueprint's tokenizer."""
+    tokenize = getattr(text_encoder, "tokenize", None)
+    ids = tokenize([item.caption for item in items]) if tokenize is not None else None
+    return ids if ids is not None else torch.stack([item.caption_ids for item in items])
 
 
 class ContrastiveScorer(torch.nn.Module):
@@ -81,10 +94,7 @@ class ContrastiveScorer(torch.nn.Module):
     @torch.no_grad()
     def embed_images(self, images: VisionInputs) -> torch.Tensor:
         """Packed images → (K, text width), unnormalised."""
-        features = self.vision_encoder(images.patches, images.grid_thw)
-        if self.vision_head is None:
-            return self.vision_encoder.head(features, images.grid_thw)
-        return self.vision_head(mean_pool(features, images.grid_thw))
+        return pooled_images(self.vision_encoder, self.vision_head, images)
 
     @torch.no_grad()
     def score(self, items: Sequence[PairItem]) -> torch.Tensor:
@@ -92,10 +102,7 @@ class ContrastiveScorer(torch.nn.Module):
         images = VisionInputs(
             torch.cat([item.images.patches for item in items]), torch.cat([item.images.grid_thw for item in items])
         )
-        tokenize = getattr(self.text_encoder, "tokenize", None)  # the tower's own tokenizer, as stage 0 uses it
-        captions = tokenize([item.caption for item in items]) if tokenize is not None else None
-        if captions is None:
-            captions = torch.stack([item.caption_ids for item in items])  # (K, L)
+        captions = tower_caption_ids(self.text_encoder, items)  # (K, L)
         image_emb = torch.nn.functional.normalize(self.embed_images(images).float(), dim=-1)  # (K, D)
         text_emb = torch.nn.functional.normalize(self.text_encoder(captions).float(), dim=-1)  # (K, D)
         return (image_emb * text_emb).sum(-1)

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from keye import hookimpl
 from keye.config import doc
+from keye.data.filters import pooled_images, tower_caption_ids
 from keye.data.processor import PairItem
 from keye.errors import KeyeUserError
 from keye.model.composition import VisionInputs, build_component
@@ -40,11 +41,6 @@ from keye.model.protocols import DTYPES, BuildContext
 from keye.train.engine import TrainEngine
 from keye.train.freezing import apply_freezing
 from keye.train.loop import stage_summary, train_steps
-
-def _mean_pool(features: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """(N, D) patch features → (K, D): the mean over each image's patches."""
-    counts = grid_thw.prod(dim=1)  # (K,)
-    return torch.stack([chunk.mean(0) for chunk in features.split(counts.tolist())])
 
 
 class ContrastiveModel(torch.nn.Module):
@@ -71,18 +67,12 @@ class ContrastiveModel(torch.nn.Module):
         pass
 
     def embed_images(self, images: VisionInputs) -> torch.Tensor:
-        features = self.vision_encoder(images.patches, images.grid_thw)  # (N, D)
-        if self.vision_head is None:
-            return self.vision_encoder.head(features, images.grid_thw)  # (K, D)
-        return self.vision_head(_mean_pool(features, images.grid_thw))
+        return pooled_images(self.vision_encoder, self.vision_head, images)  # (K, D)
 
     def caption_ids(self, items: list[PairItem]) -> torch.Tensor:
         """``[B, L]`` caption ids for the text tower: its own tokenizer's, else the blueprint tokenizer's (the
         processor's); an id outside the tower's table is one line naming the sample and the key."""
-        tokenize = getattr(self.text_encoder, "tokenize", None)
-        ids = tokenize([item.caption for item in items]) if tokenize is not None else None
-        if ids is None:
-            ids = torch.stack([item.caption_ids for item in items])
+        ids = tower_caption_ids(self.text_encoder, items)
         vocab = getattr(self.text_encoder, "vocab_size", None)
         if vocab is not None and ids.numel() and int(ids.max()) >= vocab:
             row = int((ids >= vocab).any(dim=1).nonzero()[0])
