@@ -59,6 +59,7 @@ class MicroBatch:
     videos: VisionInputs | None = None
     keys: list[str] = field(default_factory=list)
     pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per preference pair: (chosen, rejected) label positions
+    flops: float = 0.0  # the data pipeline's estimate of this micro-batch's FLOPs (what balancing evens out)
 
     @property
     def num_tokens(self) -> int:

@@ -160,7 +160,6 @@ class MicroBatchStream:
         self.cost = flops_cost(KEYE_8B_LLM, KEYE_VIT)  # relative costs: the real widths scale every pack alike
         self.exchange = (RoundExchange(self.dp_rank, self.dp_size, self.max_tokens, self.max_vision_patches,
                                        self.cost, data_parallel_group()) if self.balance else None)
-        self.batch_flops: list[float] = []  # estimated FLOPs of each micro-batch made (balance checks, benchmarks)
         self.pairs = pairs
         self.preference = preference  # preference pairs as shared-prompt samples (keye.data.preference)
         self.produced = 0
@@ -241,10 +240,11 @@ class MicroBatchStream:
             self._ready_pack([items[i] for i in pack.indices], pack.flops)
 
     def _ready_pack(self, samples: list[Any], flops: float) -> None:
-        self.batch_flops.append(flops)
         self.real_tokens += sum(len(s) for s in samples)
         self.capacity += self.max_tokens
-        self._ready.append(collate_pack(samples, self.max_tokens, pad_id=self.processor.special.pad))
+        batch = collate_pack(samples, self.max_tokens, pad_id=self.processor.special.pad)
+        batch.flops = flops
+        self._ready.append(batch)
 
     def _fill_balanced(self) -> None:
         """One round of `keye.data.balance`: describe this rank's share, exchange, decode this rank's packs."""

@@ -123,8 +123,9 @@ def _rank(tmp: str) -> dict:
         for name in ("image", "video"):  # count what this rank decodes, by sample key
             method = getattr(stream.processor, name)
             setattr(stream.processor, name, lambda ref, media, key, _m=method: decoded.append(key) or _m(ref, media, key))
-        keys = [batch.keys for batch in stream.take(1000)]
-        out[mode] = {"keys": keys, "decoded": decoded, "flops": stream.batch_flops,
+        batches = stream.take(1000)
+        keys = [batch.keys for batch in batches]
+        out[mode] = {"keys": keys, "decoded": decoded, "flops": [batch.flops for batch in batches],
                      "source_decodes": [source.config.check_media for source in stream.sources.values()]}
     out["group"] = stream.exchange.group is mpu.get_data_parallel_group_gloo()
     ctx = SimpleNamespace(blueprint=cfg, stage=cfg.stages[0], index=0, registry=host.registry, parallel=parallel)
